@@ -1,0 +1,148 @@
+"""The public GSA op: input validation and the one place where a backend is chosen."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from gsa_jax.ops.chunked import chunk_gsa
+from gsa_jax.ops.common import GSAState
+from gsa_jax.ops.recurrent import recurrent_gsa
+
+BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_tpu")
+
+_log = logging.getLogger(__name__)
+
+
+def _recurrent(q, k, v, s, g, *, scale, initial_state, segment_ids, chunk_size):
+  del chunk_size  # The recurrence has no chunks.
+  return recurrent_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
+
+
+# Implemented backends: name -> function with the signature of `chunk_gsa`, jitted with static scale and chunk.
+_IMPLEMENTATIONS: dict[str, Callable] = {
+    name: jax.jit(fn, static_argnames=("scale", "chunk_size"))
+    for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa))
+}
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """Maps 'auto' to the best implemented backend for `platform` (default: JAX's default backend)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is unknown; expected one of {BACKENDS}.")
+  if backend != "auto":
+    return backend
+  platform = platform or jax.default_backend()
+  preferred = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
+  if preferred in _IMPLEMENTATIONS:
+    return preferred
+  if preferred is not None:
+    _log_once(f"gated_slot_attention: backend='auto' on {platform} uses 'chunked' ({preferred!r} is not "
+              "implemented yet).")
+  return "chunked"
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+  _log.warning(message)
+
+
+def _check_float(name: str, x) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array; got dtype {x.dtype}.")
+
+
+def _check_shape(name: str, x, expected: tuple, legend: str) -> None:
+  if tuple(x.shape) != tuple(expected):
+    raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(expected)} ({legend}).")
+
+
+def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chunk_size=64) -> None:
+  """Raises ValueError/TypeError naming the offending argument, its shape and the expected one."""
+  for name, x, dims in (("q", q, "[B, T, HQ, K]"), ("k", k, "[B, T, H, K]"), ("v", v, "[B, T, H, V]"),
+                        ("s", s, "[B, T, H, M]"), ("g", g, "[B, T, H, M]")):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name} must be an array {dims}; got {type(x).__name__}.")
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have rank 4 {dims}; got shape {tuple(x.shape)}.")
+    _check_float(name, x)
+  b, t, hq, dk = q.shape
+  _, _, h, _ = k.shape
+  dv, m = v.shape[3], s.shape[3]
+  if t < 1:
+    raise ValueError(f"q has shape {tuple(q.shape)}: the sequence length T must be at least 1.")
+  _check_shape("k", k, (b, t, k.shape[2], dk), "B, T and K must match q")
+  if h == 0 or hq % h:
+    raise ValueError(f"q has {hq} heads and k has {h}: HQ must be a positive multiple of H (grouped-query).")
+  _check_shape("v", v, (b, t, h, dv), "B, T, H must match k")
+  _check_shape("s", s, (b, t, h, m), "B, T, H must match k")
+  _check_shape("g", g, (b, t, h, m), "must match s")
+  if initial_state is not None:
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+      raise TypeError("initial_state must be None or a pair (hk [B, H, K, M], hv [B, H, M, V]); got "
+                      f"{type(initial_state).__name__}.")
+    hk, hv = initial_state
+    _check_shape("initial_state[0] (hk)", hk, (b, h, dk, m), "B, H, K, M")
+    _check_shape("initial_state[1] (hv)", hv, (b, h, m, dv), "B, H, M, V")
+    _check_float("initial_state[0] (hk)", hk)
+    _check_float("initial_state[1] (hv)", hv)
+  if segment_ids is not None:
+    _check_shape("segment_ids", segment_ids, (b, t), "B, T")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise TypeError(f"segment_ids must be an integer array; got dtype {segment_ids.dtype}.")
+  if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
+    raise ValueError(f"chunk_size={chunk_size!r} must be a positive power of two.")
+
+
+def gated_slot_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    s: jax.Array,
+    g: jax.Array,
+    *,
+    scale: float | None = None,
+    initial_state: tuple[jax.Array, jax.Array] | None = None,
+    output_final_state: bool = False,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[jax.Array, GSAState | None]:
+  """Gated Slot Attention (Zhang et al., NeurIPS 2024), spec section 1.
+
+  Per batch element and kv head, with alpha_t = exp(g_t):
+    Hk_t = Hk_{t-1} * alpha_t[None, :] + outer(k_t, s_t)     p_t = softmax(scale * q_t @ Hk_t)
+    Hv_t = alpha_t[:, None] * Hv_{t-1} + outer(s_t, v_t)     o_t = p_t @ Hv_t
+
+  Args:
+    q: [B, T, HQ, K] queries. HQ a multiple of H: query head i reads kv head i // (HQ // H).
+    k: [B, T, H, K] keys.  v: [B, T, H, V] values.
+    s: [B, T, H, M] slot write weights.
+    g: [B, T, H, M] log forget gates. Must be <= 0 (finite); positive g is a caller bug and is not clamped.
+    scale: multiplies the slot logits; None means K ** -0.5.
+    initial_state: None or (hk [B, H, K, M], hv [B, H, M, V]) float32; applies to the first document of a row.
+    output_final_state: if True also return the state after the last non-padding token of each row.
+    segment_ids: None or int [B, T]. Id > 0 names a token's document and the state resets to zero where it
+      changes (relative to the previous non-padding token); id 0 is padding: it leaves the state unchanged and
+      gets o = 0.
+    chunk_size: chunk length of the chunked backends; a positive power of two.
+    backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_tpu".
+
+  Returns:
+    o [B, T, HQ, V] in q's dtype, and GSAState(hk, hv) in float32 (float64 for float64 inputs) or None.
+  """
+  validate_inputs(q, k, v, s, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+  name = resolve_backend(backend)
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  if initial_state is not None:
+    initial_state = GSAState(*initial_state)
+  if name not in _IMPLEMENTATIONS:
+    raise NotImplementedError(f"backend={name!r} is not implemented yet; use backend='chunked' (exact, any "
+                              "platform), 'recurrent' or 'auto'.")
+  o, state = _IMPLEMENTATIONS[name](q, k, v, s, g, scale=scale, initial_state=initial_state,
+                                    segment_ids=segment_ids, chunk_size=chunk_size)
+  return o, (state if output_final_state else None)

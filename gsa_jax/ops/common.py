@@ -1,0 +1,58 @@
+"""Pieces shared by every GSA backend: packed-sequence masks and dtype rules.
+
+Shape legend used across `gsa_jax.ops` and `pallas_kernels`:
+  b batch, t time, hq query heads, h kv heads, g = hq // h query heads per kv head,
+  dk key width, dv value width, m slots, c chunk length, n number of chunks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class GSAState(NamedTuple):
+  """The recurrent state of one GSA layer, always kept in float32 (float64 under x64 references).
+
+  hk: [b, h, dk, m]  key memory (pass 1).
+  hv: [b, h, m, dv]  value memory (pass 2).
+  """
+
+  hk: jax.Array
+  hv: jax.Array
+
+
+class SegmentMasks(NamedTuple):
+  """Per-token view of `segment_ids` that every backend consumes.
+
+  reset: [b, t] bool. True where a token starts a new document: the state is zeroed before the token is added.
+  valid: [b, t] bool. False for padding (segment id 0): the token leaves the state unchanged and its output is 0.
+  """
+
+  reset: jax.Array
+  valid: jax.Array
+
+
+def segment_masks(segment_ids: jax.Array) -> SegmentMasks:
+  """Turns `segment_ids [b, t]` into reset/valid masks.
+
+  A non-padding token starts a new document when its id differs from the id of the previous non-padding token
+  of the row. The first non-padding token of a row never resets: it continues from `initial_state`. Padding is
+  transparent, so `a, 0, a` is one document.
+  """
+  valid = segment_ids > 0
+  t = segment_ids.shape[1]
+  pos = jnp.arange(t, dtype=jnp.int32)[None, :]
+  # Position of the last non-padding token at or before t (-1 if none), carried forward by a running max.
+  last_pos = jax.lax.cummax(jnp.where(valid, pos, -1), axis=1)
+  prev_pos = jnp.pad(last_pos[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  prev_id = jnp.take_along_axis(segment_ids, jnp.maximum(prev_pos, 0), axis=1)
+  reset = valid & (prev_pos >= 0) & (segment_ids != prev_id)
+  return SegmentMasks(reset=reset, valid=valid)
+
+
+def accumulation_dtype(*dtypes) -> jnp.dtype:
+  """float32, or float64 when any input is float64 (x64 references)."""
+  return jnp.result_type(jnp.float32, *dtypes)

@@ -1,0 +1,85 @@
+"""Shared test helpers: random GSA inputs, float64 references and error measures."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsa_jax.ops import gated_slot_attention
+
+
+def make_inputs(seed, *, b=2, t=40, hq=2, h=2, dk=16, dv=16, m=8, normalizer=8.0, gate="logsigmoid",
+                with_state=False, dtype=jnp.float32):
+  """Random inputs as the layer makes them (g = logsigmoid(x) / normalizer, s = 1 - exp(g)).
+
+  gate: "logsigmoid" (the layer's recipe), "zero" (g = 0 exactly), "very_negative" (g = -1e3), or "mixed"
+  (each entry one of 0, -1e3, or the layer's recipe). For the extreme gates s is drawn independently, since the
+  tied s = 1 - exp(g) would be 0 or 1 everywhere.
+  Returns a dict of numpy float64 arrays (already rounded through `dtype`), so that references see exactly the
+  values the tested backend sees.
+  """
+  rng = np.random.default_rng(seed)
+  x = {
+      "q": rng.standard_normal((b, t, hq, dk)),
+      "k": rng.standard_normal((b, t, h, dk)),
+      "v": rng.standard_normal((b, t, h, dv)),
+  }
+  g = np.log(1.0 / (1.0 + np.exp(-rng.standard_normal((b, t, h, m))))) / normalizer
+  s = 1.0 - np.exp(g)
+  if gate != "logsigmoid":
+    s = rng.uniform(0.0, 1.0, (b, t, h, m))
+    if gate == "zero":
+      g = np.zeros_like(g)
+    elif gate == "very_negative":
+      g = np.full_like(g, -1e3)
+    elif gate == "mixed":
+      g = np.choose(rng.integers(0, 3, g.shape), [np.zeros_like(g), np.full_like(g, -1e3), g])
+    else:
+      raise ValueError(gate)
+  x["s"], x["g"] = s, g
+  if with_state:
+    x["initial_state"] = (rng.standard_normal((b, h, dk, m)), rng.standard_normal((b, h, m, dv)))
+  return jax.tree.map(lambda a: np.asarray(jnp.asarray(a, dtype), np.float64), x)
+
+
+def cast(inputs, dtype, state_dtype=None):
+  """Inputs as jax arrays: q, k, v, s, g in `dtype`, the initial state in `state_dtype` (default float32 or
+  float64 to match)."""
+  state_dtype = state_dtype or (jnp.float64 if dtype == jnp.float64 else jnp.float32)
+  out = {name: jnp.asarray(inputs[name], dtype) for name in "qkvsg"}
+  if "initial_state" in inputs:
+    out["initial_state"] = tuple(jnp.asarray(x, state_dtype) for x in inputs["initial_state"])
+  return out
+
+
+def rel_err(x, ref) -> float:
+  """Relative L2 error ||x - ref|| / ||ref||, computed in float64. An all-zero ref needs x all (near) zero."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  denom = np.linalg.norm(ref)
+  num = np.linalg.norm(x - ref)
+  return float(num / denom) if denom > 0 else float(num)
+
+
+def forward_and_grads(inputs, *, backend, cotangent_seed=0, **kw):
+  """o, final state and every input gradient for a random cotangent on (o, hk, hv).
+
+  Returns a flat dict: o, hk, hv, dq, dk, dv, ds, dg (+ dhk0, dhv0 with an initial state).
+  """
+  names = list("qkvsg")
+  has_state = "initial_state" in inputs
+  args = [inputs[n] for n in names] + (list(inputs["initial_state"]) if has_state else [])
+
+  def fn(*args):
+    state = tuple(args[5:]) if has_state else None
+    o, final = gated_slot_attention(*args[:5], initial_state=state, output_final_state=True, backend=backend, **kw)
+    return o, final.hk, final.hv
+
+  outs, vjp = jax.vjp(fn, *args)
+  rng = np.random.default_rng(cotangent_seed)
+  # Rounded through bfloat16 so that every dtype under test sees exactly the same cotangent.
+  cts = tuple(jnp.asarray(jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16), x.dtype) for x in outs)
+  grads = vjp(cts)
+  result = dict(zip(("o", "hk", "hv"), outs))
+  result.update(zip(["d" + n for n in names] + (["dhk0", "dhv0"] if has_state else []), grads))
+  return result
