@@ -1,0 +1,203 @@
+"""Pieces shared by the GSA and attention layers: RMSNorm, SwiGLU, RoPE, the short convolution and the
+per-token view of packed rows (documents, positions, previous tokens).
+
+Packed rows follow the op's `segment_ids` semantics (`gsa_jax.ops.common.segment_masks`): id 0 is padding and is
+transparent, and a non-padding token starts a new document when its id differs from the previous non-padding
+token's. Every layer here treats a row exactly as the same row with its padding removed: RoPE positions count
+non-padding tokens of the document, the short convolution reads the previous non-padding tokens of the document,
+and attention never reads padding or another document. That is what makes a right-padded prompt decode like the
+prompt alone.
+
+Shape legend: b batch, t time, d model width, h heads, dh head width, w convolution width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gsa_jax.ops import segment_masks
+
+# Fan-in ("LeCun") normal initializer for projections: unit-variance outputs for unit-variance inputs.
+fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def scaled_fan_in_init(scale: float):
+  """Fan-in initializer with variance multiplied by `scale` (output projections of deep residual stacks)."""
+  return jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, computed in float32 and returned in `dtype` (default: the input's)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, use_scale: bool = True, dtype=None, param_dtype=jnp.float32):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if use_scale else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)), the MLP of the paper's models (no biases)."""
+
+  def __init__(self, dim: int, hidden: int, *, out_init=fan_in_init, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = nnx.Linear(dim, hidden, kernel_init=fan_in_init, **kw)
+    self.up_proj = nnx.Linear(dim, hidden, kernel_init=fan_in_init, **kw)
+    self.down_proj = nnx.Linear(hidden, dim, kernel_init=out_init, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed rows.
+
+
+class TokenLayout(NamedTuple):
+  """Per-token view of a packed row.
+
+  valid: [b, t] bool, False for padding.
+  doc: [b, t] int32, index of the token's document in its row (1, 2, ...; padding takes the previous token's).
+  positions: [b, t] int32, index of the token among the non-padding tokens of its document (RoPE position).
+  prev: [b, t] int32, position of the previous non-padding token of the row, -1 if none.
+  """
+
+  valid: jax.Array
+  doc: jax.Array
+  positions: jax.Array
+  prev: jax.Array
+
+
+def token_layout(segment_ids: jax.Array | None, b: int, t: int) -> TokenLayout:
+  """TokenLayout of `segment_ids [b, t]` (None: one document, no padding)."""
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if segment_ids is None:
+    return TokenLayout(valid=jnp.ones((b, t), bool), doc=jnp.ones((b, t), jnp.int32), positions=pos,
+                       prev=pos - 1)
+  reset, valid = segment_masks(segment_ids)
+  count = jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # non-padding tokens so far, inclusive
+  start = valid & (reset | (count == 1))
+  doc = jnp.cumsum(start, axis=1, dtype=jnp.int32)
+  count_at_start = jax.lax.cummax(jnp.where(start, count, 0), axis=1)
+  positions = jnp.where(valid, count - count_at_start, 0)
+  last = jax.lax.cummax(jnp.where(valid, pos, -1), axis=1)
+  prev = jnp.pad(last[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  return TokenLayout(valid=valid, doc=doc, positions=positions, prev=prev)
+
+
+def _gather_t(x: jax.Array, idx: jax.Array) -> jax.Array:
+  """x [b, t, ...] gathered along time at idx [b, n] (clipped to >= 0)."""
+  idx = jnp.maximum(idx, 0).reshape(idx.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, idx, axis=1)
+
+
+def previous_taps(layout: TokenLayout, n: int) -> tuple[jax.Array, jax.Array]:
+  """For j = 1..n: position of the j-th previous non-padding token of the same document, and whether it exists.
+
+  Returns idx [n, b, t] int32 and ok [n, b, t] bool.
+  """
+  idx, oks, cur = [], [], jnp.broadcast_to(jnp.arange(layout.prev.shape[1], dtype=jnp.int32), layout.prev.shape)
+  for _ in range(n):
+    cur = jnp.where(cur >= 0, _gather_t(layout.prev, cur), -1)
+    idx.append(cur)
+    oks.append((cur >= 0) & (_gather_t(layout.doc, cur) == layout.doc))
+  return jnp.stack(idx), jnp.stack(oks)
+
+
+def last_token_taps(layout: TokenLayout, n: int) -> tuple[jax.Array, jax.Array]:
+  """The last n non-padding tokens of each row's last document, oldest first (what a decode step reads next).
+
+  Returns idx [b, n] int32 and ok [b, n] bool (False where the document has fewer tokens, or the row none).
+  """
+  b, t = layout.valid.shape
+  pos = jnp.arange(t, dtype=jnp.int32)
+  cur = jnp.max(jnp.where(layout.valid, pos, -1), axis=1)  # [b] last non-padding token, -1 if none
+  last_doc = jnp.take_along_axis(layout.doc, jnp.maximum(cur, 0)[:, None], axis=1)[:, 0]
+  idx, oks = [], []
+  for _ in range(n):
+    idx.append(cur)
+    doc = jnp.take_along_axis(layout.doc, jnp.maximum(cur, 0)[:, None], axis=1)[:, 0]
+    oks.append((cur >= 0) & (doc == last_doc))
+    cur = jnp.where(cur >= 0, jnp.take_along_axis(layout.prev, jnp.maximum(cur, 0)[:, None], axis=1)[:, 0], -1)
+  return jnp.stack(idx[::-1], axis=1), jnp.stack(oks[::-1], axis=1)
+
+
+def next_positions(layout: TokenLayout) -> jax.Array:
+  """[b] int32: the RoPE position the next token of each row's last document gets (0 for an empty row)."""
+  b, t = layout.valid.shape
+  last = jnp.max(jnp.where(layout.valid, jnp.arange(t, dtype=jnp.int32), -1), axis=1)
+  pos = jnp.take_along_axis(layout.positions, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+  return jnp.where(last >= 0, pos + 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE.
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+  """Rotary embedding, rotate-half convention. x [b, t, h, dh] (dh even), positions [b, t] int."""
+  dh = x.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)  # [dh / 2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, dh / 2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Short convolution.
+
+
+class ShortConvolution(nnx.Module):
+  """Causal depthwise convolution of width `w` followed by silu (as the reference's ShortConvolution, no bias).
+
+  weight[w - 1] multiplies the current token, weight[w - 1 - j] the j-th previous non-padding token of the same
+  document; taps reaching before the document start read zero. The decode cache is the last w - 1 inputs.
+  """
+
+  def __init__(self, dim: int, width: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.width = width
+    self.dtype = dtype
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=1)
+    self.weight = nnx.Param(init(rngs.params(), (width, dim), param_dtype))  # [w, d]
+
+  def _w(self, x):
+    return self.weight[...].astype(self.dtype or x.dtype)
+
+  def __call__(self, x: jax.Array, taps: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """x [b, t, d] -> [b, t, d]. taps: `previous_taps(layout, w - 1)` for packed rows, None for plain rows."""
+    w = self._w(x)
+    y = x * w[-1]
+    t = x.shape[1]
+    for j in range(1, self.width):
+      if taps is None:
+        # Plain rows: the j-th previous token is t - j; zero before the row start.
+        shifted = jnp.pad(x, ((0, 0), (j, 0), (0, 0)))[:, :t]
+      else:
+        idx, ok = taps
+        shifted = _gather_t(x, idx[j - 1]) * ok[j - 1][..., None].astype(x.dtype)
+      y = y + shifted * w[-1 - j]
+    return jax.nn.silu(y)
+
+  def tail(self, x: jax.Array, layout: TokenLayout) -> jax.Array:
+    """Decode cache after a prompt: x [b, t, d] -> [b, w - 1, d], the last inputs of each row's last document."""
+    idx, ok = last_token_taps(layout, self.width - 1)
+    return _gather_t(x, idx) * ok[..., None].astype(x.dtype)
+
+  def step(self, x: jax.Array, tail: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One token: x [b, d], tail [b, w - 1, d] -> (y [b, d], new tail)."""
+    window = jnp.concatenate([tail.astype(x.dtype), x[:, None]], axis=1)  # [b, w, d]
+    y = jnp.einsum("bwd,wd->bd", window, self._w(x))
+    return jax.nn.silu(y), window[:, 1:]

@@ -1,0 +1,211 @@
+"""The Gated Slot Attention layer (spec section 3) and its decode cache.
+
+Matches the reference layer (flash-linear-attention `fla/layers/gsa.py`), in this order:
+  q, k, v = x W_q, x W_k, x W_v  (-> short conv + silu on each, if use_short_conv)
+  q, k = feature_map(q), feature_map(k) per head     (swish | relu | t2r: one shared [dk, dk] map + relu)
+  v = silu(v)
+  f = logsigmoid(x W_f) / gate_logit_normalizer;  g = f;  s = 1 - exp(f)     (computed in float32)
+  o = GSA(q, k, v, s, g, scale=1.0)
+  y = RMSNorm(silu(o) flattened over heads) W_o
+Differences from the reference, all deliberate: the output norm is sized to the value width (the reference sizes
+it `hidden_size`, which only works for expand_v = 1); grouped kv heads are shared by the op, not repeated;
+`use_rope=True` (which the reference layer does not have) rotates q and k before the feature map; the reference's
+`use_output_gate` is accepted there but unused, so it is not an option here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, TokenLayout, apply_rope, fan_in_init,
+                                   next_positions, previous_taps, token_layout)
+from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
+
+FEATURE_MAPS = ("swish", "relu", "t2r")
+
+
+class GSACache(NamedTuple):
+  """Decode cache of one GSA layer.
+
+  state: GSAState(hk [b, h, dk, m], hv [b, h, m, dv]) float32.
+  conv: None, or the short convolutions' last inputs (q [b, w-1, hq*dk], k [b, w-1, h*dk], v [b, w-1, h*dv]).
+  pos: [b] int32, RoPE position of the next token (used only with use_rope).
+  """
+
+  state: GSAState
+  conv: tuple[jax.Array, jax.Array, jax.Array] | None
+  pos: jax.Array
+
+
+def _check(cond: bool, field: str, message: str) -> None:
+  if not cond:
+    raise ValueError(f"{field}: {message}")
+
+
+class GatedSlotAttention(nnx.Module):
+  """GSA token mixer: x [b, t, d] -> y [b, t, d].
+
+  Widths: key_dim = int(hidden_size * expand_k) split over num_heads query heads (dk = key_dim / num_heads) and
+  num_kv_heads key/value heads; value_dim = int(hidden_size * expand_v) likewise (dv); num_slots slots per kv head.
+  dtype is the compute dtype (None: the input's), param_dtype the parameters'. The recurrent state is float32.
+  """
+
+  def __init__(
+      self,
+      hidden_size: int,
+      num_heads: int = 4,
+      num_kv_heads: int | None = None,
+      num_slots: int = 64,
+      expand_k: float = 1.0,
+      expand_v: float = 1.0,
+      feature_map: str = "swish",
+      use_short_conv: bool = False,
+      conv_size: int = 4,
+      gate_logit_normalizer: float = 8.0,
+      norm_eps: float = 1e-6,
+      elementwise_affine: bool = True,
+      use_rope: bool = False,
+      rope_theta: float = 10000.0,
+      backend: str = "auto",
+      chunk_size: int = 64,
+      *,
+      out_init=fan_in_init,
+      dtype=None,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+    _check(hidden_size > 0, "hidden_size", f"must be positive; got {hidden_size}.")
+    _check(num_heads > 0, "num_heads", f"must be positive; got {num_heads}.")
+    _check(num_kv_heads > 0 and num_heads % num_kv_heads == 0, "num_kv_heads",
+           f"must be a positive divisor of num_heads={num_heads}; got {num_kv_heads}.")
+    _check(key_dim > 0 and key_dim % num_heads == 0, "expand_k",
+           f"hidden_size * expand_k = {key_dim} must be a positive multiple of num_heads={num_heads}.")
+    _check(value_dim > 0 and value_dim % num_heads == 0, "expand_v",
+           f"hidden_size * expand_v = {value_dim} must be a positive multiple of num_heads={num_heads}.")
+    _check(num_slots > 0, "num_slots", f"must be positive; got {num_slots}.")
+    _check(feature_map in FEATURE_MAPS, "feature_map", f"{feature_map!r} is unknown; expected one of {FEATURE_MAPS}.")
+    _check(conv_size >= 1, "conv_size", f"must be at least 1; got {conv_size}.")
+    _check(gate_logit_normalizer > 0, "gate_logit_normalizer", f"must be positive; got {gate_logit_normalizer}.")
+    _check(backend in BACKENDS, "backend", f"{backend!r} is unknown; expected one of {BACKENDS}.")
+    _check(chunk_size >= 1 and chunk_size & (chunk_size - 1) == 0, "chunk_size",
+           f"must be a positive power of two; got {chunk_size}.")
+    dk, dv = key_dim // num_heads, value_dim // num_heads
+    _check(not use_rope or dk % 2 == 0, "use_rope", f"needs an even head key width; got {dk}.")
+
+    self.hidden_size, self.num_heads, self.num_kv_heads, self.num_slots = hidden_size, num_heads, num_kv_heads, num_slots
+    self.head_k_dim, self.head_v_dim = dk, dv
+    self.feature_map, self.use_short_conv, self.conv_size = feature_map, use_short_conv, conv_size
+    self.gate_logit_normalizer = float(gate_logit_normalizer)
+    self.use_rope, self.rope_theta = use_rope, rope_theta
+    self.backend, self.chunk_size = backend, chunk_size
+    self.dtype = dtype
+
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = nnx.Linear(hidden_size, num_heads * dk, kernel_init=fan_in_init, **kw)
+    self.k_proj = nnx.Linear(hidden_size, num_kv_heads * dk, kernel_init=fan_in_init, **kw)
+    self.v_proj = nnx.Linear(hidden_size, num_kv_heads * dv, kernel_init=fan_in_init, **kw)
+    self.f_proj = nnx.Linear(hidden_size, num_kv_heads * num_slots, kernel_init=fan_in_init, **kw)
+    self.o_proj = nnx.Linear(num_heads * dv, hidden_size, kernel_init=out_init, **kw)
+    # t2r: one learned [dk, dk] map shared by all heads and by q and k, as the reference's T2RFeatureMap.
+    self.t2r = (nnx.Linear(dk, dk, kernel_init=fan_in_init, **kw) if feature_map == "t2r" else None)
+    conv_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if use_short_conv:
+      self.q_conv = ShortConvolution(num_heads * dk, conv_size, **conv_kw)
+      self.k_conv = ShortConvolution(num_kv_heads * dk, conv_size, **conv_kw)
+      self.v_conv = ShortConvolution(num_kv_heads * dv, conv_size, **conv_kw)
+    else:
+      self.q_conv = self.k_conv = self.v_conv = None
+    self.g_norm = RMSNorm(num_heads * dv, eps=norm_eps, use_scale=elementwise_affine, dtype=dtype,
+                          param_dtype=param_dtype)
+
+  # -- pieces shared by the sequence and the step forms ------------------------------------------------------------
+
+  def _phi(self, x: jax.Array) -> jax.Array:
+    if self.feature_map == "swish":
+      return jax.nn.silu(x)
+    if self.feature_map == "relu":
+      return jax.nn.relu(x)
+    return jax.nn.relu(self.t2r(x))
+
+  def _heads(self, q, k, v, f, positions):
+    """Splits heads and applies RoPE, the feature map and the gates. Inputs [..., features]; positions [b, t]
+    (sequence form) or [b] (step form)."""
+    lead = q.shape[:-1]
+    q = q.reshape(lead + (self.num_heads, self.head_k_dim))
+    k = k.reshape(lead + (self.num_kv_heads, self.head_k_dim))
+    v = v.reshape(lead + (self.num_kv_heads, self.head_v_dim))
+    if self.use_rope:
+      step = q.ndim == 3
+      rot = lambda x: apply_rope(x[:, None] if step else x, positions[:, None] if step else positions,
+                                 self.rope_theta)
+      q, k = rot(q), rot(k)
+      if step:
+        q, k = q[:, 0], k[:, 0]
+    q, k, v = self._phi(q), self._phi(k), jax.nn.silu(v)
+    # Gates in float32: their cumulative sums set every decay, and bf16 would round small log gates to 0.
+    f = jax.nn.log_sigmoid(f.astype(jnp.float32)).reshape(lead + (self.num_kv_heads, self.num_slots))
+    g = f / self.gate_logit_normalizer
+    s = 1.0 - jnp.exp(g)
+    return q, k, v, s, g
+
+  def _out(self, o: jax.Array, dtype) -> jax.Array:
+    o = jax.nn.silu(o.astype(self.dtype or dtype))
+    o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_v_dim,))
+    return self.o_proj(self.g_norm(o))
+
+  def _sequence(self, x, segment_ids, initial_state, output_final_state):
+    b, t, _ = x.shape
+    layout = token_layout(segment_ids, b, t)
+    q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
+    conv_in = (q, k, v)
+    if self.use_short_conv:
+      taps = None if segment_ids is None else previous_taps(layout, self.conv_size - 1)
+      q, k, v = self.q_conv(q, taps), self.k_conv(k, taps), self.v_conv(v, taps)
+    q, k, v, s, g = self._heads(q, k, v, f, layout.positions)
+    o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=initial_state,
+                                    output_final_state=output_final_state, segment_ids=segment_ids,
+                                    chunk_size=self.chunk_size, backend=self.backend)
+    return self._out(o, x.dtype), state, layout, conv_in
+
+  # -- public forms ------------------------------------------------------------------------------------------------
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x [b, t, d], segment_ids None or int [b, t] (0 = padding) -> y [b, t, d] (0 at padding)."""
+    y, _, _, _ = self._sequence(x, segment_ids, None, False)
+    return y
+
+  def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, GSACache]:
+    """The sequence form plus the cache to continue each row's last document with `step`."""
+    y, state, layout, conv_in = self._sequence(x, segment_ids, None, True)
+    conv = None
+    if self.use_short_conv:
+      conv = tuple(c.tail(a, layout) for c, a in zip((self.q_conv, self.k_conv, self.v_conv), conv_in))
+    return y, GSACache(state=state, conv=conv, pos=next_positions(layout))
+
+  def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
+    """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""
+    q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
+    conv = None
+    if self.use_short_conv:
+      (q, tq), (k, tk), (v, tv) = (c.step(a, tail) for c, a, tail in
+                                   zip((self.q_conv, self.k_conv, self.v_conv), (q, k, v), cache.conv))
+      conv = (tq, tk, tv)
+    q, k, v, s, g = self._heads(q, k, v, f, cache.pos)
+    o, state = gsa_step(q, k, v, s, g, cache.state, scale=1.0)
+    return self._out(o, x.dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1)
+
+  def init_cache(self, batch_size: int) -> GSACache:
+    """The cache of an empty prompt: zero state, zero convolution inputs."""
+    state = zero_state(batch_size, self.num_kv_heads, self.head_k_dim, self.head_v_dim, self.num_slots)
+    conv = None
+    if self.use_short_conv:
+      dtype = self.dtype or jnp.float32
+      conv = tuple(jnp.zeros((batch_size, self.conv_size - 1, c.weight.shape[1]), dtype)
+                   for c in (self.q_conv, self.k_conv, self.v_conv))
+    return GSACache(state=state, conv=conv, pos=jnp.zeros((batch_size,), jnp.int32))
