@@ -1,0 +1,185 @@
+"""GSAConfig: the hyperparameters of a GSA language model, validated on construction, and the paper's presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from gsa_jax.layers.gsa import FEATURE_MAPS
+from gsa_jax.ops import BACKENDS
+
+REMAT_POLICIES = ("none", "block", "matmuls")
+
+
+@dataclasses.dataclass(frozen=True)
+class GSAConfig:
+  """A pre-norm decoder: embeddings -> N x [x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> head.
+
+  The mixer is GSA, or causal softmax attention (RoPE, grouped kv heads) at the indices in `attn_layers`.
+  Field names follow the reference library's GSAConfig where one exists.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 2048
+  num_layers: int = 24
+  # GSA mixer.
+  num_heads: int = 4
+  num_kv_heads: int | None = None  # None: num_heads.
+  num_slots: int = 64
+  expand_k: float = 1.0
+  expand_v: float = 1.0
+  feature_map: str = "swish"
+  use_short_conv: bool = False
+  conv_size: int = 4
+  gate_logit_normalizer: float = 8.0
+  use_rope: bool = False  # RoPE on the GSA layers' q, k (the reference has none).
+  elementwise_affine: bool = True  # learned scale of the GSA output norm.
+  backend: str = "auto"
+  chunk_size: int = 64
+  # MLP: None means the reference's rule, 2/3 * hidden_ratio * hidden_size rounded up to a multiple of 256.
+  intermediate_size: int | None = None
+  hidden_ratio: int = 4
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  # Hybrid models: layer indices that use causal softmax attention instead of GSA.
+  attn_layers: tuple[int, ...] = ()
+  attn_num_heads: int | None = None  # None: num_heads.
+  attn_num_kv_heads: int | None = None  # None: attn_num_heads.
+  rope_theta: float = 10000.0
+  # Numerics and memory. dtype: compute dtype; param_dtype: parameter dtype. Logits are returned in float32.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"  # "none" | "block" (recompute each block) | "matmuls" (keep only matmul outputs).
+  embed_init_std: float = 0.02  # the reference's initializer_range.
+
+  def __post_init__(self):
+    if isinstance(self.attn_layers, list):
+      object.__setattr__(self, "attn_layers", tuple(self.attn_layers))
+
+    def check(cond, field, message):
+      if not cond:
+        raise ValueError(f"GSAConfig.{field}: {message}")
+
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_slots", "conv_size", "chunk_size",
+                  "hidden_ratio"):
+      value = getattr(self, field)
+      check(isinstance(value, int) and value > 0, field, f"must be a positive int; got {value!r}.")
+    check(self.num_kv_heads is None or (self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0),
+          "num_kv_heads", f"must divide num_heads={self.num_heads}; got {self.num_kv_heads}.")
+    check(self.hidden_size % self.num_heads == 0, "hidden_size",
+          f"{self.hidden_size} is not divisible by num_heads={self.num_heads}.")
+    check(self.key_dim > 0 and self.key_dim % self.num_heads == 0, "expand_k",
+          f"hidden_size * expand_k = {self.key_dim} must be a positive multiple of num_heads={self.num_heads}.")
+    check(self.value_dim > 0 and self.value_dim % self.num_heads == 0, "expand_v",
+          f"hidden_size * expand_v = {self.value_dim} must be a positive multiple of num_heads={self.num_heads}.")
+    check(self.feature_map in FEATURE_MAPS, "feature_map",
+          f"{self.feature_map!r} is unknown; expected one of {FEATURE_MAPS}.")
+    check(self.gate_logit_normalizer > 0, "gate_logit_normalizer", f"must be positive; got {self.gate_logit_normalizer}.")
+    check(not self.use_rope or (self.key_dim // self.num_heads) % 2 == 0, "use_rope",
+          f"needs an even GSA head key width; got {self.key_dim // self.num_heads}.")
+    check(self.backend in BACKENDS, "backend", f"{self.backend!r} is unknown; expected one of {BACKENDS}.")
+    check(self.chunk_size & (self.chunk_size - 1) == 0, "chunk_size", f"must be a power of two; got {self.chunk_size}.")
+    check(self.intermediate_size is None or self.intermediate_size > 0, "intermediate_size",
+          f"must be positive or None; got {self.intermediate_size}.")
+    check(self.norm_eps > 0, "norm_eps", f"must be positive; got {self.norm_eps}.")
+    check(all(isinstance(i, int) and 0 <= i < self.num_layers for i in self.attn_layers), "attn_layers",
+          f"every index must be in [0, num_layers={self.num_layers}); got {self.attn_layers}.")
+    check(len(set(self.attn_layers)) == len(self.attn_layers), "attn_layers", f"has duplicates: {self.attn_layers}.")
+    ah, akv = self.resolved_attn_num_heads, self.resolved_attn_num_kv_heads
+    check(ah > 0 and self.hidden_size % ah == 0, "attn_num_heads",
+          f"hidden_size={self.hidden_size} is not divisible by attn_num_heads={ah}.")
+    check(akv > 0 and ah % akv == 0, "attn_num_kv_heads", f"must divide attn_num_heads={ah}; got {akv}.")
+    check(not self.attn_layers or (self.hidden_size // ah) % 2 == 0, "attn_num_heads",
+          f"RoPE needs an even attention head width; got {self.hidden_size // ah}.")
+    check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is unknown; expected one of {REMAT_POLICIES}.")
+    for field in ("dtype", "param_dtype"):
+      try:
+        ok = jnp.issubdtype(jnp.dtype(getattr(self, field)), jnp.floating)
+      except TypeError:
+        ok = False
+      check(ok, field, f"must name a floating dtype; got {getattr(self, field)!r}.")
+
+  # -- derived sizes -----------------------------------------------------------------------------------------------
+
+  @property
+  def key_dim(self) -> int:
+    return int(self.hidden_size * self.expand_k)
+
+  @property
+  def value_dim(self) -> int:
+    return int(self.hidden_size * self.expand_v)
+
+  @property
+  def resolved_num_kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def resolved_attn_num_heads(self) -> int:
+    return self.num_heads if self.attn_num_heads is None else self.attn_num_heads
+
+  @property
+  def resolved_attn_num_kv_heads(self) -> int:
+    return self.resolved_attn_num_heads if self.attn_num_kv_heads is None else self.attn_num_kv_heads
+
+  @property
+  def resolved_intermediate_size(self) -> int:
+    if self.intermediate_size is not None:
+      return self.intermediate_size
+    return 256 * math.ceil(int(self.hidden_size * self.hidden_ratio * 2 / 3) / 256)
+
+  def replace(self, **changes) -> "GSAConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Parameter count, computed from the shapes (equals the model's; tests check it)."""
+    d, v = self.hidden_size, self.vocab_size
+    hkv, dk, dv = self.resolved_num_kv_heads, self.key_dim // self.num_heads, self.value_dim // self.num_heads
+    gsa = d * self.key_dim + d * hkv * dk + d * hkv * dv + d * hkv * self.num_slots + self.value_dim * d
+    gsa += self.value_dim if self.elementwise_affine else 0
+    gsa += dk * dk if self.feature_map == "t2r" else 0
+    if self.use_short_conv:
+      gsa += self.conv_size * (self.key_dim + hkv * dk + hkv * dv)
+    ah, akv = self.resolved_attn_num_heads, self.resolved_attn_num_kv_heads
+    dh = d // ah
+    attn = 2 * d * ah * dh + 2 * d * akv * dh
+    block = 3 * d * self.resolved_intermediate_size + 2 * d
+    n_attn = len(self.attn_layers)
+    total = self.num_layers * block + n_attn * attn + (self.num_layers - n_attn) * gsa
+    return total + v * d * (1 if self.tie_embeddings else 2) + d
+
+
+# -- presets -------------------------------------------------------------------------------------------------------
+# Sizes of the paper's models (Zhang et al. 2024, arXiv 2409.07146, Section 4: 340M / 15B tokens, 1.3B and 2.7B /
+# 100B tokens, Mistral tokenizer, vocab 32000). Exact shapes come from the published configs:
+#   340M: fla-org/flame `configs/gsa_340M.json` (hidden 1024, 24 layers, 4 heads, 64 slots, gate normalizer 4,
+#         tied embeddings, elementwise_affine false, norm_eps 1e-6; intermediate null -> 2816 by the reference's
+#         rule; vocab unset -> the reference default 32000). Its `use_output_gate: true` is ignored by the
+#         reference layer, so it has no counterpart here.
+#   1.3B: spec section 3 / the paper: hidden 2048, 24 layers, 4 heads, 64 slots, intermediate 5632 (the reference
+#         rule for 2048), vocab 32000, untied, gate normalizer 8; elementwise_affine false and norm_eps 1e-6 as in
+#         the published 2.7B config of the same release (fla-hub), which we assume the 1.3B shares.
+#   2.7B: huggingface.co/fla-hub/gsa-2.7B-100B config.json: hidden 2560, 32 layers, 5 heads, 64 slots, gate
+#         normalizer 8, intermediate null -> 6912, vocab 32000, untied, elementwise_affine false, norm_eps 1e-6.
+
+
+def gsa_340m(**overrides) -> GSAConfig:
+  return GSAConfig(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=4, num_slots=64,
+                   gate_logit_normalizer=4.0, intermediate_size=2816, tie_embeddings=True, elementwise_affine=False,
+                   norm_eps=1e-6).replace(**overrides)
+
+
+def gsa_1p3b(**overrides) -> GSAConfig:
+  return GSAConfig(vocab_size=32000, hidden_size=2048, num_layers=24, num_heads=4, num_slots=64,
+                   gate_logit_normalizer=8.0, intermediate_size=5632, tie_embeddings=False,
+                   elementwise_affine=False, norm_eps=1e-6).replace(**overrides)
+
+
+def gsa_2p7b(**overrides) -> GSAConfig:
+  return GSAConfig(vocab_size=32000, hidden_size=2560, num_layers=32, num_heads=5, num_slots=64,
+                   gate_logit_normalizer=8.0, intermediate_size=6912, tie_embeddings=False,
+                   elementwise_affine=False, norm_eps=1e-6).replace(**overrides)
+
+
+PRESETS = {"gsa_340m": gsa_340m, "gsa_1p3b": gsa_1p3b, "gsa_2p7b": gsa_2p7b}

@@ -1,0 +1,140 @@
+"""GSALM: the GSA language model (spec section 3), with optional softmax-attention layers for hybrids.
+
+Full-sequence forward for training and evaluation, plus `prefill` / `step` for decoding (see gsa_jax.generate).
+No training code here: no optimizer, no mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, RMSNorm, SwiGLU
+from gsa_jax.layers.common import scaled_fan_in_init
+from gsa_jax.models.config import GSAConfig
+
+_REMAT_POLICY = {
+    "block": None,  # save nothing inside a block: recompute it all in the backward pass
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs only
+}
+
+
+class Block(nnx.Module):
+  """x + mixer(RMSNorm(x)); then x + SwiGLU(RMSNorm(x))."""
+
+  def __init__(self, config: GSAConfig, layer_idx: int, *, rngs: nnx.Rngs):
+    c = config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    # Output projections start smaller by 1/sqrt(2 N) so that the residual stream's variance does not grow with
+    # depth (GPT-2 / the reference's rescale_prenorm_residual).
+    out_init = scaled_fan_in_init(1.0 / (2 * c.num_layers))
+    kw = dict(out_init=out_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.is_attention = layer_idx in c.attn_layers
+    self.mixer_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    if self.is_attention:
+      self.mixer = CausalSelfAttention(c.hidden_size, c.resolved_attn_num_heads, c.resolved_attn_num_kv_heads,
+                                       rope_theta=c.rope_theta, **kw)
+    else:
+      self.mixer = GatedSlotAttention(
+          c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_slots=c.num_slots,
+          expand_k=c.expand_k, expand_v=c.expand_v, feature_map=c.feature_map, use_short_conv=c.use_short_conv,
+          conv_size=c.conv_size, gate_logit_normalizer=c.gate_logit_normalizer, norm_eps=c.norm_eps,
+          elementwise_affine=c.elementwise_affine, use_rope=c.use_rope, rope_theta=c.rope_theta,
+          backend=c.backend, chunk_size=c.chunk_size, **kw)
+    self.mlp_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.mlp = SwiGLU(c.hidden_size, c.resolved_intermediate_size, **kw)
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    x = x + self.mixer(self.mixer_norm(x), segment_ids)
+    return x + self.mlp(self.mlp_norm(x))
+
+  def prefill(self, x, segment_ids, max_len):
+    kw = dict(max_len=max_len) if self.is_attention else {}
+    y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, **kw)
+    x = x + y
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+  def step(self, x, cache):
+    y, cache = self.mixer.step(self.mixer_norm(x), cache)
+    x = x + y
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+  def init_cache(self, batch_size: int, max_len: int):
+    if self.is_attention:
+      return self.mixer.init_cache(batch_size, max_len)
+    return self.mixer.init_cache(batch_size)
+
+
+class GSALM(nnx.Module):
+  """Causal LM: tokens int [b, t] (+ segment_ids [b, t], 0 = padding) -> logits float32 [b, t, vocab].
+
+  Computation runs in `config.dtype` with parameters in `config.param_dtype`; the logits are cast to float32 so
+  that a loss is computed in float32. Logits at padding positions are finite but meaningless.
+  """
+
+  def __init__(self, config: GSAConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    self.embed = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                           embedding_init=jax.nn.initializers.normal(c.embed_init_std), rngs=rngs)
+    self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
+    self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    if c.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                                kernel_init=jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                                rngs=rngs)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    x = self.norm(x)
+    logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    x = self.embed(tokens)
+    policy = self.config.remat
+    for block in self.blocks:
+      if policy == "none":
+        x = block(x, segment_ids)
+      else:
+        x = nnx.remat(lambda blk, x, seg: blk(x, seg), policy=_REMAT_POLICY[policy])(block, x, segment_ids)
+    return self._logits(x)
+
+  # -- decoding ----------------------------------------------------------------------------------------------------
+
+  def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
+              max_len: int) -> tuple[jax.Array, list[Any]]:
+    """Full-sequence logits [b, t, vocab] and one cache per layer for continuing each row's last document.
+
+    max_len: the number of tokens the attention layers' KV caches hold (prompt length + new tokens).
+    """
+    x = self.embed(tokens)
+    caches = []
+    for block in self.blocks:
+      x, cache = block.prefill(x, segment_ids, max_len)
+      caches.append(cache)
+    return self._logits(x), caches
+
+  def step(self, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
+    """One token per row: tokens int [b] -> (logits float32 [b, vocab], new caches)."""
+    x = self.embed(tokens)
+    new = []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block.step(x, cache)
+      new.append(cache)
+    return self._logits(x), new
+
+  def init_cache(self, batch_size: int, max_len: int) -> list[Any]:
+    """Caches of an empty prompt (attention layers sized to max_len)."""
+    return [block.init_cache(batch_size, max_len) for block in self.blocks]
+
+
+def count_params(model_or_state) -> int:
+  """Number of parameter scalars of a model (or of its nnx.State, e.g. from nnx.eval_shape)."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
