@@ -37,9 +37,10 @@ def gsa_step(
   hv = state.hv * alpha[:, :, :, None] + s[:, :, :, None] * v[:, :, None, :]
   # Grouped heads: query head hq reads kv head hq // (hq_total // h); reshape instead of repeating the state.
   qg = q.reshape(b, h, hq // h, dk)
-  logits = scale * jnp.einsum("bhgk,bhkm->bhgm", qg, hk)
+  # Full float32 products: this is the reference, and TF32 (a GPU's default for float32) would blur it.
+  logits = scale * jnp.einsum("bhgk,bhkm->bhgm", qg, hk, precision=jax.lax.Precision.HIGHEST)
   p = jax.nn.softmax(logits, axis=-1)
-  o = jnp.einsum("bhgm,bhmv->bhgv", p, hv)
+  o = jnp.einsum("bhgm,bhmv->bhgv", p, hv, precision=jax.lax.Precision.HIGHEST)
   return o.reshape(b, hq, -1), GSAState(hk, hv)
 
 

@@ -1,0 +1,101 @@
+"""Times the GSA op's backends at the anchor shapes and prints a table.
+
+    python benchmarks/bench_ops.py                                # anchor shapes, every implemented backend
+    python benchmarks/bench_ops.py --shapes 2,256,4,64,32 --backends chunked,recurrent --dtype float32
+
+Inputs follow the anchors' recipe (docs: shared/docs/anchors.md): q, k = swish(randn), v = randn,
+g = logsigmoid(randn) / 8, s = 1 - exp(g), scale = 1. "fwd" is the jitted forward; "fwd+bwd" is the forward
+plus the gradients of q, k, v, s, g for a random cotangent. Times are medians over --repeats calls, each
+synchronized from the host (as a training step sees them), after a warm-up call. "temp GiB" is the scratch memory
+XLA allocates for the fwd+bwd executable (its memory analysis), "peak GiB" the device's peak since the process
+started (where the device reports it). A backend that fails (out of memory, not implemented) is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsa_jax.ops import BACKENDS, gated_slot_attention
+
+ANCHOR_SHAPES = ("8,2048,4,512,64", "1,16384,4,512,64")  # B, T, H, K=V, M
+
+
+def make_inputs(key, b, t, h, d, m, dtype):
+  kq, kk, kv, kg = jax.random.split(key, 4)
+  q = jax.nn.swish(jax.random.normal(kq, (b, t, h, d), jnp.float32)).astype(dtype)
+  k = jax.nn.swish(jax.random.normal(kk, (b, t, h, d), jnp.float32)).astype(dtype)
+  v = jax.random.normal(kv, (b, t, h, d), jnp.float32).astype(dtype)
+  g = jax.nn.log_sigmoid(jax.random.normal(kg, (b, t, h, m), jnp.float32)) / 8
+  return q, k, v, (1 - jnp.exp(g)).astype(dtype), g.astype(dtype)
+
+
+def median_ms(fn, args, repeats):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def bench(backend, inputs, chunk_size, repeats):
+  def fwd(*x):
+    return gated_slot_attention(*x, scale=1.0, chunk_size=chunk_size, backend=backend)[0]
+
+  def fwd_bwd(*x_and_ct):
+    *x, ct = x_and_ct
+    o, vjp = jax.vjp(fwd, *x)
+    return vjp(ct)
+
+  ct = jax.random.normal(jax.random.key(1), inputs[0].shape[:3] + inputs[2].shape[3:], inputs[0].dtype)
+  fwd_j, fwd_bwd_j = jax.jit(fwd), jax.jit(fwd_bwd)
+  temp = fwd_bwd_j.lower(*inputs, ct).compile().memory_analysis()
+  temp_gib = getattr(temp, "temp_size_in_bytes", float("nan")) / 2**30
+  return median_ms(fwd_j, inputs, repeats), median_ms(fwd_bwd_j, (*inputs, ct), repeats), temp_gib
+
+
+def peak_gib():
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", float("nan")) / 2**30
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shapes", nargs="+", default=ANCHOR_SHAPES, help="B,T,H,D,M with K = V = D")
+  parser.add_argument("--backends", default="chunked,recurrent,pallas_gpu,pallas_tpu")
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--chunk-size", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=20)
+  args = parser.parse_args()
+
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"dtype {args.dtype}, chunk {args.chunk_size}, median of {args.repeats} synchronized calls")
+  header = ("backend", "B,T,H,K=V,M", "fwd ms", "fwd+bwd ms", "temp GiB", "peak GiB")
+  rows = []
+  for shape in args.shapes:
+    b, t, h, d, m = map(int, shape.split(","))
+    inputs = make_inputs(jax.random.key(0), b, t, h, d, m, jnp.dtype(args.dtype))
+    for backend in args.backends.split(","):
+      assert backend in BACKENDS, backend
+      try:
+        fwd_ms, fwd_bwd_ms, temp = bench(backend, inputs, args.chunk_size, args.repeats)
+        rows.append((backend, shape, f"{fwd_ms:.2f}", f"{fwd_bwd_ms:.2f}", f"{temp:.2f}", f"{peak_gib():.2f}"))
+      except NotImplementedError:
+        rows.append((backend, shape, "not implemented", "", "", ""))
+      except Exception as e:  # Out of memory and compile failures are results here, not crashes.
+        rows.append((backend, shape, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:60]}", "", "", ""))
+      print("  ".join(rows[-1]), flush=True)
+  widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+  print()
+  for row in [header] + rows:
+    print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+  main()
