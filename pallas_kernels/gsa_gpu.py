@@ -1,0 +1,509 @@
+"""Gated Slot Attention on GPU: Pallas kernels lowered through Triton, with a `jax.custom_vjp`.
+
+Decomposition (spec sections 1-2)
+---------------------------------
+GSA is two gated linear attentions that share the log gate g over the M slots:
+
+  pass 1, "GV" (gate on the value side):  z = scale * GV(q, k, s)          state hk [dk, m]
+  pass 2, "GK" (gate on the key side):    o = GK(p, s, v)                  state hv [m, dv]
+
+with p = softmax(z) over the slots, in float32, in XLA between the two kernels. The backward needs nothing but
+the same two kernels, run forwards or backwards in time (`reverse=True` walks the chunks from the end and lets a
+query see the keys at and after it):
+
+  dp = GV(do, v, s)                 dl = scale * p * (dp - sum(p * dp))     dq = GK(dl, s, k)
+  dv = GK_rev(s, p, do)             dk = GK_rev(s, dl, q)                   (their final states: dhv0, dhk0)
+  ds = GV_rev(k, q, dl) + GV_rev(v, do, p)
+  dg = reverse cumsum, per document, of  sum_group(z * dz + p * dp) - s * ds,  plus the final-state term
+       sum(dhk_T * hk_T) + sum(dhv_T * hv_T) on the last document (spec section 2's identity, done in XLA).
+
+Every kernel call is one program per (feature block, batch, kv head) that walks the chunks sequentially and carries
+its slice of the state (float32) in registers: no chunk state goes through memory. GV splits the query/key width
+into blocks (its outputs are partial logits summed in XLA), GK splits the value width. Grouped-query heads of one
+kv head are handled in the same program, so k, v, s and g are never repeated.
+
+Numerical safety
+----------------
+A chunk of `chunk` tokens is cut into sub-chunks of 16 rows. XLA computes, per sub-chunk, F (inclusive cumsum of
+g from the sub-chunk start) and B (exclusive reverse cumsum to the sub-chunk end). Every decay the kernel
+exponentiates is then a sum of terms of one sign, never a difference of two large cumulative sums, so every
+exponent is <= 0 and none loses precision, except one: inside a diagonal 16 x 16 sub-block the decay between two
+rows is F_t - F_j (a difference inside one sub-chunk of 16 tokens). With g = -1e3 next to g = 0 that difference
+cancels to an absolute error of about |F_j| * 6e-8 (at most 1e-3 with sixteen -1e3 gates); it never overflows.
+
+Padding inside the kernels: T to a multiple of the chunk, dk/dv/m to powers of two (at least 16) or multiples of
+the feature block; padded slots are masked out of the softmax. Documents: `doc` [b, t] int32 (0 for the first
+document, +1 at each reset): pairs across documents are masked, and only tokens of the document that holds the
+carried state read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import operator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from gsa_jax.ops.chunked import chunk_gsa
+from gsa_jax.ops.common import GSAState, segment_masks
+from gsa_jax.ops.recurrent import gsa_step
+
+_log = logging.getLogger(__name__)
+_SUB = 16  # rows of a sub-chunk: the smallest matrix-unit tile.
+_MAX_SLOTS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes. `chunk`: tokens between state updates (a multiple of 16); `block_k`: the width of the query/key
+  slice one GV program owns (pass 1, ds); `block_v`: the width of the value slice one GK program owns (pass 2,
+  dq, dk, dv)."""
+
+  chunk: int = 64
+  block_k: int = 64
+  block_v: int = 64
+  num_warps: int = 4
+  num_stages: int = 1
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+  _log.warning(message)
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def _padded(d: int, block: int) -> tuple[int, int]:
+  """(padded width, block) for a feature axis of width d."""
+  p = max(16, _next_pow2(d))
+  if p <= block:
+    return p, p
+  return -(-d // block) * block, block
+
+
+def unsupported_reason(q, k, v, s, g) -> str | None:
+  """Why the Pallas GPU kernels cannot run these inputs (None if they can)."""
+  dtypes = {x.dtype for x in (q, k, v, s, g)}
+  if any(d not in (jnp.float32, jnp.bfloat16, jnp.float16) for d in dtypes):
+    return f"dtypes {sorted(str(d) for d in dtypes)} (the kernels take float32, bfloat16 or float16)"
+  if s.shape[-1] > _MAX_SLOTS:
+    return f"M={s.shape[-1]} slots > {_MAX_SLOTS} (the kernels keep a [block, M] state per program)"
+  return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel: one gated linear attention (GK or GV), forwards or backwards in time.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _gla_kernel(q_ref, k_ref, v_ref, fg_ref, bg_ref, doc_ref, h0_ref, o_ref, ht_ref, *, kind, reverse,
+                n_chunks, chunk, gq, gk, low_precision):
+  """One program: batch b, kv head h, one feature block. Refs (time-major, heads of this kv group):
+
+  GK: q [tp, gq, m], k [tp, gk, m], v [tp, gk, bv], h0/ht [m, bv], o [tp, gq, bv].
+  GV: q [tp, gq, bk], k [tp, gk, bk], v [tp, gk, m], h0/ht [bk, m], o [tp, gq, m] (partial over the k blocks).
+  fg, bg [tp, m] float32 sub-chunk prefix/suffix sums of g; doc [tp] int32.
+  """
+  f32 = jnp.float32
+  ns = chunk // _SUB
+  tp = n_chunks * chunk
+
+  def dot(a, b):
+    if low_precision is not None:
+      return jnp.dot(a.astype(low_precision), b.astype(low_precision), preferred_element_type=f32)
+    return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
+
+  kv_heads = (lambda qa: [0]) if gk == 1 else (lambda qa: list(range(gk)))
+  idx = jnp.arange(_SUB)
+  causal = (idx[:, None] <= idx[None, :]) if reverse else (idx[:, None] >= idx[None, :])  # [query, key]
+  # Key sub-chunks a query sub-chunk sees besides its own: earlier ones forwards, later ones backwards.
+  others = (lambda a: range(a + 1, ns)) if reverse else (lambda a: range(a))
+
+  def body(i, carry):
+    h, sdoc = carry
+    ci = (n_chunks - 1 - i) if reverse else i
+    t0 = ci * chunk
+    rows = [pl.ds(t0 + a * _SUB, _SUB) for a in range(ns)]
+    fg = [fg_ref[r, :] for r in rows]  # [16, m]
+    bg = [bg_ref[r, :] for r in rows]
+    tot = [fg_ref[t0 + a * _SUB + _SUB - 1, :][None, :] for a in range(ns)]  # [1, m] sum of g per sub-chunk
+    zero = jnp.zeros_like(tot[0])
+    ssum = lambda xs: functools.reduce(operator.add, xs, zero)
+    before = [ssum(tot[:a]) for a in range(ns)]  # gates of earlier sub-chunks of this chunk
+    after = [ssum(tot[a + 1:]) for a in range(ns)]
+    total = ssum(tot)
+    docs = [doc_ref[r] for r in rows]  # [16]
+    bdoc = doc_ref[t0] if reverse else doc_ref[t0 + chunk - 1]  # the document the outgoing state belongs to
+
+    # Decay from the chunk boundary the state enters through to each query row, and from each key row to the
+    # boundary the state leaves through. All exponents are sums of g of one sign: <= 0.
+    if reverse:
+      x_dec = [jnp.exp(bg[a] + after[a]) for a in range(ns)]
+      y_dec = [jnp.exp(before[a] + fg[a]) for a in range(ns)]
+    else:
+      x_dec = [jnp.exp(before[a] + fg[a]) for a in range(ns)]
+      y_dec = [jnp.exp(bg[a] + after[a]) for a in range(ns)]
+
+    def pair_decay(a, b):
+      """(query factor, key factor) with exp(G_t - G_j) = qf[t] * kf[j] for t in sub-chunk a, j in b."""
+      lo, hi = min(a, b), max(a, b)
+      w = ssum(tot[lo + 1:hi])  # whole sub-chunks strictly between them
+      if reverse:
+        return jnp.exp(bg[a] + w), jnp.exp(fg[b])
+      return jnp.exp(fg[a]), jnp.exp(bg[b] + w)
+
+    def diag(a):
+      """exp(G_t - G_j) [16, 16, m] inside sub-chunk a, zero outside causal, same-document pairs; the pair mask."""
+      d = fg[a][:, None, :] - fg[a][None, :, :]
+      if reverse:
+        d = -d
+      mask = causal & (docs[a][:, None] == docs[a][None, :])
+      return jnp.exp(jnp.where(mask[:, :, None], d, -jnp.inf)), mask
+
+    kt = [[k_ref[rows[b], c, :].astype(f32) for c in range(gk)] for b in range(ns)]
+    vt = [[v_ref[rows[b], c, :].astype(f32) for c in range(gk)] for b in range(ns)]
+
+    for a in range(ns):
+      reads = (docs[a] == sdoc)[:, None]
+      e3, dmask = diag(a)
+      pair = {b: pair_decay(a, b) for b in others(a)}
+      for qa in range(gq):
+        qt = q_ref[rows[a], qa, :].astype(f32)
+        if kind == "gk":
+          acc = dot(jnp.where(reads, qt * x_dec[a], 0.0), h)
+          for c in kv_heads(qa):
+            for b in others(a):
+              qf, kf = pair[b]
+              sc = dot(qt * qf, (kt[b][c] * kf).T)
+              sc = jnp.where(docs[a][:, None] == docs[b][None, :], sc, 0.0)
+              acc += dot(sc, vt[b][c])
+            sc = jnp.sum(qt[:, None, :] * kt[a][c][None, :, :] * e3, axis=2)
+            acc += dot(sc, vt[a][c])
+        else:
+          acc = dot(qt, h) * jnp.where(reads, x_dec[a], 0.0)
+          for c in kv_heads(qa):
+            for b in others(a):
+              qf, kf = pair[b]
+              att = jnp.where(docs[a][:, None] == docs[b][None, :], dot(qt, kt[b][c].T), 0.0)
+              acc += dot(att, vt[b][c] * kf) * qf
+            att = jnp.where(dmask, dot(qt, kt[a][c].T), 0.0)
+            acc += jnp.sum(att[:, :, None] * vt[a][c][None, :, :] * e3, axis=1)
+        o_ref[rows[a], qa, :] = acc.astype(o_ref.dtype)
+
+    keep = jnp.where(bdoc == sdoc, jnp.exp(total), 0.0)  # [1, m]
+    h = h * (keep.T if kind == "gk" else keep)
+    for b in range(ns):
+      upd = (docs[b] == bdoc)[:, None]
+      for c in range(gk):
+        if kind == "gk":
+          h += dot(jnp.where(upd, kt[b][c] * y_dec[b], 0.0).T, vt[b][c])
+        else:
+          h += dot(jnp.where(upd, kt[b][c], 0.0).T, vt[b][c] * y_dec[b])
+    return h, bdoc
+
+  sdoc0 = doc_ref[tp - 1] if reverse else doc_ref[0]
+  h, _ = lax.fori_loop(0, n_chunks, body, (h0_ref[...].astype(f32), sdoc0))
+  ht_ref[...] = h
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  kind: str  # "gk" | "gv"
+  reverse: bool
+  gq: int
+  gk: int
+  block: int
+  chunk: int
+  num_warps: int
+  num_stages: int
+  low_precision: object  # None (float32 dots) or the low-precision dtype of the dot operands
+  interpret: bool
+
+
+def _gla(call: _Call, q, k, v, fg, bg, doc, h0, out_dtype, name):
+  """q [b, tp, H*gq, dq], k [b, tp, H*gk, dq], v [b, tp, H*gk, dv], fg/bg [b, tp, H, m], doc [b, tp],
+  h0: GK [b, H, m, dv] / GV [b, H, dq, m].  Returns (out, final state): GK out [b, tp, H*gq, dv];
+  GV out [dq // block, b, tp, H*gq, m] (partial sums over the dq blocks)."""
+  b, tp, hq_all, dq = q.shape
+  dv = v.shape[3]
+  nh = fg.shape[2]
+  m = fg.shape[3]
+  n_chunks = tp // call.chunk
+  blk = call.block
+  full = lambda *shape: shape
+  if call.kind == "gk":
+    assert dq == m, (q.shape, fg.shape)
+    grid = (dv // blk, b, nh)
+    in_specs = [
+        pl.BlockSpec((None, tp, call.gq, m), lambda i, bi, hi: (bi, 0, hi, 0)),
+        pl.BlockSpec((None, tp, call.gk, m), lambda i, bi, hi: (bi, 0, hi, 0)),
+        pl.BlockSpec((None, tp, call.gk, blk), lambda i, bi, hi: (bi, 0, hi, i)),
+    ]
+    h_spec = pl.BlockSpec((None, None, m, blk), lambda i, bi, hi: (bi, hi, 0, i))
+    out_shape = [jax.ShapeDtypeStruct((b, tp, hq_all, dv), out_dtype), jax.ShapeDtypeStruct((b, nh, m, dv), jnp.float32)]
+    o_spec = pl.BlockSpec((None, tp, call.gq, blk), lambda i, bi, hi: (bi, 0, hi, i))
+  else:
+    assert dv == m, (v.shape, fg.shape)
+    nb = dq // blk
+    grid = (nb, b, nh)
+    in_specs = [
+        pl.BlockSpec((None, tp, call.gq, blk), lambda i, bi, hi: (bi, 0, hi, i)),
+        pl.BlockSpec((None, tp, call.gk, blk), lambda i, bi, hi: (bi, 0, hi, i)),
+        pl.BlockSpec((None, tp, call.gk, m), lambda i, bi, hi: (bi, 0, hi, 0)),
+    ]
+    h_spec = pl.BlockSpec((None, None, blk, m), lambda i, bi, hi: (bi, hi, i, 0))
+    out_shape = [jax.ShapeDtypeStruct((nb, b, tp, hq_all, m), jnp.float32),
+                 jax.ShapeDtypeStruct((b, nh, dq, m), jnp.float32)]
+    o_spec = pl.BlockSpec((None, None, tp, call.gq, m), lambda i, bi, hi: (i, bi, 0, hi, 0))
+  del full
+  gate_spec = pl.BlockSpec((None, tp, None, m), lambda i, bi, hi: (bi, 0, hi, 0))
+  in_specs += [gate_spec, gate_spec, pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)), h_spec]
+  kernel = functools.partial(_gla_kernel, kind=call.kind, reverse=call.reverse, n_chunks=n_chunks,
+                             chunk=call.chunk, gq=call.gq, gk=call.gk, low_precision=call.low_precision)
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=[o_spec, h_spec],
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=call.num_warps, num_stages=call.num_stages),
+      interpret=call.interpret,
+      name=name,
+  )(q, k, v, fg, bg, doc, h0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# XLA glue: gate sums, softmax, segmented reverse cumsum.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _gate_sums(g):
+  """g [b, tp, h, m] float32 -> (F, B): inclusive prefix and exclusive suffix sums inside each 16-row sub-chunk."""
+  b, tp, h, m = g.shape
+  gs = g.reshape(b, tp // _SUB, _SUB, h, m)
+  fwd = jnp.cumsum(gs, axis=2)
+  rev = jnp.flip(jnp.cumsum(jnp.flip(gs, 2), axis=2), 2)
+  bwd = jnp.concatenate([rev[:, :, 1:], jnp.zeros_like(rev[:, :, :1])], axis=2)
+  return fwd.reshape(g.shape), bwd.reshape(g.shape)
+
+
+def _softmax(z, m):
+  """Softmax over the first m of the (padded) slots, float32; padded slots get p = 0."""
+  mp = z.shape[-1]
+  if mp != m:
+    z = jnp.where(jnp.arange(mp) < m, z, -jnp.inf)
+  return jax.nn.softmax(z, axis=-1)
+
+
+def _segmented_reverse_cumsum(x, doc):
+  """sum_{i >= t, doc_i == doc_t} x_i along axis 1; x [b, t, ...], doc [b, t] nondecreasing."""
+  d = jnp.broadcast_to(doc.reshape(doc.shape + (1,) * (x.ndim - 2)), x.shape)
+
+  def combine(a, b):
+    (xa, da), (xb, db) = a, b
+    return jnp.where(da == db, xa + xb, xb), db
+
+  out, _ = lax.associative_scan(combine, (x, d), reverse=True, axis=1)
+  return out
+
+
+def _pad_to(x, shape):
+  pads = [(0, n - d) for d, n in zip(x.shape, shape)]
+  return jnp.pad(x, pads) if any(p for _, p in pads) else x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The custom_vjp core: padded, masked inputs in, padded outputs out.
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  t: int
+  tp: int
+  dk: int
+  kp: int
+  bk: int
+  dv: int
+  vp: int
+  bv: int
+  m: int
+  mp: int
+  grp: int
+  scale: float
+  chunk: int
+  num_warps: int
+  num_stages: int
+  low_precision: object
+  interpret: bool
+
+  def call(self, kind, reverse, gq, gk, block):
+    return _Call(kind, reverse, gq, gk, block, self.chunk, self.num_warps, self.num_stages, self.low_precision,
+                 self.interpret)
+
+
+def _forward(cfg: _Config, q, k, v, s, g, hk0, hv0, doc):
+  b, _, hq, _ = q.shape
+  h = k.shape[2]
+  cd = q.dtype
+  qp = _pad_to(q, (b, cfg.tp, hq, cfg.kp))
+  kp = _pad_to(k, (b, cfg.tp, h, cfg.kp))
+  vp = _pad_to(v, (b, cfg.tp, h, cfg.vp))
+  sp = _pad_to(s, (b, cfg.tp, h, cfg.mp))
+  gp = _pad_to(g, (b, cfg.tp, h, cfg.mp))
+  docp = jnp.pad(doc, ((0, 0), (0, cfg.tp - cfg.t)), mode="edge") if cfg.tp != cfg.t else doc
+  hk0p = _pad_to(hk0, (b, h, cfg.kp, cfg.mp))
+  hv0p = _pad_to(hv0, (b, h, cfg.mp, cfg.vp))
+  fg, bg = _gate_sums(gp)
+  zpart, hkt = _gla(cfg.call("gv", False, cfg.grp, 1, cfg.bk), qp, kp, sp, fg, bg, docp, hk0p, jnp.float32,
+                    "gsa_fwd_slot_logits")
+  z = cfg.scale * jnp.sum(zpart, axis=0)  # [b, tp, hq, mp]
+  p = _softmax(z, cfg.m)
+  o, hvt = _gla(cfg.call("gk", False, cfg.grp, 1, cfg.bv), p.astype(cd), sp, vp, fg, bg, docp, hv0p, cd,
+                "gsa_fwd_output")
+  residuals = (qp, kp, vp, sp, fg, bg, docp, hk0p, hv0p, z, hkt, hvt)
+  return (o, hkt, hvt), residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gsa_core(cfg, q, k, v, s, g, hk0, hv0, doc):
+  (o, hkt, hvt), _ = _forward(cfg, q, k, v, s, g, hk0, hv0, doc)
+  return _unpad_outputs(cfg, o, hkt, hvt)
+
+
+def _unpad_outputs(cfg, o, hkt, hvt):
+  return o[:, :cfg.t, :, :cfg.dv], hkt[:, :, :cfg.dk, :cfg.m], hvt[:, :, :cfg.m, :cfg.dv]
+
+
+def _core_fwd(cfg, q, k, v, s, g, hk0, hv0, doc):
+  (o, hkt, hvt), res = _forward(cfg, q, k, v, s, g, hk0, hv0, doc)
+  return _unpad_outputs(cfg, o, hkt, hvt), res
+
+
+def _core_bwd(cfg, saved, cts):
+  qp, kp, vp, sp, fg, bg, docp, hk0p, hv0p, z, hkt, hvt = saved
+  do, dhkt, dhvt = cts
+  b, tp, hq, _ = qp.shape
+  h = kp.shape[2]
+  cd = qp.dtype
+  dtypes = (cd,) * 4 + (jnp.float32,) * 3  # q, k, v, s in the compute dtype; g and the state in float32
+  swap = lambda x: jnp.swapaxes(x, 2, 3)
+  dop = _pad_to(do.astype(cd), (b, tp, hq, cfg.vp))
+  dhktp = _pad_to(dhkt.astype(jnp.float32), (b, h, cfg.kp, cfg.mp))
+  dhvtp = _pad_to(dhvt.astype(jnp.float32), (b, h, cfg.mp, cfg.vp))
+  p = _softmax(z, cfg.m)
+  pc = p.astype(cd)
+
+  dp_part, _ = _gla(cfg.call("gv", False, cfg.grp, 1, cfg.bv), dop, vp, sp, fg, bg, docp, swap(hv0p), jnp.float32,
+                    "gsa_bwd_dp")
+  dp = jnp.sum(dp_part, axis=0)
+  dz = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
+  dl = (cfg.scale * dz).astype(cd)
+  dq, _ = _gla(cfg.call("gk", False, cfg.grp, 1, cfg.bk), dl, sp, kp, fg, bg, docp, swap(hk0p), dtypes[0],
+               "gsa_bwd_dq")
+  dk, dhk0t = _gla(cfg.call("gk", True, 1, cfg.grp, cfg.bk), sp, dl, qp, fg, bg, docp, swap(dhktp), dtypes[1],
+                   "gsa_bwd_dk")
+  dv, dhv0 = _gla(cfg.call("gk", True, 1, cfg.grp, cfg.bv), sp, pc, dop, fg, bg, docp, dhvtp, dtypes[2],
+                  "gsa_bwd_dv")
+  ds1, _ = _gla(cfg.call("gv", True, 1, cfg.grp, cfg.bk), kp, qp, dl, fg, bg, docp, dhktp, jnp.float32,
+                "gsa_bwd_ds_keys")
+  ds2, _ = _gla(cfg.call("gv", True, 1, cfg.grp, cfg.bv), vp, dop, pc, fg, bg, docp, swap(dhvtp), jnp.float32,
+                "gsa_bwd_ds_values")
+  ds = jnp.sum(ds1, axis=0) + jnp.sum(ds2, axis=0)  # [b, tp, h, mp]
+
+  # dG_t = sum over the group of (z dz + p dp) - s ds; dg = its reverse cumsum per document, and the final state's
+  # decay G_T (all gates of the last document) adds sum(dh_T * h_T) to every token of the last document.
+  zdz = (z * dz + p * dp).reshape(b, tp, h, cfg.grp, cfg.mp).sum(axis=3)
+  dg = _segmented_reverse_cumsum(zdz - sp.astype(jnp.float32) * ds, docp)
+  final = jnp.sum(dhktp * hkt, axis=2) + jnp.sum(dhvtp * hvt, axis=3)  # [b, h, mp]
+  last_doc = (docp == docp[:, -1:])[:, :, None, None]
+  dg = dg + jnp.where(last_doc, final[:, None], 0.0)
+
+  t, m = cfg.t, cfg.m
+  grads = (dq[:, :t, :, :cfg.dk], dk[:, :t, :, :cfg.dk], dv[:, :t, :, :cfg.dv], ds[:, :t, :, :m],
+           dg[:, :t, :, :m], swap(dhk0t)[:, :, :cfg.dk, :m], dhv0[:, :, :m, :cfg.dv])
+  grads = tuple(x.astype(dt) for x, dt in zip(grads, dtypes))
+  return grads + (None,)
+
+
+_gsa_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry points.
+# ---------------------------------------------------------------------------------------------------------------
+
+def gsa_pallas_gpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    s: jax.Array,
+    g: jax.Array,
+    *,
+    scale: float,
+    initial_state: GSAState | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, GSAState]:
+  """GSA with the Pallas GPU kernels; arguments and results as `gsa_jax.ops.chunked.chunk_gsa`.
+
+  q [b, t, hq, dk]; k [b, t, h, dk]; v [b, t, h, dv]; s, g [b, t, h, m]. Differentiable in every array input
+  (custom_vjp). Inputs the kernels do not support (see `unsupported_reason`) go to `chunk_gsa`, with the reason
+  logged once. `interpret=None` interprets the kernels on non-GPU platforms (slow; for tests).
+  """
+  reason = unsupported_reason(q, k, v, s, g)
+  if reason is not None:
+    _log_once(f"gated_slot_attention: backend 'pallas_gpu' does not support {reason}; using 'chunked'.")
+    return chunk_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                     chunk_size=chunk_size)
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  bs = block_sizes or BlockSizes()
+  b, t, hq, dk = q.shape
+  h, dv, m = k.shape[2], v.shape[3], s.shape[3]
+  chunk = max(_SUB, min(bs.chunk, chunk_size if chunk_size >= _SUB else _SUB, _next_pow2(t)))
+  chunk = -(-chunk // _SUB) * _SUB
+  tp = -(-t // chunk) * chunk
+  kp, bk = _padded(dk, bs.block_k)
+  vp, bv = _padded(dv, bs.block_v)
+  mp = max(16, _next_pow2(m))
+  cd = jnp.result_type(q.dtype, k.dtype, v.dtype, s.dtype)
+  low = None if cd == jnp.float32 else cd
+  cfg = _Config(t=t, tp=tp, dk=dk, kp=kp, bk=bk, dv=dv, vp=vp, bv=bv, m=m, mp=mp, grp=hq // h, scale=float(scale),
+                chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
+                interpret=bool(interpret))
+
+  if segment_ids is None:
+    reset = jnp.zeros((b, t), bool)
+    valid = None
+  else:
+    reset, valid = segment_masks(segment_ids)
+    s = jnp.where(valid[..., None, None], s, 0)
+    g = jnp.where(valid[..., None, None], g, 0)
+  doc = jnp.cumsum(reset, axis=1, dtype=jnp.int32)
+  if initial_state is None:
+    hk0 = jnp.zeros((b, h, dk, m), jnp.float32)
+    hv0 = jnp.zeros((b, h, m, dv), jnp.float32)
+  else:
+    hk0, hv0 = (x.astype(jnp.float32) for x in initial_state)
+  o, hkt, hvt = _gsa_core(cfg, q.astype(cd), k.astype(cd), v.astype(cd), s.astype(cd), g.astype(jnp.float32),
+                          hk0, hv0, doc)
+  if valid is not None:
+    o = o * valid[..., None, None].astype(o.dtype)
+  return o.astype(q.dtype), GSAState(hkt, hvt)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def gsa_decode_step(q, k, v, s, g, state: GSAState, *, scale: float):
+  """One token for a whole batch (q [b, hq, dk]; k [b, h, dk]; v [b, h, dv]; s, g [b, h, m]): the spec's
+  recurrence as one fused XLA computation (`gsa_jax.ops.recurrent.gsa_step`). It is launch-bound at decode sizes;
+  a Pallas kernel would add a custom-call boundary and gains nothing measurable there (see
+  benchmarks/bench_pallas_gpu.py, which times it)."""
+  return gsa_step(q, k, v, s, g, state, scale=scale)
