@@ -84,10 +84,13 @@ class GatedSlotAttention(nnx.Module):
     _check(num_heads > 0, "num_heads", f"must be positive; got {num_heads}.")
     _check(num_kv_heads > 0 and num_heads % num_kv_heads == 0, "num_kv_heads",
            f"must be a positive divisor of num_heads={num_heads}; got {num_kv_heads}.")
-    _check(key_dim > 0 and key_dim % num_heads == 0, "expand_k",
-           f"hidden_size * expand_k = {key_dim} must be a positive multiple of num_heads={num_heads}.")
-    _check(value_dim > 0 and value_dim % num_heads == 0, "expand_v",
-           f"hidden_size * expand_v = {value_dim} must be a positive multiple of num_heads={num_heads}.")
+    # Name the field the user most likely got wrong: hidden_size itself when the expansion is 1.
+    _check(key_dim > 0 and key_dim % num_heads == 0, "hidden_size" if expand_k == 1 else "expand_k",
+           f"hidden_size * expand_k = {hidden_size} * {expand_k} = {key_dim} must be a positive multiple of "
+           f"num_heads={num_heads}.")
+    _check(value_dim > 0 and value_dim % num_heads == 0, "hidden_size" if expand_v == 1 else "expand_v",
+           f"hidden_size * expand_v = {hidden_size} * {expand_v} = {value_dim} must be a positive multiple of "
+           f"num_heads={num_heads}.")
     _check(num_slots > 0, "num_slots", f"must be positive; got {num_slots}.")
     _check(feature_map in FEATURE_MAPS, "feature_map", f"{feature_map!r} is unknown; expected one of {FEATURE_MAPS}.")
     _check(conv_size >= 1, "conv_size", f"must be at least 1; got {conv_size}.")

@@ -1,0 +1,162 @@
+"""Decoding for GSALM: prefill a right-padded batch of prompts, step one token at a time, sample under jit.
+
+Caches (one per layer, from `GSALM.prefill` / `GSALM.init_cache`): a GSA layer keeps `GSACache` (the float32
+state (hk, hv), the short convolutions' last inputs and the next RoPE position), its size independent of the
+context; an attention layer keeps a `KVCache` with `max_len` slots.
+
+Prompts of different lengths share a batch as right-padded rows: `lengths [b]` or `segment_ids [b, t]` with 0 for
+padding. Padding is transparent to every layer, so a row decodes exactly as its prompt alone. Every prompt needs
+at least one token.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gsa_jax.models.lm import GSALM
+
+
+def lengths_to_segment_ids(lengths: jax.Array, t: int) -> jax.Array:
+  """lengths int [b] -> segment_ids int32 [b, t]: 1 for the first lengths[i] tokens of row i, 0 after."""
+  return (jnp.arange(t)[None, :] < jnp.asarray(lengths)[:, None]).astype(jnp.int32)
+
+
+def _segment_ids(tokens, segment_ids, lengths):
+  if segment_ids is not None and lengths is not None:
+    raise ValueError("pass segment_ids or lengths, not both.")
+  if lengths is not None:
+    return lengths_to_segment_ids(lengths, tokens.shape[1])
+  return segment_ids
+
+
+def last_logits(logits: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  """logits [b, t, vocab] -> [b, vocab] at each row's last non-padding token."""
+  b, t, _ = logits.shape
+  if segment_ids is None:
+    return logits[:, -1]
+  last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(t), -1), axis=1)
+  return jnp.take_along_axis(logits, jnp.maximum(last, 0)[:, None, None], axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len",))
+def _prefill(graphdef, state, tokens, segment_ids, *, max_len):
+  return nnx.merge(graphdef, state).prefill(tokens, segment_ids, max_len=max_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode(graphdef, state, tokens, caches):
+  return nnx.merge(graphdef, state).step(tokens, caches)
+
+
+def prefill(model: GSALM, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+            lengths: jax.Array | None = None, max_len: int | None = None) -> tuple[jax.Array, list[Any]]:
+  """Runs the chunked (training) form over the prompts and returns their logits and the caches.
+
+  tokens int [b, t]; segment_ids int [b, t] (0 = padding) or lengths int [b]; max_len: how many tokens the
+  attention layers' KV caches hold (default t: no room to decode when the model has attention layers).
+  Returns logits float32 [b, t, vocab] and the per-layer caches. Jitted.
+  """
+  segment_ids = _segment_ids(tokens, segment_ids, lengths)
+  graphdef, state = nnx.split(model)
+  return _prefill(graphdef, state, tokens, segment_ids, max_len=max_len or tokens.shape[1])
+
+
+def decode_step(model: GSALM, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
+  """One token for every row with the recurrent form: tokens int [b] -> (logits float32 [b, vocab], caches)."""
+  graphdef, state = nnx.split(model)
+  return _decode(graphdef, state, tokens, caches)
+
+
+def sample_logits(logits: jax.Array, key: jax.Array | None, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+  """Samples one token per row from logits [b, vocab] -> int32 [b].
+
+  temperature 0 is greedy (argmax; key unused). top_k > 0 keeps the k largest logits; top_p < 1 keeps the
+  smallest set of most likely tokens whose probability reaches top_p (always at least one).
+  """
+  if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+    raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature=}, {top_k=}, "
+                     f"{top_p=}.")
+  logits = logits.astype(jnp.float32)
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k > 0 and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # A token is kept when the tokens more likely than it have not yet reached top_p.
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class GenerateOutput(NamedTuple):
+  """tokens: int32 [b, max_new_tokens], pad_id after a row's eos (the eos itself is kept).
+  num_tokens: int32 [b], the tokens each row generated, eos included."""
+
+  tokens: jax.Array
+  num_tokens: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "temperature", "top_k", "top_p",
+                                                                 "eos_id", "pad_id"))
+def _generate(graphdef, state, prompts, segment_ids, key, *, max_new_tokens, temperature, top_k, top_p, eos_id,
+              pad_id):
+  model = nnx.merge(graphdef, state)
+  b, t = prompts.shape
+  logits, caches = model.prefill(prompts, segment_ids, max_len=t + max_new_tokens)
+  logits = last_logits(logits, segment_ids)
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+  done = jnp.zeros((b,), bool)
+  count = jnp.zeros((b,), jnp.int32)
+
+  def cond(carry):
+    i, _, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, logits, caches, out, done, count = carry
+    tok = sample_logits(logits, jax.random.fold_in(key, i), temperature=temperature, top_k=top_k, top_p=top_p)
+    tok = jnp.where(done, pad_id, tok)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+    count = count + (~done).astype(jnp.int32)
+    if eos_id is not None:
+      done = done | (tok == eos_id)
+    # The step after the last token is wasted (one of max_new_tokens); skipping it would need a cond in the loop.
+    logits, caches = model.step(tok, caches)
+    return i + 1, logits, caches, out, done, count
+
+  carry = (jnp.zeros((), jnp.int32), logits, caches, out, done, count)
+  _, _, _, out, _, count = jax.lax.while_loop(cond, body, carry)
+  return GenerateOutput(tokens=out, num_tokens=count)
+
+
+def generate(model: GSALM, prompts: jax.Array, *, max_new_tokens: int, lengths: jax.Array | None = None,
+             segment_ids: jax.Array | None = None, key: jax.Array | None = None, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0) -> GenerateOutput:
+  """Prefill + a `lax.while_loop` of decode steps, all under one `jax.jit`.
+
+  prompts int [b, t], right-padded, with lengths int [b] or segment_ids [b, t] (none: every row is full).
+  Sampling as `sample_logits` (temperature 0: greedy, no key needed). A row stops after `eos_id`; the loop
+  stops when every row has or after max_new_tokens.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+  if key is None:
+    if temperature != 0:
+      raise ValueError("sampling with temperature > 0 needs a PRNG key.")
+    key = jax.random.key(0)
+  segment_ids = _segment_ids(prompts, segment_ids, lengths)
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, prompts, segment_ids, key, max_new_tokens=max_new_tokens,
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
+                   pad_id=pad_id)
