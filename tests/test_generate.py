@@ -51,7 +51,7 @@ def test_prefill_then_decode_equals_full_forward(name):
     assert err < 1e-4, (i, err)
 
 
-@pytest.mark.parametrize("name", ["gsa_conv", "hybrid_gqa_conv"])
+@pytest.mark.parametrize("name", [pytest.param("gsa_conv", marks=pytest.mark.slow), "hybrid_gqa_conv"])
 def test_ragged_batch_equals_each_prompt_alone(name):
   model = make_model(name, seed=3)
   lengths = [9, 4, 12]
