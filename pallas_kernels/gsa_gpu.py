@@ -70,6 +70,9 @@ class BlockSizes:
   block_v: int = 64
   num_warps: int = 4
   num_stages: int = 1
+  # Low-precision inputs: products with the float32 state always use hi + lo operands; `split_all` does the
+  # same for the intra-chunk products (more accurate, three times the matrix-unit work).
+  split_all: bool = False
 
 
 @functools.cache
@@ -104,7 +107,7 @@ def unsupported_reason(q, k, v, s, g) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _gla_kernel(q_ref, k_ref, v_ref, fg_ref, bg_ref, doc_ref, h0_ref, o_ref, ht_ref, *, kind, reverse,
-                n_chunks, chunk, gq, gk, low_precision):
+                n_chunks, chunk, gq, gk, low_precision, split_all):
   """One program: batch b, kv head h, one feature block. Refs (time-major, heads of this kv group):
 
   GK: q [tp, gq, m], k [tp, gk, m], v [tp, gk, bv], h0/ht [m, bv], o [tp, gq, bv].
@@ -115,10 +118,19 @@ def _gla_kernel(q_ref, k_ref, v_ref, fg_ref, bg_ref, doc_ref, h0_ref, o_ref, ht_
   ns = chunk // _SUB
   tp = n_chunks * chunk
 
-  def dot(a, b):
-    if low_precision is not None:
-      return jnp.dot(a.astype(low_precision), b.astype(low_precision), preferred_element_type=f32)
-    return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
+  def dot(a, b, split=False):
+    """a @ b with float32 accumulation. Low-precision mode: operands rounded to `low_precision`; with `split`
+    (the products with the float32 state) each float32 operand is carried as hi + lo, three products."""
+    if low_precision is None:
+      return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
+    lp = lambda x, y: jnp.dot(x, y, preferred_element_type=f32)
+    a_hi, b_hi = a.astype(low_precision), b.astype(low_precision)
+    out = lp(a_hi, b_hi)
+    if split or split_all:
+      a_lo = (a - a_hi.astype(f32)).astype(low_precision)
+      b_lo = (b - b_hi.astype(f32)).astype(low_precision)
+      out = out + lp(a_lo, b_hi) + lp(a_hi, b_lo)
+    return out
 
   kv_heads = (lambda qa: [0]) if gk == 1 else (lambda qa: list(range(gk)))
   idx = jnp.arange(_SUB)
@@ -177,7 +189,7 @@ def _gla_kernel(q_ref, k_ref, v_ref, fg_ref, bg_ref, doc_ref, h0_ref, o_ref, ht_
       for qa in range(gq):
         qt = q_ref[rows[a], qa, :].astype(f32)
         if kind == "gk":
-          acc = dot(jnp.where(reads, qt * x_dec[a], 0.0), h)
+          acc = dot(jnp.where(reads, qt * x_dec[a], 0.0), h, True)
           for c in kv_heads(qa):
             for b in others(a):
               qf, kf = pair[b]
@@ -187,7 +199,7 @@ def _gla_kernel(q_ref, k_ref, v_ref, fg_ref, bg_ref, doc_ref, h0_ref, o_ref, ht_
             sc = jnp.sum(qt[:, None, :] * kt[a][c][None, :, :] * e3, axis=2)
             acc += dot(sc, vt[a][c])
         else:
-          acc = dot(qt, h) * jnp.where(reads, x_dec[a], 0.0)
+          acc = dot(qt, h, True) * jnp.where(reads, x_dec[a], 0.0)
           for c in kv_heads(qa):
             for b in others(a):
               qf, kf = pair[b]
@@ -203,9 +215,9 @@ def _gla_kernel(q_ref, k_ref, v_ref, fg_ref, bg_ref, doc_ref, h0_ref, o_ref, ht_
       upd = (docs[b] == bdoc)[:, None]
       for c in range(gk):
         if kind == "gk":
-          h += dot(jnp.where(upd, kt[b][c] * y_dec[b], 0.0).T, vt[b][c])
+          h += dot(jnp.where(upd, kt[b][c] * y_dec[b], 0.0).T, vt[b][c], True)
         else:
-          h += dot(jnp.where(upd, kt[b][c], 0.0).T, vt[b][c] * y_dec[b])
+          h += dot(jnp.where(upd, kt[b][c], 0.0).T, vt[b][c] * y_dec[b], True)
     return h, bdoc
 
   sdoc0 = doc_ref[tp - 1] if reverse else doc_ref[0]
@@ -224,6 +236,7 @@ class _Call:
   num_warps: int
   num_stages: int
   low_precision: object  # None (float32 dots) or the low-precision dtype of the dot operands
+  split_all: bool
   interpret: bool
 
 
@@ -266,7 +279,8 @@ def _gla(call: _Call, q, k, v, fg, bg, doc, h0, out_dtype, name):
   gate_spec = pl.BlockSpec((None, tp, None, m), lambda i, bi, hi: (bi, 0, hi, 0))
   in_specs += [gate_spec, gate_spec, pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)), h_spec]
   kernel = functools.partial(_gla_kernel, kind=call.kind, reverse=call.reverse, n_chunks=n_chunks,
-                             chunk=call.chunk, gq=call.gq, gk=call.gk, low_precision=call.low_precision)
+                             chunk=call.chunk, gq=call.gq, gk=call.gk, low_precision=call.low_precision,
+                             split_all=call.split_all)
   return pl.pallas_call(
       kernel,
       grid=grid,
@@ -340,11 +354,12 @@ class _Config:
   num_warps: int
   num_stages: int
   low_precision: object
+  split_all: bool
   interpret: bool
 
   def call(self, kind, reverse, gq, gk, block):
     return _Call(kind, reverse, gq, gk, block, self.chunk, self.num_warps, self.num_stages, self.low_precision,
-                 self.interpret)
+                 self.split_all, self.interpret)
 
 
 def _forward(cfg: _Config, q, k, v, s, g, hk0, hv0, doc):
@@ -364,7 +379,7 @@ def _forward(cfg: _Config, q, k, v, s, g, hk0, hv0, doc):
                     "gsa_fwd_slot_logits")
   z = cfg.scale * jnp.sum(zpart, axis=0)  # [b, tp, hq, mp]
   p = _softmax(z, cfg.m)
-  o, hvt = _gla(cfg.call("gk", False, cfg.grp, 1, cfg.bv), p.astype(cd), sp, vp, fg, bg, docp, hv0p, cd,
+  o, hvt = _gla(cfg.call("gk", False, cfg.grp, 1, cfg.bv), p, sp, vp, fg, bg, docp, hv0p, cd,
                 "gsa_fwd_output")
   residuals = (qp, kp, vp, sp, fg, bg, docp, hk0p, hv0p, z, hkt, hvt)
   return (o, hkt, hvt), residuals
@@ -397,22 +412,21 @@ def _core_bwd(cfg, saved, cts):
   dhktp = _pad_to(dhkt.astype(jnp.float32), (b, h, cfg.kp, cfg.mp))
   dhvtp = _pad_to(dhvt.astype(jnp.float32), (b, h, cfg.mp, cfg.vp))
   p = _softmax(z, cfg.m)
-  pc = p.astype(cd)
 
   dp_part, _ = _gla(cfg.call("gv", False, cfg.grp, 1, cfg.bv), dop, vp, sp, fg, bg, docp, swap(hv0p), jnp.float32,
                     "gsa_bwd_dp")
   dp = jnp.sum(dp_part, axis=0)
   dz = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
-  dl = (cfg.scale * dz).astype(cd)
+  dl = cfg.scale * dz
   dq, _ = _gla(cfg.call("gk", False, cfg.grp, 1, cfg.bk), dl, sp, kp, fg, bg, docp, swap(hk0p), dtypes[0],
                "gsa_bwd_dq")
   dk, dhk0t = _gla(cfg.call("gk", True, 1, cfg.grp, cfg.bk), sp, dl, qp, fg, bg, docp, swap(dhktp), dtypes[1],
                    "gsa_bwd_dk")
-  dv, dhv0 = _gla(cfg.call("gk", True, 1, cfg.grp, cfg.bv), sp, pc, dop, fg, bg, docp, dhvtp, dtypes[2],
+  dv, dhv0 = _gla(cfg.call("gk", True, 1, cfg.grp, cfg.bv), sp, p, dop, fg, bg, docp, dhvtp, dtypes[2],
                   "gsa_bwd_dv")
   ds1, _ = _gla(cfg.call("gv", True, 1, cfg.grp, cfg.bk), kp, qp, dl, fg, bg, docp, dhktp, jnp.float32,
                 "gsa_bwd_ds_keys")
-  ds2, _ = _gla(cfg.call("gv", True, 1, cfg.grp, cfg.bv), vp, dop, pc, fg, bg, docp, swap(dhvtp), jnp.float32,
+  ds2, _ = _gla(cfg.call("gv", True, 1, cfg.grp, cfg.bv), vp, dop, p, fg, bg, docp, swap(dhvtp), jnp.float32,
                 "gsa_bwd_ds_values")
   ds = jnp.sum(ds1, axis=0) + jnp.sum(ds2, axis=0)  # [b, tp, h, mp]
 
@@ -478,7 +492,7 @@ def gsa_pallas_gpu(
   low = None if cd == jnp.float32 else cd
   cfg = _Config(t=t, tp=tp, dk=dk, kp=kp, bk=bk, dv=dv, vp=vp, bv=bv, m=m, mp=mp, grp=hq // h, scale=float(scale),
                 chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
-                interpret=bool(interpret))
+                split_all=bs.split_all, interpret=bool(interpret))
 
   if segment_ids is None:
     reset = jnp.zeros((b, t), bool)
