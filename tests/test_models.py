@@ -1,0 +1,191 @@
+"""GSAConfig validation and presets (parameter counts without memory), GSALM forward, hybrids, packed rows,
+remat policies, bf16 gradients and nnx.split/merge round trips."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention
+from gsa_jax.models import GSALM, PRESETS, GSAConfig, count_params, gsa_1p3b, gsa_2p7b, gsa_340m
+from tests.gsa_testing import rel_err
+
+TINY = dict(vocab_size=50, hidden_size=32, num_layers=3, num_heads=2, num_slots=8, chunk_size=8,
+            intermediate_size=48)
+
+
+def tiny(**kw):
+  return GSAConfig(**(TINY | kw))
+
+
+def tokens(seed, b, t, vocab=50):
+  return jax.random.randint(jax.random.key(seed), (b, t), 1, vocab, dtype=jnp.int32)
+
+
+# -- config ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(hidden_size=30, num_heads=4), "hidden_size"),
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
+    (dict(feature_map="cosine"), "feature_map"),
+    (dict(expand_k=0.3), "expand_k"),
+    (dict(expand_v=0.3), "expand_v"),
+    (dict(attn_layers=(3,)), "attn_layers"),
+    (dict(attn_layers=(1, 1)), "attn_layers"),
+    (dict(attn_layers=(0,), attn_num_heads=5), "attn_num_heads"),
+    (dict(attn_num_heads=4, attn_num_kv_heads=3), "attn_num_kv_heads"),
+    (dict(remat="everything"), "remat"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(param_dtype="int32"), "param_dtype"),
+    (dict(backend="triton"), "backend"),
+    (dict(chunk_size=48), "chunk_size"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(gate_logit_normalizer=-1.0), "gate_logit_normalizer"),
+])
+def test_config_errors_name_the_field(kw, field):
+  with pytest.raises(ValueError, match=rf"GSAConfig\.{field}"):
+    tiny(**kw)
+
+
+def test_config_is_frozen_and_hashable():
+  c = tiny(attn_layers=[1])
+  assert c.attn_layers == (1,)
+  assert hash(c) == hash(tiny(attn_layers=(1,)))
+  with pytest.raises(Exception):
+    c.hidden_size = 64  # type: ignore[misc]
+  assert c.replace(hidden_size=64).hidden_size == 64
+
+
+def _abstract_params(config):
+  return count_params(nnx.eval_shape(lambda: GSALM(config, rngs=nnx.Rngs(0))))
+
+
+def test_preset_1p3b_matches_the_paper():
+  c = gsa_1p3b()
+  assert (c.hidden_size, c.num_layers, c.num_heads, c.num_slots, c.resolved_intermediate_size, c.vocab_size) == (
+      2048, 24, 4, 64, 5632, 32000)
+  n = _abstract_params(c)  # shapes only: no parameter memory is allocated
+  assert n == c.num_params()
+  assert abs(n - 1.38e9) / 1.38e9 < 0.01, n
+
+
+@pytest.mark.parametrize("preset,target,tol", [(gsa_340m, 340e6, 0.03), (gsa_2p7b, 2.7e9, 0.02)])
+def test_other_presets(preset, target, tol):
+  c = preset()
+  n = _abstract_params(c)
+  assert n == c.num_params()
+  assert abs(n - target) / target < tol, n
+
+
+def test_presets_accept_overrides():
+  assert set(PRESETS) == {"gsa_340m", "gsa_1p3b", "gsa_2p7b"}
+  c = gsa_340m(attn_layers=(5, 11), dtype="bfloat16")
+  assert c.attn_layers == (5, 11) and c.hidden_size == 1024
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(attn_layers=(0, 2), use_short_conv=True, num_kv_heads=1),
+                                dict(feature_map="t2r", elementwise_affine=False, tie_embeddings=True,
+                                     use_rope=True, expand_k=0.5)])
+def test_num_params_matches_the_model(kw):
+  c = tiny(**kw)
+  assert count_params(GSALM(c, rngs=nnx.Rngs(0))) == c.num_params()
+
+
+# -- model -------------------------------------------------------------------------------------------------------
+
+
+def test_forward_shapes_dtypes_and_mixers():
+  c = tiny(attn_layers=(1,), dtype="bfloat16", param_dtype="float32")
+  m = GSALM(c, rngs=nnx.Rngs(0))
+  assert [type(b.mixer) for b in m.blocks] == [GatedSlotAttention, CausalSelfAttention, GatedSlotAttention]
+  logits = m(tokens(0, 2, 13))
+  assert logits.shape == (2, 13, 50) and logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(m, nnx.Param))} == {jnp.dtype(jnp.float32)}
+  m16 = GSALM(c.replace(param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(m16, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_tied_embeddings_use_the_embedding_matrix():
+  c = tiny(tie_embeddings=True)
+  m = GSALM(c, rngs=nnx.Rngs(0))
+  assert m.lm_head is None
+  assert count_params(GSALM(tiny(), rngs=nnx.Rngs(0))) - count_params(m) == 50 * 32
+  x = tokens(1, 1, 6)
+  before = m(x)
+  m.embed.embedding[...] = m.embed.embedding[...].at[7].multiply(3.0)
+  after = m(x)
+  # Token 7's logit changes (head) even where token 7 is not an input.
+  assert not np.allclose(before[..., 7], after[..., 7])
+
+
+@pytest.mark.parametrize("kw", [dict(use_short_conv=True), dict(attn_layers=(1,), use_short_conv=True,
+                                                                use_rope=True)])
+def test_packed_rows_do_not_leak(kw):
+  m = GSALM(tiny(**kw), rngs=nnx.Rngs(0))
+  a, b = tokens(2, 1, 7), tokens(3, 1, 10)
+  row = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+  seg = jnp.asarray([[1] * 7 + [2] * 10 + [0] * 3], jnp.int32)
+  logits = m(row, seg)
+  assert rel_err(logits[:, :7], m(a)) < 1e-5
+  assert rel_err(logits[:, 7:17], m(b)) < 1e-5
+
+
+def _loss(m, x):
+  logits = m(x)
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), x[:, 1:, None], axis=-1))
+
+
+def test_remat_policies_give_the_same_gradients():
+  x = tokens(4, 2, 12)
+  results = {}
+  for policy in ("none", "block", "matmuls"):
+    m = GSALM(tiny(attn_layers=(2,), remat=policy), rngs=nnx.Rngs(0))
+    results[policy] = nnx.value_and_grad(_loss)(m, x)
+    if policy != "none":
+      jaxpr = str(jax.make_jaxpr(lambda s: _loss(nnx.merge(nnx.graphdef(m), s), x))(nnx.state(m)))
+      assert "remat" in jaxpr or "checkpoint" in jaxpr
+  loss0, g0 = results["none"]
+  for policy in ("block", "matmuls"):
+    loss, g = results[policy]
+    np.testing.assert_allclose(loss, loss0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_gradients_finite_in_bf16():
+  c = tiny(attn_layers=(1,), use_short_conv=True, num_kv_heads=1, dtype="bfloat16", remat="block")
+  m = GSALM(c, rngs=nnx.Rngs(0))
+  loss, grads = nnx.value_and_grad(_loss)(m, tokens(5, 2, 16))
+  assert bool(jnp.isfinite(loss))
+  leaves = jax.tree.leaves(grads)
+  assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) == len(leaves)
+
+
+def test_split_merge_round_trip():
+  c = tiny(attn_layers=(0,), use_short_conv=True, feature_map="t2r")
+  m = GSALM(c, rngs=nnx.Rngs(0))
+  x = tokens(6, 2, 9)
+  ref = m(x)
+  graphdef, state = nnx.split(m)
+  np.testing.assert_array_equal(nnx.merge(graphdef, state)(x), ref)
+  # Through plain arrays (what a checkpoint stores) into a model built with another seed.
+  pure = nnx.to_pure_dict(state)
+  other = GSALM(c, rngs=nnx.Rngs(1))
+  assert not np.allclose(other(x), ref)
+  _, other_state = nnx.split(other)
+  nnx.replace_by_pure_dict(other_state, jax.tree.map(np.asarray, pure))
+  nnx.update(other, other_state)
+  np.testing.assert_array_equal(other(x), ref)
+
+
+def test_jit_forward_matches_eager():
+  m = GSALM(tiny(attn_layers=(1,)), rngs=nnx.Rngs(0))
+  x = tokens(7, 2, 10)
+  seg = jnp.asarray([[1] * 10, [1] * 6 + [0] * 4], jnp.int32)
+  np.testing.assert_allclose(nnx.jit(lambda m, x, s: m(x, s))(m, x, seg), m(x, seg), rtol=1e-5, atol=1e-6)
