@@ -164,6 +164,19 @@ def test_mqar_query_gaps_follow_power_law():
   assert near < 40 < 60 < uniform  # uniform gaps over 60 slots: mean position ~ 8 + 2 * 29.5 = 67
 
 
+def test_mqar_gap_sampler_matches_numpy_choice():
+  """Our O(space) sampler draws gaps like Zoology's np.random.choice(space, n, replace=False, p=p)."""
+  from gsa_jax.data import mqar  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  p, trials = mqar.power_law_probs(12, 0.3), 4000
+  ours, numpy_ = np.zeros((3, 12)), np.zeros((3, 12))  # marginal of the 1st, 2nd and 3rd draw
+  for _ in range(trials):
+    ours[np.arange(3), mqar.sample_without_replacement(rng, p, 3)] += 1
+    numpy_[np.arange(3), rng.choice(12, size=3, replace=False, p=p)] += 1
+  assert np.abs(ours - numpy_).max() / trials < 0.035
+  assert all(len(set(mqar.sample_without_replacement(rng, p, 12).tolist())) == 12 for _ in range(5))
+
+
 def test_mqar_no_noise_option():
   it = make_iterator(mqar_cfg(mqar_random_non_queries=False), split="train", batch_size=4, seq_len=32, seed=0)
   b = next(it)
@@ -243,6 +256,8 @@ def test_text_packing_keeps_documents_whole_and_separate(tmp_path, packing):
   docs = random_docs(41, rng)
   _, eval_idx = split_documents(len(docs), 0.5, 0)
   docs[eval_idx[0]] = "q" * 70 + "".join(rng.choice(list("abc"), 30))  # an eval document spanning several rows
+  for i in eval_idx[3::4]:
+    docs[i] = "".join(rng.choice(list("xyz"), 15))  # exactly one row of pairs: BOS + 15 bytes + EOS
   eval_docs = [docs[i] for i in eval_idx]
   cfg = text_cfg(write_txt(tmp_path, docs), eval_fraction=0.5, packing=packing, packing_bins=3)
   L, b = 16, 3

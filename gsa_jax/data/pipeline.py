@@ -256,7 +256,10 @@ def make_iterator(cfg, *, split: str, batch_size: int, seq_len: int, seed: int, 
     pairs = ds.to_iter_dataset(_read_options(cfg))
     length_struct = {"inputs": seq_len, "targets": seq_len}
     if cfg.packing == "concat_then_split":
-      packed = grain.experimental.ConcatThenSplitIterDataset(pairs, length_struct=length_struct)
+      # split_full_length_features=True (grain's default, spelled out): a document of exactly seq_len pairs is
+      # packed like any other instead of jumping the queue, so a cut document always continues in the next row.
+      packed = grain.experimental.ConcatThenSplitIterDataset(pairs, length_struct=length_struct,
+                                                             split_full_length_features=True)
     else:
       chunks = grain.experimental.FlatMapIterDataset(pairs, _ChunkPairs(seq_len))
       packed = grain.experimental.FirstFitPackIterDataset(

@@ -79,16 +79,21 @@ def resolve_files(path: str, fmt: str) -> list[tuple[str, str]]:
   return out
 
 
-def _extract_field(obj, text_field: str, where: str) -> str:
+def _extract_field(obj, text_field: str, where) -> str:
+  """obj[text_field] as a string (None -> ""); `where` (a string, or a callable giving one) names it in errors."""
   if not isinstance(obj, dict) or text_field not in obj:
     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-    raise ValueError(f"data.text_field: '{text_field}' not found in {where} (it has {keys})")
+    raise ValueError(f"data.text_field: '{text_field}' not found in {_where(where)} (it has {keys})")
   text = obj[text_field]
   if text is None:
     return ""
   if not isinstance(text, str):
-    raise ValueError(f"data.text_field: '{text_field}' in {where} is a {type(text).__name__}, not a string")
+    raise ValueError(f"data.text_field: '{text_field}' in {_where(where)} is a {type(text).__name__}, not a string")
   return text
+
+
+def _where(where) -> str:
+  return where() if callable(where) else where
 
 
 class _LineFile:
@@ -130,11 +135,14 @@ class _LineFile:
     raw = self._map()[int(self.starts[i]):int(self.ends[i])]
     if self.fmt == "txt":
       return raw.decode("utf-8", errors="replace")
-    where = f"{self.path} line {self._map()[:int(self.starts[i])].count(b'\n') + 1}"
+    # The line number is only counted for an error message: counting newlines is O(file size).
+    def where():
+      return f"{self.path} line {self._map()[:int(self.starts[i])].count(b'\n') + 1}"
+
     try:
       obj = json.loads(raw)
     except json.JSONDecodeError as e:
-      raise ValueError(f"data.path: {where} is not valid JSON: {e}") from e
+      raise ValueError(f"data.path: {where()} is not valid JSON: {e}") from e
     return _extract_field(obj, self.text_field, where)
 
   def __getstate__(self):
