@@ -5,8 +5,10 @@ shard and train/eval disjointness, and every validation message."""
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -504,15 +506,25 @@ def test_validation_of_keys_types_and_tokenizer_files(tmp_path):
   (tmp_path / "broken.model").write_bytes(b"\x00garbage")
   for name, package in (("broken.json", "tokenizers"), ("broken.model", "sentencepiece")):
     cfg = bad_text(tmp_path, tokenizer=str(tmp_path / name))
-    try:
-      __import__(package)
-    except ImportError:
+    if importlib.util.find_spec(package) is not None:
+      with pytest.raises(ValueError, match=rf"data.tokenizer: cannot load '.*{name}'"):
+        validate_data_config(cfg, seq_len=32)
+    # Without the optional package the message says what to install.
+    tokenizer_lib.load_tokenizer.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setitem(sys.modules, package, None)  # makes `import package` raise ImportError
       with pytest.raises(ValueError, match=rf"data.tokenizer: .* needs the optional package `{package}` "
                                            rf"\(pip install {package}\)"):
         validate_data_config(cfg, seq_len=32)
-    else:
-      with pytest.raises(ValueError, match=rf"data.tokenizer: cannot load '.*{name}'"):
-        validate_data_config(cfg, seq_len=32)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+  (tmp_path / "d.parquet").write_bytes(b"PAR1 not really")
+  monkeypatch.setitem(sys.modules, "pyarrow", None)
+  monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+  with pytest.raises(ValueError, match=r"data.format: parquet files need the optional package `pyarrow` "
+                                       r"\(pip install pyarrow\)"):
+    validate_data_config(text_cfg(tmp_path / "d.parquet"), seq_len=8)
 
 
 def test_make_iterator_argument_errors(tmp_path):
