@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from gsa_jax.ops.chunked import chunk_gsa
 from gsa_jax.ops.common import GSAState
 from gsa_jax.ops.recurrent import recurrent_gsa
+from pallas_kernels.gsa_gpu import gsa_pallas_gpu
 
 BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_tpu")
 
@@ -26,7 +27,7 @@ def _recurrent(q, k, v, s, g, *, scale, initial_state, segment_ids, chunk_size):
 # Implemented backends: name -> function with the signature of `chunk_gsa`, jitted with static scale and chunk.
 _IMPLEMENTATIONS: dict[str, Callable] = {
     name: jax.jit(fn, static_argnames=("scale", "chunk_size"))
-    for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa))
+    for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa), ("pallas_gpu", gsa_pallas_gpu))
 }
 
 

@@ -1,0 +1,156 @@
+"""The Pallas GPU kernels against the float64 recurrence: forward, final states and every gradient.
+
+`TestPallasGPUInterpret` (INTERPRET = True) runs in the CPU suite through Pallas' interpreter. `TestPallasGPU`
+runs the same cases compiled through Triton and is skipped unless JAX's default backend is a GPU:
+
+    GPU machine:  python -m pytest -q tests/test_pallas_gpu.py -k "not Interpret"
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gsa_jax.ops import gated_slot_attention, resolve_backend
+from gsa_jax.ops.common import GSAState
+from pallas_kernels import gsa_decode_step, gsa_pallas_gpu
+from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err
+
+ON_GPU = jax.default_backend() == "gpu"
+# The interpreter's programs are large; the CPU compiler's cheap mode halves the suite's time.
+_FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+# Documents of length 1, padding inside a document and at the end, documents crossing chunk borders (t = 96).
+SEGMENTS = np.array([
+    [1] * 13 + [2] + [3] * 30 + [0] * 3 + [3] * 5 + [4] * 20 + [5] + [0] * 23,
+    [7] + [0] * 4 + [7] * 40 + [8] * 20 + [9] * 15 + [10] * 16,
+], np.int32)
+
+# t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments. Together they cover T in {1, 63, 64, 65, 130},
+# widths that are not powers of two, GQA, initial state on/off, packed documents, extreme gates, f32 and bf16.
+CASES = {
+    "t1": (1, 16, 16, 16, 1, 1, 64, "logsigmoid", False, "float32", False),
+    "t63_gqa_state": (63, 20, 36, 12, 2, 1, 64, "logsigmoid", True, "float32", False),
+    "t64_bf16_state": (64, 36, 20, 12, 1, 1, 32, "logsigmoid", True, "bfloat16", False),
+    "t65_gqa": (65, 20, 20, 24, 4, 2, 32, "logsigmoid", False, "float32", False),
+    "t130_bf16_gqa_state": (130, 32, 48, 16, 2, 1, 64, "logsigmoid", True, "bfloat16", False),
+    "segments_gqa_state": (96, 20, 12, 12, 2, 1, 32, "logsigmoid", True, "float32", True),
+    "segments_bf16": (96, 16, 16, 16, 1, 1, 16, "logsigmoid", False, "bfloat16", True),
+    "gates_mixed": (70, 16, 12, 10, 2, 1, 32, "mixed", True, "float32", False),
+    "gates_zero": (40, 16, 12, 10, 1, 1, 16, "zero", True, "float32", False),
+    "gates_very_negative": (40, 16, 12, 10, 1, 1, 16, "very_negative", True, "float32", False),
+}
+# Relative L2 error vs float64 (the issue's bar: 1e-4 float32, 2.5e-3 bfloat16). With g = -1e3 next to g = 0
+# the diagonal 16 x 16 sub-blocks take a difference of two prefix sums (see the kernel's docstring): those
+# cases get 5e-4 on the gradients.
+TOL = {"float32": 1e-4, "bfloat16": 2.5e-3}
+TOL_MIXED_GATES = 5e-4
+
+
+def _pallas_forward_and_grads(inputs, *, interpret, segment_ids, chunk_size, scale=0.7, cotangent_seed=0):
+  """As tests.gsa_testing.forward_and_grads, through gsa_pallas_gpu with `interpret` threaded through."""
+  names = list("qkvsg")
+  has_state = "initial_state" in inputs
+  args = [inputs[n] for n in names] + (list(inputs["initial_state"]) if has_state else [])
+
+  def fn(*args):
+    state = GSAState(*args[5:]) if has_state else None
+    o, final = gsa_pallas_gpu(*args[:5], scale=scale, initial_state=state, segment_ids=segment_ids,
+                              chunk_size=chunk_size, interpret=interpret)
+    return o, final.hk, final.hv
+
+  outs_shape = jax.eval_shape(fn, *args)
+  rng = np.random.default_rng(cotangent_seed)
+  cts = tuple(jnp.asarray(jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16), x.dtype) for x in outs_shape)
+
+  def fwd_bwd(*args):
+    outs, vjp = jax.vjp(fn, *args)
+    return outs, vjp(cts)
+
+  lowered = jax.jit(fwd_bwd).lower(*args)
+  compiled = lowered.compile(compiler_options=_FAST_CPU_COMPILE) if interpret and not ON_GPU else lowered.compile()
+  outs, grads = compiled(*args)
+  result = dict(zip(("o", "hk", "hv"), outs))
+  result.update(zip(["d" + n for n in names] + (["dhk0", "dhv0"] if has_state else []), grads))
+  return result
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+class TestPallasGPU:
+  INTERPRET = False
+
+  @pytest.fixture(autouse=True)
+  def _need_gpu(self):
+    if not self.INTERPRET and not ON_GPU:
+      pytest.skip("compiled Triton kernels need a GPU (the interpreted class runs these cases on CPU)")
+
+  @pytest.mark.parametrize("case", list(CASES))
+  def test_matches_float64_recurrence(self, x64, case):
+    t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments = CASES[case]
+    dtype = jnp.dtype(dtype)
+    b = 2
+    x = make_inputs(list(CASES).index(case) + 100, b=b, t=t, hq=hq, h=h, dk=dk, dv=dv, m=m, gate=gate, normalizer=8.0,
+                    with_state=with_state, dtype=dtype)
+    segment_ids = jnp.asarray(SEGMENTS[:, :t]) if segments else None
+    with jax.enable_x64(False):
+      got = _pallas_forward_and_grads(cast(x, dtype), interpret=self.INTERPRET, segment_ids=segment_ids,
+                                      chunk_size=chunk)
+    ref = forward_and_grads(cast(x, jnp.float64), backend="recurrent", scale=0.7, segment_ids=segment_ids)
+    assert set(got) == set(ref)
+    assert got["o"].dtype == dtype and got["hk"].dtype == jnp.float32
+    for name, value in got.items():
+      assert value.shape == ref[name].shape, name
+      assert np.isfinite(np.asarray(value, np.float64)).all(), f"non-finite values in {name}"
+    errors = {name: rel_err(got[name], ref[name]) for name in ref}
+    tol = TOL[dtype.name]
+    for name, err in errors.items():
+      limit = TOL_MIXED_GATES if (gate == "mixed" and name not in ("o", "hk", "hv")) else tol
+      assert err <= limit, f"{name}: relative L2 error {err:.2e} > {limit:.1e} (all: {errors})"
+    if segments:  # padding gets exactly zero output
+      np.testing.assert_array_equal(np.asarray(got["o"], np.float32)[np.asarray(SEGMENTS[:, :t]) == 0], 0.0)
+
+  def test_public_api_backend(self):
+    x = cast(make_inputs(2, t=33, hq=2, h=1, dk=20, dv=12, m=10), jnp.float32)
+    if self.INTERPRET and ON_GPU:
+      pytest.skip("the public API compiles the kernels on GPU")
+    o, final = gated_slot_attention(**x, backend="pallas_gpu", output_final_state=True)
+    o_ref, final_ref = gated_slot_attention(**x, backend="chunked", output_final_state=True)
+    assert rel_err(o, o_ref) < 1e-5
+    assert rel_err(final.hk, final_ref.hk) < 1e-5 and rel_err(final.hv, final_ref.hv) < 1e-5
+
+
+class TestPallasGPUInterpret(TestPallasGPU):
+  INTERPRET = True
+
+
+def test_auto_picks_pallas_gpu_on_gpu():
+  assert resolve_backend("auto", "gpu") == "pallas_gpu"
+  assert resolve_backend("auto", "cpu") == "chunked"
+
+
+def test_unsupported_shape_falls_back_to_chunked(caplog):
+  x = cast(make_inputs(3, b=1, t=9, hq=1, h=1, dk=8, dv=8, m=130), jnp.float32)
+  with caplog.at_level(logging.WARNING):
+    o, _ = gsa_pallas_gpu(**x, scale=0.5, interpret=True)
+  o_ref, _ = gated_slot_attention(**x, scale=0.5, backend="chunked")
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
+  assert any("M=130" in r.getMessage() for r in caplog.records)
+
+
+def test_decode_steps_equal_full_sequence():
+  x = cast(make_inputs(4, b=2, t=12, hq=2, h=1, dk=16, dv=16, m=8, with_state=True), jnp.float32)
+  o_full, final = gated_slot_attention(**x, scale=0.5, output_final_state=True, backend="chunked")
+  state = GSAState(*x["initial_state"])
+  for t in range(12):
+    o_t, state = gsa_decode_step(*(x[n][:, t] for n in "qkvsg"), state, scale=0.5)
+    np.testing.assert_allclose(o_t, o_full[:, t], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(state.hk, final.hk, rtol=1e-4, atol=1e-5)
