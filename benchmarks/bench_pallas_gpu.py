@@ -84,10 +84,12 @@ def main(argv=None):
   configs = {"pallas": BlockSizes()}
   if args.variants:
     configs.update({
-        "pallas c32": BlockSizes(chunk=32),
         "pallas w8": BlockSizes(num_warps=8),
-        "pallas b128 w8": BlockSizes(block_k=128, block_v=128, num_warps=8),
-        "pallas split_all": BlockSizes(split_all=True),
+        "pallas c16": BlockSizes(chunk=16),
+        "pallas c16 w8": BlockSizes(chunk=16, num_warps=8),
+        "pallas c32 w8": BlockSizes(chunk=32, num_warps=8),
+        "pallas c16 b32": BlockSizes(chunk=16, block_k=32, block_v=32),
+        "pallas c16 w8 st2": BlockSizes(chunk=16, num_warps=8, num_stages=2),
     })
   rows = []
   for shape in args.shapes.split(";"):
