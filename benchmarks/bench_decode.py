@@ -18,6 +18,7 @@ matplotlib is importable, bench_decode.png to --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -49,24 +50,22 @@ def cache_at_context(model: GSALM, batch: int, context: int, steps: int):
   return out
 
 
-def make_loop(graphdef, steps):
-  @jax.jit
-  def run(state, tokens, caches):
-    model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def run_steps(graphdef, steps, state, tokens, caches):
+  """`steps` greedy decode steps in one executable (compiled once per model and cache shape)."""
+  model = nnx.merge(graphdef, state)
 
-    def body(_, carry):
-      tok, caches = carry
-      logits, caches = model.step(tok, caches)
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32), caches
+  def body(_, carry):
+    tok, caches = carry
+    logits, caches = model.step(tok, caches)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), caches
 
-    return jax.lax.fori_loop(0, steps, body, (tokens, caches))
-
-  return run
+  return jax.lax.fori_loop(0, steps, body, (tokens, caches))
 
 
 def time_per_token_ms(model, batch, context, steps, repeats):
   graphdef, state = nnx.split(model)
-  run = make_loop(graphdef, steps)
+  run = functools.partial(run_steps, graphdef, steps)
   tokens = jnp.ones((batch,), jnp.int32)
   caches = cache_at_context(model, batch, context, steps)
   jax.block_until_ready(run(state, tokens, caches))  # compile + warm up
@@ -100,6 +99,12 @@ def plot(rows, path, title):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   return True
+
+
+def save(out, title, args, rows):
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "bench_decode.json"), "w") as f:
+    json.dump(dict(title=title, jax=jax.__version__, args=vars(args), rows=rows), f, indent=1)
 
 
 def main():
@@ -145,6 +150,7 @@ def main():
       except Exception as e:  # out of memory is a result here, not a crash
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
       rows.append(row)
+      save(args.out, title, args, rows)  # after every row, so that a run cut short still leaves its numbers
       print(f"  context {context:>6}: " + (f"{row['ms_per_token']:.3f} ms/token, cache {row['cache_mib']:.1f} MiB"
                                            if row["error"] is None else row["error"]), flush=True)
     del model
@@ -158,9 +164,6 @@ def main():
   lines += [f"| {c} | " + " | ".join(fmt(get(n, c)) for n in names) + " |" for c in contexts]
   table = "\n".join(lines)
   print("\n" + table)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
-    json.dump(dict(title=title, jax=jax.__version__, args=vars(args), rows=rows), f, indent=1)
   with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
     f.write(table + "\n")
   plot(rows, os.path.join(args.out, "bench_decode.png"), title)
