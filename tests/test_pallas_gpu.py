@@ -17,7 +17,7 @@ import pytest
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import GSAState
-from pallas_kernels import gsa_decode_step, gsa_pallas_gpu
+from pallas_kernels import BlockSizes, gsa_decode_step, gsa_pallas_gpu
 from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -60,7 +60,7 @@ def _pallas_forward_and_grads(inputs, *, interpret, segment_ids, chunk_size, sca
   def fn(*args):
     state = GSAState(*args[5:]) if has_state else None
     o, final = gsa_pallas_gpu(*args[:5], scale=scale, initial_state=state, segment_ids=segment_ids,
-                              chunk_size=chunk_size, interpret=interpret)
+                              block_sizes=BlockSizes(chunk=chunk_size), interpret=interpret)
     return o, final.hk, final.hv
 
   outs_shape = jax.eval_shape(fn, *args)
