@@ -91,9 +91,11 @@ def chunk_gsa(
   g_last = gcum[:, :, -1]  # [b, n, h, m]
   # G_t - G_j = sum of g_i for j < i <= t, summed directly rather than subtracted: all terms share a sign, so
   # the result is accurate relative to itself even when G_t and G_j are both huge (g = -1e3 next to g = 0).
+  # Row t holds g_i for i <= t; a reverse cumulative sum along i then gives sum_{i >= j'} at column j'.
   idx = jnp.arange(c)
-  between = (idx[None, None, :] > idx[None, :, None]) & (idx[None, None, :] <= idx[:, None, None])  # [t, j, i]
-  diff = _einsum("tji,bnihm->bntjhm", between.astype(acc), g)  # [b, n, t, j, h, m]
+  upto_t = (idx[None, :] <= idx[:, None])[None, None, :, :, None, None]  # [1, 1, t, i, 1, 1]
+  tail = jax.lax.cumsum(jnp.where(upto_t, g[:, :, None], 0), axis=3, reverse=True)  # [b, n, t, j', h, m]
+  diff = jnp.pad(tail[:, :, :, 1:], [(0, 0)] * 3 + [(0, 1), (0, 0), (0, 0)])  # column j reads j' = j + 1
   decay_tj = jnp.exp(jnp.where(pair[..., None, None], diff, -jnp.inf))
   decay_in = jnp.exp(gcum) * reads_state[..., None, None]  # state entering the chunk -> token t
   decay_out = jnp.exp(diff[:, :, -1]) * reaches_end[..., None, None]  # token j -> chunk end

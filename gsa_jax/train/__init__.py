@@ -1,0 +1,7 @@
+"""Training library: config validation, optimizer, sharding, checkpoints, metrics and the loop."""
+
+from gsa_jax.train.config import ConfigError, validate_config
+from gsa_jax.train.trainer import EXIT_NONFINITE, EXIT_SIGTERM, NonFiniteError, Preempted, train_and_evaluate
+
+__all__ = ["ConfigError", "EXIT_NONFINITE", "EXIT_SIGTERM", "NonFiniteError", "Preempted", "train_and_evaluate",
+           "validate_config"]

@@ -1,0 +1,137 @@
+"""Validation of a training config, before any device work, with errors that name the key and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import ml_collections
+
+from gsa_jax.data import dataset_vocab_size, validate_data_config
+from gsa_jax.models import GSAConfig
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+# Keys that may differ when a run is resumed: they change neither shapes nor the meaning of the saved state.
+RESUMABLE_PREFIXES = (
+    "workdir", "overwrite", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.nonfinite", "train.max_nonfinite_in_a_row", "train.tensorboard", "train.compilation_cache",
+    "checkpoint.", "mesh.", "model.backend", "model.remat", "model.chunk_size",
+)
+
+
+def model_config(config: ml_collections.ConfigDict) -> GSAConfig:
+  """The GSAConfig of `config.model`; its validation errors are re-raised naming `config.model.<field>`."""
+  try:
+    return GSAConfig(**config.model.to_dict())
+  except ValueError as e:
+    raise ConfigError(str(e).replace("GSAConfig.", "config.model.", 1)) from None
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> GSAConfig:
+  """Checks every value that can be checked without devices; returns the model config.
+
+  The mesh against the device count is checked by `check_mesh`, once the device count is known.
+  """
+  t, o, c = config.train, config.optim, config.checkpoint
+  for key in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_batches",
+              "max_nonfinite_in_a_row"):
+    _require(t[key] > 0, f"train.{key}", f"must be positive; got {t[key]}.")
+  _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: evaluate at the end only); got {t.eval_every}.")
+  _require(t.nonfinite in ("abort", "skip"), "train.nonfinite", f"must be 'abort' or 'skip'; got {t.nonfinite!r}.")
+  _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}.")
+  _require(o.learning_rate > 0, "optim.learning_rate", f"must be positive; got {o.learning_rate}.")
+  _require(0 <= o.warmup_steps, "optim.warmup_steps", f"must be >= 0; got {o.warmup_steps}.")
+  _require(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio", f"must be in [0, 1]; got {o.final_lr_ratio}.")
+  for key in ("b1", "b2"):
+    _require(0 <= o[key] < 1, f"optim.{key}", f"must be in [0, 1); got {o[key]}.")
+  _require(o.eps > 0, "optim.eps", f"must be positive; got {o.eps}.")
+  _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {o.weight_decay}.")
+  _require(o.clip_norm >= 0, "optim.clip_norm", f"must be >= 0 (0: no clipping); got {o.clip_norm}.")
+  _require(c.every_steps > 0, "checkpoint.every_steps", f"must be positive; got {c.every_steps}.")
+  _require(c.every_minutes >= 0, "checkpoint.every_minutes", f"must be >= 0 (0: off); got {c.every_minutes}.")
+  _require(c.keep > 0, "checkpoint.keep", f"must be positive; got {c.keep}.")
+  _require(bool(config.workdir), "workdir", "must name a directory.")
+
+  model = model_config(config)
+  try:
+    validate_data_config(config.data, seq_len=t.seq_len)
+  except ValueError as e:
+    message = str(e)
+    raise ConfigError(message if message.startswith("config.") else f"config.{message}") from None
+  vocab = dataset_vocab_size(config.data)
+  _require(model.vocab_size >= vocab, "model.vocab_size",
+           f"{model.vocab_size} is smaller than the data's vocabulary ({vocab} ids); set it to at least {vocab}.")
+  return model
+
+
+def check_mesh(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> tuple[int, int, int]:
+  """Resolves the mesh for `device_count` devices and checks that the batch splits over it."""
+  from gsa_jax.train.sharding import resolve_mesh_shape
+
+  try:
+    shape = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, device_count)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  t = config.train
+  micro = t.batch_size // t.grad_accum_steps
+  batch_shards = shape[0] * shape[1]
+  _require(micro % batch_shards == 0, "train.batch_size",
+           f"the micro-batch ({t.batch_size} / grad_accum_steps {t.grad_accum_steps} = {micro}) is not divisible "
+           f"by mesh.data x mesh.fsdp = {batch_shards}; use a multiple of {batch_shards * t.grad_accum_steps}.")
+  _require(t.batch_size % process_count == 0, "train.batch_size",
+           f"{t.batch_size} is not divisible by the {process_count} processes.")
+  return shape
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[str, Any]:
+  """{'train.steps': 1000, ...}: JSON values of every leaf key."""
+  items = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  out = {}
+  for key, value in items.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def differing_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+  """Keys whose values differ between a saved run's config and this one, ignoring the resumable ones."""
+  a, b = flatten(saved), flatten(json.loads(to_json(current)))
+  keys = sorted(set(a) | set(b))
+  return [k for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>") and not k.startswith(RESUMABLE_PREFIXES)]
+
+
+def describe_differences(saved: dict, current: ml_collections.ConfigDict, keys: list[str]) -> str:
+  a, b = flatten(saved), flatten(json.loads(to_json(current)))
+  return "; ".join(f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}" for k in keys)
+
+
+def model_flops_per_token(model: GSAConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward) for MFU: 6 x matmul parameters plus the
+  token-mixing work of GSA (spec section 2 cost model, chunk 64) and of softmax-attention layers."""
+  d = model.hidden_size
+  matmul_params = model.num_params() - model.vocab_size * d * (1 if model.tie_embeddings else 2) + model.vocab_size * d
+  dk, dv, m = model.key_dim // model.num_heads, model.value_dim // model.num_heads, model.num_slots
+  c = min(model.chunk_size, seq_len)
+  gsa_fwd = model.num_heads * (2 * c * (dk + m) + 4 * dk * m + 2 * c * (m + dv) + 4 * m * dv)
+  attn_fwd = 2 * 2 * seq_len / 2 * d  # causal QK^T and PV, averaged over positions
+  n_attn = len(model.attn_layers)
+  mixing = (model.num_layers - n_attn) * gsa_fwd + n_attn * attn_fwd
+  return 6.0 * matmul_params + 3.0 * mixing

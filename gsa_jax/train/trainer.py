@@ -1,0 +1,327 @@
+"""`train_and_evaluate(config)`: the pretraining loop behind train.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from gsa_jax.data import make_iterator
+from gsa_jax.models import GSALM, GSAConfig
+from gsa_jax.train import sharding as shd
+from gsa_jax.train.checkpointing import Checkpointer, abstract_with_shardings
+from gsa_jax.train.config import (ConfigError, check_mesh, describe_differences, differing_keys,
+                                  model_flops_per_token, to_json, validate_config)
+from gsa_jax.train.metrics import MetricsWriter, console_line, peak_flops
+from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+_log = logging.getLogger(__name__)
+
+EXIT_NONFINITE = 3  # the run stopped on non-finite values (train.nonfinite)
+EXIT_SIGTERM = 143  # the run saved and stopped on SIGTERM (128 + 15, as a shell reports it)
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+class Preempted(Exception):
+  pass
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-process job when the environment describes one (coordinator address, SLURM, TPU pod)."""
+  multi = (os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+           or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
+  if multi and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def prepare_workdir(config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir that holds a different run (unless config.overwrite); writes config.json (process 0)."""
+  workdir = config.workdir
+  saved_path = os.path.join(workdir, "config.json")
+  start_over = False
+  if os.path.exists(saved_path):
+    with open(saved_path) as f:
+      saved = json.load(f)
+    keys = differing_keys(saved, config)
+    if keys and not config.overwrite:
+      raise ConfigError(
+          f"workdir {workdir!r} holds a run with a different config ({describe_differences(saved, config, keys)}). "
+          "Use another --config.workdir, or --config.overwrite=True to delete that run and start over.")
+    start_over = bool(config.overwrite)
+  elif os.path.isdir(workdir) and os.listdir(workdir):
+    if not config.overwrite:
+      raise ConfigError(f"workdir {workdir!r} is not empty and holds no config.json (not a run of this trainer). "
+                        "Use another --config.workdir, or --config.overwrite=True to delete its contents.")
+    start_over = True
+  if jax.process_index() != 0:
+    return
+  if start_over:
+    _log.warning("config.overwrite=True: deleting the run in %s", workdir)
+    shutil.rmtree(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  tmp = saved_path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(to_json(config))
+  os.replace(tmp, saved_path)
+
+
+def _loss_sums(graphdef, params, batch):
+  """Summed cross-entropy, target count and correct predictions over a batch's loss_mask."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["tokens"], batch["segment_ids"])  # float32 [b, t, vocab]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+  return jnp.sum(ce * mask), (jnp.sum(mask), jnp.sum(correct * mask))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
+  """(state, batch) -> (state, metrics). The batch is split into micro-batches whose gradients are summed, so the
+  result does not depend on grad_accum_steps. A step whose loss or gradient is not finite leaves params and
+  optimizer state unchanged and increments the non-finite counters."""
+  grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b), has_aux=True)
+
+  def train_step(state, batch):
+    params = state["params"]
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+    def accumulate(carry, mb):
+      (total, (count, correct)), grads = grad_fn(params, mb)
+      return jax.tree.map(jnp.add, carry, (grads, total, count, correct)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0, 0.0)
+    (grads, total, count, correct), _ = jax.lax.scan(accumulate, zeros, micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = total / denom
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new,
+                       {"params": params, "opt_state": state["opt_state"]})
+    new["step"] = state["step"] + 1
+    new["nonfinite_in_a_row"] = jnp.where(finite, 0, state["nonfinite_in_a_row"] + 1)
+    new["nonfinite_total"] = state["nonfinite_total"] + (~finite).astype(jnp.int32)
+    metrics = {
+        "loss": loss, "grad_norm": grad_norm, "accuracy": correct / denom, "learning_rate": schedule(state["step"]),
+        "finite": finite, "nonfinite_in_a_row": new["nonfinite_in_a_row"], "nonfinite_total": new["nonfinite_total"],
+        # One flag per parameter, so that an abort can name the first parameter with a non-finite gradient.
+        "grads_finite": jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]),
+    }
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  def eval_step(params, batch):
+    total, (count, correct) = _loss_sums(graphdef, params, batch)
+    return {"total": total, "count": count, "correct": correct}
+
+  return eval_step
+
+
+class _Run:
+  """Per-run pieces shared by the loop's helpers."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model_cfg: GSAConfig, mesh_shape):
+    self.config, self.model_cfg = config, model_cfg
+    self.mesh = shd.make_mesh(mesh_shape)
+    self.process_batch = config.train.batch_size // jax.process_count()
+    self.tx = make_optimizer(config.optim, config.train.steps)
+    self.schedule = learning_rate_schedule(config.optim, config.train.steps)
+    seed = config.train.seed
+
+    def init_state():
+      params = nnx.state(GSALM(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+      zero = jnp.zeros((), jnp.int32)
+      return {"step": zero, "params": params, "opt_state": self.tx.init(params), "nonfinite_in_a_row": zero,
+              "nonfinite_total": zero}
+
+    self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: GSALM(model_cfg, rngs=nnx.Rngs(seed))))
+    abstract = jax.eval_shape(init_state)
+    param_sh = shd.param_shardings(abstract["params"], self.mesh)
+    rep = shd.replicated(self.mesh)
+    self.state_shardings = {
+        "step": rep, "params": param_sh, "nonfinite_in_a_row": rep, "nonfinite_total": rep,
+        "opt_state": optax.tree_map_params(self.tx, lambda _, s: s, abstract["opt_state"], param_sh,
+                                           transform_non_params=lambda _: rep),
+    }
+    self.abstract_state = abstract_with_shardings(abstract, self.state_shardings)
+    self.param_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]]
+    self.init_state = jax.jit(init_state, out_shardings=self.state_shardings)
+    self.batch_sharding = shd.batch_sharding(self.mesh)
+    self.train_step = jax.jit(
+        make_train_step(self.graphdef, self.tx, self.schedule, config.train.grad_accum_steps),
+        in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=(self.state_shardings, rep),
+        donate_argnums=0)
+    self.eval_step = jax.jit(make_eval_step(self.graphdef), in_shardings=(param_sh, self.batch_sharding),
+                             out_shardings=rep)
+
+  def iterator(self, split: str):
+    c = self.config
+    return make_iterator(c.data, split=split, batch_size=self.process_batch, seq_len=c.train.seq_len,
+                         seed=c.train.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "loss_mask": jnp.float32}
+
+  def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This process's share of the batch -> global arrays split over the batch axes of the mesh."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k], dtype))
+            for k, dtype in self.BATCH_DTYPES.items()}
+
+  def abstract_batch(self):
+    t = self.config.train
+    return {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), d, sharding=self.batch_sharding)
+            for k, d in self.BATCH_DTYPES.items()}
+
+  def evaluate(self, params) -> dict[str, float]:
+    it = self.iterator("eval")
+    sums = {"total": 0.0, "count": 0.0, "correct": 0.0}
+    for _ in range(self.config.train.eval_batches):
+      try:
+        batch = next(it)
+      except StopIteration:
+        break
+      out = jax.device_get(self.eval_step(params, self.global_batch(batch)))
+      sums = {k: sums[k] + float(out[k]) for k in sums}
+    loss = sums["total"] / max(sums["count"], 1.0)
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
+            "eval_accuracy": sums["correct"] / max(sums["count"], 1.0)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Trains `config` in `config.workdir`, resuming from its latest checkpoint. Returns the last metrics row.
+
+  Raises ConfigError before any device work for a config that cannot work, NonFiniteError when the non-finite
+  policy stops the run (checkpoints are intact), and Preempted after saving on SIGTERM.
+  """
+  model_cfg = validate_config(config)
+  maybe_initialize_distributed()
+  mesh_shape = check_mesh(config, jax.device_count(), jax.process_count())
+  prepare_workdir(config)
+  if config.train.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache))
+
+  run = _Run(config, model_cfg, mesh_shape)
+  t = config.train
+  ckpt = Checkpointer(os.path.join(os.path.abspath(config.workdir), "checkpoints"), keep=config.checkpoint.keep,
+                      async_save=config.checkpoint.async_save)
+  train_it = run.iterator("train")
+  restored = ckpt.restore_latest(run.abstract_state, train_it)
+  if restored is None:
+    start_step, state = 0, run.init_state()
+    _log.info("no checkpoint in %s: starting from step 0", config.workdir)
+  else:
+    start_step, state = restored
+    _log.info("resumed from step %d", start_step)
+  writer = MetricsWriter(config.workdir, resume_step=start_step, tensorboard=t.tensorboard)
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  say(f"model: {model_cfg.num_params():,} parameters; mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} "
+      f"tensor={mesh_shape[2]} over {jax.device_count()} {jax.devices()[0].device_kind} device(s)")
+
+  compile_start = time.perf_counter()
+  train_step = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
+  memory = train_step.memory_analysis()
+  say(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s"
+      + (f"; per device: {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
+         f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments" if memory is not None else ""))
+
+  tokens_per_step = t.batch_size * t.seq_len
+  peak = peak_flops(jax.devices()[0].device_kind)
+  flops_per_token = model_flops_per_token(model_cfg, t.seq_len)
+  preempted = []
+  previous_handler = None
+  if config.checkpoint.save_on_sigterm:
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+
+  last_save_time = time.monotonic()
+  timer = {"start": time.perf_counter(), "steps": 0}
+  last_row: dict[str, Any] = {}
+
+  def report(step: int, metrics, eval_metrics) -> None:
+    """Host work for a finished step: the non-finite policy, then (on log steps) the metrics row."""
+    nonlocal last_row
+    timer["steps"] += 1
+    metrics = jax.device_get(metrics)
+    _check_finite(metrics, step, t, run.param_paths, ckpt)
+    if not (step % t.log_every == 0 or step == t.steps):
+      return
+    step_time = (time.perf_counter() - timer["start"]) / timer["steps"]
+    row = {"step": step, **{k: float(metrics[k]) for k in ("loss", "grad_norm", "accuracy", "learning_rate")},
+           "nonfinite_total": int(metrics["nonfinite_total"]), "step_time_s": step_time,
+           "tokens_per_s": tokens_per_step / step_time,
+           "tokens_per_s_per_device": tokens_per_step / step_time / jax.device_count(),
+           "eta_s": step_time * (t.steps - step), "time": time.time(), **(eval_metrics or {})}
+    if peak is not None:
+      row["mfu"] = flops_per_token * row["tokens_per_s_per_device"] / peak
+    writer.write(row)
+    say(console_line(row, t.steps) + (f" | eval loss {row['eval_loss']:.4f} acc {row['eval_accuracy']:.3f}"
+                                      if "eval_loss" in row else ""), flush=True)
+    timer.update(start=time.perf_counter(), steps=0)
+    last_row = row
+
+  # Each step's metrics are read after the next step is dispatched, so the device never waits for the host.
+  pending = None
+  step = start_step
+  try:
+    while step < t.steps:
+      batch = run.global_batch(next(train_it))
+      state, metrics = train_step(state, batch)
+      step += 1
+      eval_metrics = None
+      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+        eval_metrics = run.evaluate(state["params"])
+      if pending is not None:
+        report(*pending)
+      pending = (step, metrics, eval_metrics)
+      minutes = config.checkpoint.every_minutes
+      if (step % config.checkpoint.every_steps == 0 or step == t.steps or preempted
+          or (minutes and time.monotonic() - last_save_time > 60 * minutes)):
+        ckpt.save(step, state, train_it)
+        last_save_time = time.monotonic()
+      if preempted:
+        report(*pending)
+        ckpt.wait()
+        say(f"SIGTERM: saved step {step}; exiting with code {EXIT_SIGTERM}.", flush=True)
+        raise Preempted(step)
+    if pending is not None:
+      report(*pending)
+  finally:
+    ckpt.close()
+    writer.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+  return last_row
+
+
+def _check_finite(metrics, step: int, train: ml_collections.ConfigDict, param_paths: list[str], ckpt) -> None:
+  if bool(metrics["finite"]):
+    return
+  bad = [p for p, ok in zip(param_paths, metrics["grads_finite"]) if not ok]
+  where = f"first parameter with a non-finite gradient: {bad[0]}" if bad else "the loss is not finite"
+  if train.nonfinite == "skip":
+    _log.warning("step %d: non-finite loss/gradient (%s); step skipped (%d in a row)", step, where,
+                 int(metrics["nonfinite_in_a_row"]))
+    if int(metrics["nonfinite_in_a_row"]) < train.max_nonfinite_in_a_row:
+      return
+  ckpt.wait()
+  raise NonFiniteError(
+      f"step {step}: non-finite loss or gradient ({where}; loss {float(metrics['loss'])}, grad norm "
+      f"{float(metrics['grad_norm'])}); {int(metrics['nonfinite_in_a_row'])} bad step(s) in a row. The update was "
+      "not applied and the last checkpoint is intact. train.nonfinite='skip' skips such steps.")

@@ -1,0 +1,192 @@
+"""train.py and gsa_jax.train: config errors, a smoke run whose loss falls, exact resume, sharding equality."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import mqar
+from gsa_jax.train import ConfigError, Preempted, train_and_evaluate, validate_config
+from gsa_jax.train.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(workdir, **train):
+  """The MQAR preset shrunk to a few seconds of CPU."""
+  c = mqar.get_config()
+  c.workdir = str(workdir)
+  c.model.hidden_size = 32
+  c.model.num_slots = 8
+  c.model.intermediate_size = 64
+  c.data.mqar_num_kv_pairs = 4
+  c.train.seq_len = 32
+  c.train.batch_size = 8
+  c.train.steps = 12
+  c.train.log_every = 1
+  c.train.eval_every = 6
+  c.train.eval_batches = 2
+  c.train.compilation_cache = ""
+  c.checkpoint.every_steps = 4
+  c.checkpoint.async_save = True
+  for key, value in train.items():
+    section, name = key.split("__")
+    c[section][name] = value
+  return c
+
+
+def losses(workdir):
+  return [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def final_state(workdir):
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  return step, ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "state"))
+
+
+def run_train_py(*args, env=None, timeout=300):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                        cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+# ---- config errors -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.train.stepz=3"], 'unknown config key in --config.train.stepz.*Did you mean "steps"'),
+    (["--config.optim.learnig_rate=1e-3"], 'Did you mean "learning_rate"'),
+    (["--config.train.steps=2.5"], "--config.train.steps=2.5"),
+    (["--config=configs/no_such_config.py"], "no_such_config.py"),
+    (["--config.model.num_heads=3"], r"config.model.hidden_size: 128 is not divisible by num_heads=3"),
+    (["--config.mesh.data=3"], r"config.mesh: data x fsdp x tensor = 3 but there are 1 devices"),
+    (["--config.train.batch_size=63", "--config.train.grad_accum_steps=2"],
+     r"config.train.batch_size: 63 is not divisible by train.grad_accum_steps=2"),
+    (["--config.model.vocab_size=100"], r"config.model.vocab_size: 100 is smaller than the data's vocabulary"),
+    (["--config.train.nonfinite=ignore"], r"config.train.nonfinite: must be 'abort' or 'skip'"),
+])
+def test_bad_config_fails_early_and_writes_nothing(tmp_path, args, message):
+  workdir = tmp_path / "run"
+  result = run_train_py(f"--config.workdir={workdir}", *args) if "--config=" not in args[0] else \
+      run_train_py(*args, f"--config.workdir={workdir}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or "FATAL" in line]
+  assert lines, result.stderr[-2000:]
+  assert re.search(message, result.stderr), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+
+
+def test_workdir_with_a_different_run_is_refused_then_overwritten(tmp_path):
+  config = tiny_config(tmp_path / "run", train__steps=2)
+  train_and_evaluate(config)
+  other = tiny_config(tmp_path / "run", train__steps=2)
+  other.model.num_slots = 4
+  with pytest.raises(ConfigError, match=r"holds a run with a different config \(model.num_slots: saved 8, now 4\)"):
+    train_and_evaluate(other)
+  other.overwrite = True
+  train_and_evaluate(other)
+  assert json.load(open(tmp_path / "run" / "config.json"))["model"]["num_slots"] == 4
+
+
+def test_validate_config_names_model_fields():
+  c = mqar.get_config()
+  c.model.feature_map = "gelu"
+  with pytest.raises(ConfigError, match=r"config.model.feature_map: 'gelu' is unknown"):
+    validate_config(c)
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+
+def test_smoke_train_loss_falls_and_run_dir_is_complete(tmp_path):
+  config = tiny_config(tmp_path / "run", train__steps=40, train__eval_every=20, optim__learning_rate=3e-3)
+  config.optim.warmup_steps = 5
+  last = train_and_evaluate(config)
+  rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, 41))
+  first, final = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+  assert final < first - 0.3, (first, final)
+  assert {"eval_loss", "eval_perplexity", "eval_accuracy"} <= set(last)
+  assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in rows)
+  assert json.load(open(tmp_path / "run" / "config.json"))["train"]["steps"] == 40
+  from gsa_jax.plot import plot_runs
+  for path in plot_runs([str(tmp_path / "run")]):
+    assert os.path.getsize(path) > 1000
+
+
+def _preempt_after(workdir, rows: int):
+  """Sends SIGTERM to this process once metrics.jsonl has `rows` rows (as a preemption would)."""
+
+  def watch():
+    while len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < rows:
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path):
+  straight = tiny_config(tmp_path / "straight")
+  train_and_evaluate(straight)
+
+  interrupted = tiny_config(tmp_path / "interrupted")
+  for stop_after in (3, 8):  # two preemptions, at different phases of the checkpoint cadence
+    _preempt_after(interrupted.workdir, stop_after)
+    with pytest.raises(Preempted):
+      train_and_evaluate(interrupted)
+  train_and_evaluate(interrupted)
+
+  assert losses(interrupted.workdir) == losses(straight.workdir)
+  step_a, state_a = final_state(straight.workdir)
+  step_b, state_b = final_state(interrupted.workdir)
+  assert step_a == step_b == 12
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+
+
+@pytest.mark.parametrize("accum", [2])
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, accum):
+  one = tiny_config(tmp_path / "one", train__steps=3)
+  many = tiny_config(tmp_path / "many", train__steps=3, train__grad_accum_steps=accum)
+  train_and_evaluate(one)
+  train_and_evaluate(many)
+  np.testing.assert_allclose([l for _, l in losses(many.workdir)], [l for _, l in losses(one.workdir)], rtol=1e-5)
+
+
+SHARDED_SCRIPT = """
+import json, sys
+from tests.test_train import tiny_config, losses
+from gsa_jax.train import train_and_evaluate
+out = {}
+for name, (data, fsdp, tensor) in {"dp8": (8, 1, 1), "fsdp8": (1, 8, 1), "dp2_fsdp2_tp2": (2, 2, 2)}.items():
+  c = tiny_config(sys.argv[1] + "/" + name, train__steps=4)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+  train_and_evaluate(c)
+  out[name] = [l for _, l in losses(c.workdir)]
+print("LOSSES" + json.dumps(out))
+"""
+
+
+def test_sharded_runs_match_single_device(tmp_path):
+  single = tiny_config(tmp_path / "single", train__steps=4)
+  train_and_evaluate(single)
+  expected = [l for _, l in losses(single.workdir)]
+  result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                               "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  sharded = json.loads(result.stdout.split("LOSSES")[-1])
+  for name, values in sharded.items():
+    np.testing.assert_allclose(values, expected, rtol=2e-5, err_msg=name)
