@@ -27,10 +27,19 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The rows of a metrics file. A process killed mid-write can leave a partial last line: it is ignored."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f.read().split("\n") if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+  return rows
 
 
 class MetricsWriter:

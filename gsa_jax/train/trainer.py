@@ -191,15 +191,15 @@ class _Run:
             for k, d in self.BATCH_DTYPES.items()}
 
   def evaluate(self, params) -> dict[str, float]:
+    # A fresh iterator each time: every evaluation sees the same held-out batches.
     it = self.iterator("eval")
     sums = {"total": 0.0, "count": 0.0, "correct": 0.0}
-    for _ in range(self.config.train.eval_batches):
-      try:
-        batch = next(it)
-      except StopIteration:
-        break
-      out = jax.device_get(self.eval_step(params, self.global_batch(batch)))
-      sums = {k: sums[k] + float(out[k]) for k in sums}
+    try:
+      for _ in range(self.config.train.eval_batches):
+        out = jax.device_get(self.eval_step(params, self.global_batch(next(it))))
+        sums = {k: sums[k] + float(out[k]) for k in sums}
+    finally:
+      it.close()  # stops its read-ahead threads
     loss = sums["total"] / max(sums["count"], 1.0)
     return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0))),
             "eval_accuracy": sums["correct"] / max(sums["count"], 1.0)}

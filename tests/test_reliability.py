@@ -1,0 +1,253 @@
+"""Faults: SIGKILL at random steps (also during an async checkpoint write), damaged checkpoints, non-finite
+losses, bad input that must fail before anything is written, and numerics at extreme lengths and gates."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gsa_jax.ops import gated_slot_attention
+from gsa_jax.train import NonFiniteError, train_and_evaluate
+from gsa_jax.train import trainer as trainer_lib
+from gsa_jax.train.metrics import read_jsonl
+from tests.test_train import ROOT, final_state, losses, run_train_py, tiny_config
+
+# The same run as tests.test_train.tiny_config, as train.py flags.
+TINY_FLAGS = [
+    "--config.model.hidden_size=32", "--config.model.num_slots=8", "--config.model.intermediate_size=64",
+    "--config.data.mqar_num_kv_pairs=4", "--config.train.seq_len=32", "--config.train.batch_size=8",
+    "--config.train.log_every=1", "--config.train.eval_every=6", "--config.train.eval_batches=2",
+    "--config.train.compilation_cache=", "--config.checkpoint.every_steps=4",
+]
+
+
+def _checkpoint_dirs(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  return os.listdir(path) if os.path.isdir(path) else []
+
+
+def _train_py(workdir, steps):
+  return [sys.executable, os.path.join(ROOT, "train.py"), f"--config.workdir={workdir}",
+          f"--config.train.steps={steps}", *TINY_FLAGS]
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_sigkill_three_times_then_resume_is_bit_identical(tmp_path, seed):
+  """Kill -9 train.py at random steps, once while an async checkpoint is being written; the finished run's per-step
+  losses and final parameters equal an uninterrupted run's, bit for bit."""
+  steps = 16
+  straight = tmp_path / "straight"
+  result = subprocess.run(_train_py(straight, steps), capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  crashed = tmp_path / "crashed"
+  rng = random.Random(seed)
+  kills = []
+  for attempt in range(3):
+    proc = subprocess.Popen(_train_py(crashed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=ROOT)
+    done_before = len(read_jsonl(crashed / "metrics.jsonl"))
+    target = done_before + rng.randint(1, 4)
+    during_save = attempt == 1
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+      rows = len(read_jsonl(crashed / "metrics.jsonl"))
+      saving = any("tmp" in d for d in _checkpoint_dirs(crashed))
+      if (during_save and saving and rows > done_before) or (not during_save and rows >= target):
+        proc.send_signal(signal.SIGKILL)
+        kills.append((rows, saving))
+        break
+      time.sleep(0.002)
+    proc.wait(timeout=60)
+  assert len(kills) >= 2, kills  # the run must not have finished before being killed
+  result = subprocess.run(_train_py(crashed, steps), capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  assert losses(crashed) == losses(straight)
+  assert [s for s, _ in losses(crashed)] == list(range(1, steps + 1))
+  (step_a, state_a), (step_b, state_b) = final_state(straight), final_state(crashed)
+  assert step_a == step_b == steps
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+  assert not any("tmp" in d for d in _checkpoint_dirs(crashed))  # leftovers of killed writes were cleaned
+
+
+def test_leftover_partial_checkpoint_is_cleaned_not_used(tmp_path):
+  config = tiny_config(tmp_path / "run", train__steps=4)
+  train_and_evaluate(config)
+  ckpts = tmp_path / "run" / "checkpoints"
+  # What a crash in the middle of writing step 8 leaves behind: a temporary directory with part of the files.
+  partial = ckpts / "8.orbax-checkpoint-tmp-1234567890"
+  shutil.copytree(ckpts / "4", partial)
+  shutil.rmtree(partial / "state")
+  config.train.steps = 8
+  train_and_evaluate(config)
+  assert sorted(os.listdir(ckpts)) == ["4", "8"]
+  assert [s for s, _ in losses(config.workdir)] == list(range(1, 9))
+
+
+def _largest_file(directory):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, damage):
+  config = tiny_config(tmp_path / "run", train__steps=8)
+  train_and_evaluate(config)
+  reference = dict(losses(config.workdir))
+  victim = _largest_file(tmp_path / "run" / "checkpoints" / "8" / "state")
+  if damage == "delete":
+    os.remove(victim)
+  else:
+    with open(victim, "r+b") as f:
+      f.truncate(os.path.getsize(victim) // 2)
+  config.train.steps = 10
+  with caplog.at_level("WARNING"):
+    train_and_evaluate(config)
+  warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+  assert "checkpoint 8 cannot be restored" in warnings
+  # Resumed from step 4: steps 5..8 were recomputed (equal to before), then 9 and 10.
+  rows = dict(losses(config.workdir))
+  assert sorted(rows) == list(range(1, 11))
+  assert all(rows[s] == reference[s] for s in range(1, 9))
+  # The damaged checkpoint was moved aside, not deleted.
+  aside = os.listdir(tmp_path / "run" / "unloadable_checkpoints")
+  assert len(aside) == 1 and aside[0].startswith("8-")
+
+
+def _poison_loss(monkeypatch, predicate):
+  """Makes the loss NaN on the batches where predicate(tokens) holds (a traced, per-batch condition)."""
+  original = trainer_lib._loss_sums
+
+  def poisoned(graphdef, params, batch):
+    total, aux = original(graphdef, params, batch)
+    return jnp.where(predicate(batch["tokens"]), jnp.nan, total), aux
+
+  monkeypatch.setattr(trainer_lib, "_loss_sums", poisoned)
+
+
+def test_nonfinite_abort_names_the_step_and_keeps_checkpoints(tmp_path, monkeypatch):
+  config = tiny_config(tmp_path / "run", train__steps=12)
+  train_and_evaluate(config)
+  before = final_state(config.workdir)
+  _poison_loss(monkeypatch, lambda tokens: True)
+  config.train.steps = 20
+  with pytest.raises(NonFiniteError, match=r"step 13: non-finite loss or gradient"):
+    train_and_evaluate(config)
+  step, state = final_state(config.workdir)
+  assert step == 12
+  jax.tree.map(np.testing.assert_array_equal, state, before[1])
+
+
+def test_nonfinite_skip_leaves_params_unchanged_and_stops_after_n_in_a_row(tmp_path, monkeypatch):
+  # Skip bad batches: the run finishes and counts them; parameters move only on good steps.
+  config = tiny_config(tmp_path / "skip", train__steps=12, train__nonfinite="skip")
+  _poison_loss(monkeypatch, lambda tokens: jnp.sum(tokens) % 3 == 0)
+  last = train_and_evaluate(config)
+  rows = read_jsonl(tmp_path / "skip" / "metrics.jsonl")
+  bad = [r["step"] for r in rows if not np.isfinite(r["loss"])]
+  assert bad and last["nonfinite_total"] == len(bad)
+  step, state = final_state(config.workdir)
+  assert int(state["nonfinite_total"]) == len(bad)  # the counter is part of the checkpoint
+
+  # Always bad: stops after max_nonfinite_in_a_row consecutive bad steps.
+  _poison_loss(monkeypatch, lambda tokens: True)
+  config = tiny_config(tmp_path / "stop", train__steps=12, train__nonfinite="skip", train__max_nonfinite_in_a_row=3)
+  with pytest.raises(NonFiniteError, match=r"step 3: .* 3 bad step\(s\) in a row"):
+    train_and_evaluate(config)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.data.source=text", "--config.data.path=/nonexistent/corpus.txt"], r"data.path"),
+    (["--config.data.source=text", "--config.data.path={empty}"], r"data.path"),
+    (["--config.data.source=text", "--config.data.path={text}", "--config.data.tokenizer={bad_tokenizer}"],
+     r"data.tokenizer"),
+])
+def test_bad_data_fails_early_and_writes_nothing(tmp_path, args, message):
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "text.txt").write_text("some text\nmore text\n" * 50)
+  (tmp_path / "tokenizer.json").write_text("{not json")
+  files = {"empty": tmp_path / "empty.txt", "text": tmp_path / "text.txt", "bad_tokenizer": tmp_path / "tokenizer.json"}
+  workdir = tmp_path / "run"
+  result = run_train_py(f"--config.workdir={workdir}", *[a.format(**files) for a in args])
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert re.search(message, result.stderr), result.stderr[-2000:]
+  assert not workdir.exists()
+
+
+# ---- numerics ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["chunked", "recurrent"])
+def test_op_is_finite_at_65536_tokens_with_extreme_gates(backend):
+  t, m = 65_536, 8
+  key = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(key[0], (1, t, 1, 16)) * 30
+  k = jax.random.normal(key[1], (1, t, 1, 16)) * 30
+  v = jax.random.normal(key[2], (1, t, 1, 16))
+  g = -jnp.exp(jax.random.uniform(key[3], (1, t, 1, m), minval=-20, maxval=np.log(1e3)))  # in [-1e3, -2e-9]
+  g = jnp.where(jax.random.uniform(key[4], g.shape) < 0.1, 0.0, g)  # and exact zeros
+  s = jax.random.uniform(key[4], (1, t, 1, m))
+
+  def loss(q, k, v, s, g):
+    o, final = gated_slot_attention(q, k, v, s, g, output_final_state=True, backend=backend, chunk_size=16)
+    return jnp.sum(o) + jnp.sum(final.hk) + jnp.sum(final.hv)
+
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, s, g)
+  assert np.isfinite(float(value))
+  for grad in grads:
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_op_fuzz_never_produces_nan():
+  """Seeded random shapes, scales and gates in [-1e3, 0], float32 and bfloat16, forward and backward."""
+  rng = np.random.default_rng(0)
+  for _ in range(8):
+    b, t, h, grp = int(rng.integers(1, 3)), int(rng.integers(1, 90)), int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    dk, dv, m = (int(x) for x in rng.integers(1, 24, 3))
+    dtype = [jnp.float32, jnp.bfloat16][int(rng.integers(0, 2))]
+    scale = float(10 ** rng.uniform(-1, 2))
+    x = {n: jnp.asarray(rng.standard_normal(shape) * scale, dtype) for n, shape in
+         (("q", (b, t, h * grp, dk)), ("k", (b, t, h, dk)), ("v", (b, t, h, dv)))}
+    g = -(10 ** rng.uniform(-8, 3, (b, t, h, m))) * (rng.uniform(size=(b, t, h, m)) > 0.2)
+    x["g"] = jnp.asarray(g, dtype)
+    x["s"] = jnp.asarray(rng.uniform(0, 1, (b, t, h, m)), dtype)
+    ids = jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1), jnp.int32)
+    for backend in ("chunked", "recurrent"):
+      fn = lambda q, k, v, s, g: jnp.sum(gated_slot_attention(
+          q, k, v, s, g, segment_ids=ids, backend=backend, chunk_size=16)[0].astype(jnp.float32))
+      value, grads = jax.value_and_grad(fn, argnums=(0, 1, 2, 3, 4))(*(x[n] for n in "qkvsg"))
+      assert np.isfinite(float(value)), (backend, b, t, h, grp, dk, dv, m, dtype, scale)
+      assert all(np.isfinite(np.asarray(gr, np.float32)).all() for gr in grads), (backend, dtype, scale)
+
+
+def test_model_is_finite_in_bfloat16_with_large_activations():
+  from flax import nnx
+
+  from gsa_jax.models import GSALM, GSAConfig
+
+  config = GSAConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_slots=8, dtype="bfloat16",
+                     use_short_conv=True)
+  model = GSALM(config, rngs=nnx.Rngs(0))
+  # Blow the embeddings up: activations of order 1e3 reach every layer.
+  model.embed.embedding.value = model.embed.embedding.value * 1e4
+  tokens = jax.random.randint(jax.random.key(1), (2, 300), 0, 64)
+
+  def loss(model):
+    logits = model(tokens)
+    return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+  value, grads = nnx.value_and_grad(loss)(model)
+  assert np.isfinite(float(value))
+  assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
