@@ -40,6 +40,8 @@ def reference_gsa_layer(m: GatedSlotAttention, x):
   v = silu((x @ w(m.v_proj)).reshape(b, t, h, dv))
   f = -np.log1p(np.exp(-(x @ w(m.f_proj)))).reshape(b, t, h, mm) / m.gate_logit_normalizer
   s = 1 - np.exp(f)
+  if not m.forget_gate:  # the no-forgetting ablation: g = 0, s = sigmoid(x W_f)
+    s, f = 1 / (1 + np.exp(-(x @ w(m.f_proj)))).reshape(b, t, h, mm), np.zeros_like(f)
   rep = lambda a: np.repeat(a, hq // h, axis=2)
   with jax.enable_x64(True):
     o, _ = recurrent_gsa(*(jnp.asarray(a) for a in (q, rep(k), rep(v), rep(s), rep(f))), scale=1.0)
@@ -54,6 +56,7 @@ def reference_gsa_layer(m: GatedSlotAttention, x):
     dict(),
     dict(num_heads=4, num_kv_heads=2, feature_map="relu", expand_k=0.5, elementwise_affine=False),
     dict(feature_map="t2r", expand_v=2.0, num_slots=5),
+    dict(forget_gate=False),
 ])
 def test_layer_matches_hand_written_spec(kw):
   m = layer(**kw)
@@ -74,6 +77,7 @@ OPTIONS = [
     dict(use_rope=True),
     dict(elementwise_affine=False),
     dict(backend="recurrent"),
+    dict(forget_gate=False),
     dict(num_heads=4, num_kv_heads=2, use_short_conv=True, use_rope=True, feature_map="t2r", dtype=jnp.bfloat16),
 ]
 

@@ -7,6 +7,7 @@ Matches the reference layer (flash-linear-attention `fla/layers/gsa.py`), in thi
   f = logsigmoid(x W_f) / gate_logit_normalizer;  g = f;  s = 1 - exp(f)     (computed in float32)
   o = GSA(q, k, v, s, g, scale=1.0)
   y = RMSNorm(silu(o) flattened over heads) W_o
+`forget_gate=False` is an ablation (g = 0, s = sigmoid(x W_f)): GSA without forgetting, for recall studies.
 Differences from the reference, all deliberate: the output norm is sized to the value width (the reference sizes
 it `hidden_size`, which only works for expand_v = 1); grouped kv heads are shared by the op, not repeated;
 `use_rope=True` (which the reference layer does not have) rotates q and k before the feature map; the reference's
@@ -66,6 +67,7 @@ class GatedSlotAttention(nnx.Module):
       use_short_conv: bool = False,
       conv_size: int = 4,
       gate_logit_normalizer: float = 8.0,
+      forget_gate: bool = True,
       norm_eps: float = 1e-6,
       elementwise_affine: bool = True,
       use_rope: bool = False,
@@ -105,6 +107,7 @@ class GatedSlotAttention(nnx.Module):
     self.head_k_dim, self.head_v_dim = dk, dv
     self.feature_map, self.use_short_conv, self.conv_size = feature_map, use_short_conv, conv_size
     self.gate_logit_normalizer = float(gate_logit_normalizer)
+    self.forget_gate = forget_gate
     self.use_rope, self.rope_theta = use_rope, rope_theta
     self.backend, self.chunk_size = backend, chunk_size
     self.dtype = dtype
@@ -155,6 +158,10 @@ class GatedSlotAttention(nnx.Module):
     f = jax.nn.log_sigmoid(f.astype(jnp.float32)).reshape(lead + (self.num_kv_heads, self.num_slots))
     g = f / self.gate_logit_normalizer
     s = 1.0 - jnp.exp(g)
+    if not self.forget_gate:
+      # The ablation without forgetting (GSA's ancestor ABC has no decay): the slots never fade (g = 0) and the
+      # same projection, through a sigmoid, still sets how strongly each token writes each slot.
+      s, g = jnp.exp(f), jnp.zeros_like(g)
     return q, k, v, s, g
 
   def _out(self, o: jax.Array, dtype) -> jax.Array:

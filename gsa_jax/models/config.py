@@ -34,6 +34,7 @@ class GSAConfig:
   use_short_conv: bool = False
   conv_size: int = 4
   gate_logit_normalizer: float = 8.0
+  forget_gate: bool = True  # False: the no-forgetting ablation (g = 0, s = sigmoid(x W_f)); see the layer
   use_rope: bool = False  # RoPE on the GSA layers' q, k (the reference has none).
   elementwise_affine: bool = True  # learned scale of the GSA output norm.
   backend: str = "auto"
