@@ -1,7 +1,7 @@
 """Times the Pallas GPU GSA kernels against this project's chunked reference at the anchor shapes.
 
     python benchmarks/bench_pallas_gpu.py                       # anchor shapes, default block sizes
-    python benchmarks/bench_pallas_gpu.py --variants            # also a few block-size variants
+    python benchmarks/bench_pallas_gpu.py --variants            # also a few block-size variants (or --variants w8,sb32)
     python benchmarks/bench_pallas_gpu.py --shapes 2,256,4,64,32 --no-chunked
 
 Inputs as in docs/anchors.md: bf16, q/k = swish(randn), v = randn, g = logsigmoid(randn)/8, s = 1 - exp(g),
@@ -71,26 +71,48 @@ def mem_mb(jitted, args):
     return float("nan")
 
 
+def precision_table():
+  """Relative L2 error of o, the final states and every gradient vs the float64 recurrence (random cotangent)."""
+  sys.path.insert(0, ".")
+  from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err  # noqa: PLC0415
+  with jax.enable_x64(True):
+    for dtype in (jnp.bfloat16, jnp.float32):
+      x = make_inputs(7, b=2, t=512, hq=4, h=4, dk=64, dv=64, m=32, with_state=True, dtype=dtype)
+      ref = forward_and_grads(cast(x, jnp.float64), backend="recurrent", scale=1.0)
+      with jax.enable_x64(False):
+        got = forward_and_grads(cast(x, dtype), backend="pallas_gpu", scale=1.0)
+      errs = {k: rel_err(got[k], ref[k]) for k in ref}
+      print(f"precision {jnp.dtype(dtype).name} B2 T512 H4 K=V=64 M32: worst {max(errs.values()):.2e}  " +
+            " ".join(f"{k} {e:.1e}" for k, e in errs.items()), flush=True)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--shapes", default="8,2048,4,512,64;1,16384,4,512,64")
   ap.add_argument("--repeats", type=int, default=30)
-  ap.add_argument("--variants", action="store_true")
+  ap.add_argument("--variants", nargs="?", const="all", default="",
+                  help="comma-separated names of block-size variants (without the 'pallas ' prefix), or all")
   ap.add_argument("--no-chunked", action="store_true")
   ap.add_argument("--decode", action="store_true")
+  ap.add_argument("--precision", action="store_true",
+                  help="relative L2 error vs float64 at B2 T512 H4 K=V=64 M32 (the anchors' precision shape)")
   args = ap.parse_args(argv)
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
   configs = {"pallas": BlockSizes()}
   if args.variants:
-    configs.update({
+    variants = {
         "pallas w8": BlockSizes(num_warps=8),
-        "pallas c16": BlockSizes(chunk=16),
-        "pallas c16 w8": BlockSizes(chunk=16, num_warps=8),
-        "pallas c32 w8": BlockSizes(chunk=32, num_warps=8),
-        "pallas c16 b32": BlockSizes(chunk=16, block_k=32, block_v=32),
-        "pallas c16 w8 st2": BlockSizes(chunk=16, num_warps=8, num_stages=2),
-    })
+        "pallas sb32": BlockSizes(state_block=32),
+        "pallas sst1": BlockSizes(state_num_stages=1),
+        "pallas b128 w8": BlockSizes(block_k=128, block_v=128, num_warps=8),
+        "pallas c32": BlockSizes(chunk=32),
+        "sequential c16": BlockSizes(impl="sequential", chunk=16),
+    }
+    wanted = None if args.variants == "all" else set(args.variants.split(","))
+    configs.update({k: v for k, v in variants.items() if wanted is None or k.removeprefix("pallas ") in wanted})
+  if args.precision:
+    precision_table()
   rows = []
   for shape in args.shapes.split(";"):
     b, t, h, d, m = map(int, shape.split(","))

@@ -61,17 +61,27 @@ _MAX_SLOTS = 128
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes. `chunk`: tokens between state updates (a multiple of 16); `block_k`: the width of the query/key
-  slice one GV program owns (pass 1, ds); `block_v`: the width of the value slice one GK program owns (pass 2,
-  dq, dk, dv)."""
+  """Tile sizes and the kernel design.
 
-  chunk: int = 16  # measured on the H100 (benchmarks/bench_pallas_gpu.py --variants): 16 is 5x faster than 64
+  `impl`: "chunk" (default): chunk states through memory, every other kernel parallel over chunks;
+  "sequential": the first design, one program per feature block walks all chunks (kept for comparison).
+  `chunk`: tokens per chunk (a multiple of 16). `block_k` / `block_v`: the query/key and value width walked per
+  step (chunk impl) or owned by one program (sequential impl). `state_block`: the width of the state slice one
+  state-passing program owns (chunk impl). `num_warps`/`num_stages`: the output kernels (all kernels of the
+  sequential impl); `state_num_warps`/`state_num_stages`: the state-passing kernels.
+  """
+
+  chunk: int = 64
   block_k: int = 64
   block_v: int = 64
   num_warps: int = 4
   num_stages: int = 1
+  state_block: int = 64
+  state_num_warps: int = 4
+  state_num_stages: int = 2
+  impl: str = "chunk"
   # Low-precision inputs: products with the float32 state always use hi + lo operands; `split_all` does the
-  # same for the intra-chunk products (more accurate, three times the matrix-unit work).
+  # same for the intra-chunk products (more accurate, more matrix-unit work).
   split_all: bool = False
 
 
@@ -333,6 +343,330 @@ def _pad_to(x, shape):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Chunk-parallel kernels (the default): chunk states through memory, outputs parallel over chunks.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _dot2(a, b, low_precision, split=False, split_all=False):
+  """a @ b with float32 accumulation. Low-precision mode: operands rounded to `low_precision`; with `split`
+  each float32 operand is carried as hi + lo (operands already in the low-precision dtype have no lo part)."""
+  f32 = jnp.float32
+  if low_precision is None:
+    return jnp.dot(a.astype(f32), b.astype(f32), precision=lax.Precision.HIGHEST, preferred_element_type=f32)
+  lp = lambda x, y: jnp.dot(x, y, preferred_element_type=f32)
+  a_hi, b_hi = a.astype(low_precision), b.astype(low_precision)
+  out = lp(a_hi, b_hi)
+  if split or split_all:
+    if a.dtype == f32:
+      out = out + lp((a - a_hi.astype(f32)).astype(low_precision), b_hi)
+    if b.dtype == f32:
+      out = out + lp(a_hi, (b - b_hi.astype(f32)).astype(low_precision))
+  return out
+
+
+def _state_kernel(k_ref, v_ref, f64_ref, b64_ref, doc_ref, h0_ref, hs_ref, ht_ref, *, kind, reverse, n_chunks,
+                  chunk, gk, low_precision):
+  """Chunk states: one program per (key block, value block, batch, kv head) walks the chunks and writes the
+  state entering each chunk (float32) to hs, the state after the last one to ht.
+
+  k [tp, gk, bka], v [tp, gk, bvb]; f64/b64 [tp, m] chunk-local inclusive prefix / exclusive suffix sums of g;
+  doc [tp]; h0/ht [bka, bvb]; hs [n_chunks, bka, bvb]. GK: the gate is on the key side (bka = m), GV: on the
+  value side (bvb = m).
+  """
+  f32 = jnp.float32
+  tp = n_chunks * chunk
+
+  def body(i, carry):
+    h, sdoc = carry
+    ci = (n_chunks - 1 - i) if reverse else i
+    t0 = pl.multiple_of(ci * chunk, chunk)
+    rows = pl.ds(t0, chunk)
+    hs_ref[ci] = h
+    # Decay from each row to the boundary the state leaves through (sums of g of one sign: <= 0).
+    y = jnp.exp((f64_ref if reverse else b64_ref)[rows, :])  # [c, m]
+    total = f64_ref[t0 + chunk - 1, :][None, :]  # [1, m]
+    docs = doc_ref[rows]
+    bdoc = doc_ref[t0] if reverse else doc_ref[t0 + chunk - 1]
+    keep = jnp.where(bdoc == sdoc, jnp.exp(total), 0.0)
+    h = h * (keep.T if kind == "gk" else keep)
+    upd = (docs == bdoc)[:, None]
+    for c in range(gk):
+      kt = k_ref[rows, c, :]
+      vt = v_ref[rows, c, :]
+      if kind == "gk":
+        h += _dot2(jnp.where(upd, kt.astype(f32) * y, 0.0).T, vt, low_precision, split=True)
+      else:
+        h += _dot2(jnp.where(upd, kt, jnp.zeros_like(kt)).T, vt.astype(f32) * y, low_precision, split=True)
+    return h, bdoc
+
+  sdoc0 = doc_ref[tp - 1] if reverse else doc_ref[0]
+  h, _ = lax.fori_loop(0, n_chunks, body, (h0_ref[...].astype(f32), sdoc0))
+  ht_ref[...] = h
+
+
+def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref, h_ref, o_ref, *, kind, reverse,
+                transposed, n_chunks, chunk, gq, gk, block, n_blocks, low_precision, split_all):
+  """Outputs of one chunk: one program per (chunk, batch, kv head), the query heads of its group inside.
+
+  GK: q [c, gq, m], k [c, gk, m], v [c, gk, w], h [m, w] ([w, m] if transposed), o [c, gq, w].
+  GV: q [c, gq, w], k [c, gk, w], v [c, gk, m], h [w, m] ([m, w] if transposed), o [c, gq, m].
+  The wide axis w is walked in blocks of `block`. f16/b16 [c, m]: prefix/suffix sums of g inside each 16-row
+  sub-chunk; f64/b64 [c, m]: the same inside the chunk; doc [tp]; h: the state entering this chunk.
+  """
+  f32 = jnp.float32
+  ns = chunk // _SUB
+  tp = n_chunks * chunk
+  ci = pl.program_id(0)
+  t0 = ci * chunk
+  dot = functools.partial(_dot2, low_precision=low_precision, split_all=split_all)
+  sub = [slice(a * _SUB, (a + 1) * _SUB) for a in range(ns)]
+  fg = [f16_ref[r, :] for r in sub]  # [16, m]
+  bg = [b16_ref[r, :] for r in sub]
+  tot = [f16_ref[a * _SUB + _SUB - 1, :][None, :] for a in range(ns)]  # [1, m]
+  zero = jnp.zeros_like(tot[0])
+  ssum = lambda xs: functools.reduce(operator.add, xs, zero)
+  docs = [doc_ref[pl.ds(t0 + a * _SUB, _SUB)] for a in range(ns)]
+  if reverse:
+    sdoc = doc_ref[jnp.minimum(t0 + chunk, tp - 1)]
+  else:
+    sdoc = doc_ref[jnp.maximum(t0 - 1, 0)]
+  reads = [(docs[a] == sdoc)[:, None] for a in range(ns)]
+  x_dec = [jnp.where(reads[a], jnp.exp((b64_ref if reverse else f64_ref)[sub[a], :]), 0.0) for a in range(ns)]
+  idx = jnp.arange(_SUB)
+  others = (lambda a: range(a + 1, ns)) if reverse else (lambda a: range(a))
+  pairs = [(a, b) for a in range(ns) for b in others(a)]
+
+  pair = {}
+  for a, b in pairs:  # exp(G_t - G_j) = qf[t] * kf[j] for t in sub-chunk a, j in b
+    w = ssum(tot[min(a, b) + 1:max(a, b)])
+    pair[a, b] = (jnp.exp(bg[a] + w), jnp.exp(fg[b])) if reverse else (jnp.exp(fg[a]), jnp.exp(bg[b] + w))
+  docmask = {(a, b): docs[a][:, None] == docs[b][None, :] for a, b in pairs}
+
+  def diag_rows(a, fn, init):
+    """init + the sum over the key rows j of diagonal sub-chunk a of fn(jj, row r of the chunk, decay [16, m])."""
+    def row(jj, acc):
+      r = a * _SUB + jj
+      fj = f16_ref[pl.ds(r, 1), :]  # [1, m]
+      d = (fj - fg[a]) if reverse else (fg[a] - fj)
+      ok = ((idx <= jj) if reverse else (idx >= jj)) & (docs[a] == doc_ref[t0 + r])
+      e = jnp.exp(jnp.where(ok[:, None], d, -jnp.inf))  # [16, m]
+      return acc + fn(jj, r, e)
+    return lax.fori_loop(0, _SUB, row, init)
+
+  hblock = lambda cols: (h_ref[:, cols].T if transposed else h_ref[cols, :])  # GV: [block, m]
+
+  for qa in range(gq):
+    if kind == "gk":
+      qt = [q_ref[r, qa, :].astype(f32) for r in sub]  # [16, m]
+      amat = {}
+      for c in range(gk):
+        kt = [k_ref[r, c, :].astype(f32) for r in sub]
+        for a, b in pairs:
+          qf, kf = pair[a, b]
+          amat[c, a, b] = jnp.where(docmask[a, b], dot(qt[a] * qf, (kt[b] * kf).T), 0.0)
+        for a in range(ns):
+          def fn(jj, r, e, a=a, c=c):
+            col = jnp.sum(qt[a] * k_ref[pl.ds(r, 1), c, :].astype(f32) * e, axis=1)  # [16]
+            return jnp.where(idx[None, :] == jj, col[:, None], 0.0)
+          amat[c, a, a] = diag_rows(a, fn, jnp.zeros((_SUB, _SUB), f32))
+      qx = [qt[a] * x_dec[a] for a in range(ns)]
+
+      def wide(j, carry):
+        cols = pl.ds(pl.multiple_of(j * block, block), block)
+        hb = h_ref[cols, :].T if transposed else h_ref[:, cols]  # [m, block]
+        for a in range(ns):
+          acc = dot(qx[a], hb, split=True)
+          for c in range(gk):
+            for b in list(others(a)) + [a]:
+              acc += dot(amat[c, a, b], v_ref[sub[b], c, cols])
+          o_ref[sub[a], qa, cols] = acc.astype(o_ref.dtype)
+        return carry
+
+      lax.fori_loop(0, n_blocks, wide, 0)
+    else:
+      acc = None
+      for c in range(gk):
+        keys = pairs + [(a, a) for a in range(ns)]
+        m = f16_ref.shape[-1]
+
+        def narrow(j, carry, c=c):
+          att, inter = carry
+          cols = pl.ds(pl.multiple_of(j * block, block), block)
+          qb = [q_ref[r, qa, cols] for r in sub]
+          kb = [k_ref[r, c, cols] for r in sub]
+          att = [att[i] + dot(qb[a], kb[b].T) for i, (a, b) in enumerate(keys)]
+          if c == 0:
+            hb = hblock(cols)
+            inter = [inter[a] + dot(qb[a], hb, split=True) for a in range(ns)]
+          return att, inter
+
+        att0 = [jnp.zeros((_SUB, _SUB), f32) for _ in keys]
+        inter0 = [jnp.zeros((_SUB, m), f32) for _ in range(ns)]
+        att, inter = lax.fori_loop(0, n_blocks, narrow, (att0, inter0))
+        att = dict(zip(keys, att))
+        if acc is None:
+          acc = [inter[a] * x_dec[a] for a in range(ns)]
+        vt = [v_ref[r, c, :].astype(f32) for r in sub]
+        for a, b in pairs:
+          qf, kf = pair[a, b]
+          acc[a] += dot(jnp.where(docmask[a, b], att[a, b], 0.0), vt[b] * kf) * qf
+        for a in range(ns):
+          def fn(jj, r, e, a=a, c=c):
+            col = jnp.sum(jnp.where(idx[None, :] == jj, att[a, a], 0.0), axis=1)  # [16]
+            return col[:, None] * v_ref[pl.ds(r, 1), c, :].astype(f32) * e
+          acc[a] = diag_rows(a, fn, acc[a])
+      for a in range(ns):
+        o_ref[sub[a], qa, :] = acc[a].astype(o_ref.dtype)
+
+
+def _cp_states(cfg, kind, reverse, gk, k, v, gates, doc, h0, name):
+  """k [b, tp, H*gk, A], v [b, tp, H*gk, Bw], h0 [b, H, A, Bw] -> (hs [b, H, n, A, Bw] f32, ht [b, H, A, Bw])."""
+  b, tp, _, da = k.shape
+  db = v.shape[3]
+  nh = h0.shape[1]
+  m = gates[0].shape[3]
+  n = tp // cfg.chunk
+  ba = m if kind == "gk" else min(cfg.state_block, da)
+  bb = m if kind == "gv" else min(cfg.state_block, db)
+  grid = (da // ba, db // bb, b, nh)
+  gate_spec = pl.BlockSpec((None, tp, None, m), lambda i, j, bi, hi: (bi, 0, hi, 0))
+  in_specs = [
+      pl.BlockSpec((None, tp, gk, ba), lambda i, j, bi, hi: (bi, 0, hi, i)),
+      pl.BlockSpec((None, tp, gk, bb), lambda i, j, bi, hi: (bi, 0, hi, j)),
+      gate_spec, gate_spec,
+      pl.BlockSpec((None, tp), lambda i, j, bi, hi: (bi, 0)),
+      pl.BlockSpec((None, None, ba, bb), lambda i, j, bi, hi: (bi, hi, i, j)),
+  ]
+  out_specs = [pl.BlockSpec((None, None, n, ba, bb), lambda i, j, bi, hi: (bi, hi, 0, i, j)),
+               pl.BlockSpec((None, None, ba, bb), lambda i, j, bi, hi: (bi, hi, i, j))]
+  out_shape = [jax.ShapeDtypeStruct((b, nh, n, da, db), jnp.float32),
+               jax.ShapeDtypeStruct((b, nh, da, db), jnp.float32)]
+  kernel = functools.partial(_state_kernel, kind=kind, reverse=reverse, n_chunks=n, chunk=cfg.chunk, gk=gk,
+                             low_precision=cfg.low_precision)
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.state_num_warps, num_stages=cfg.state_num_stages),
+      interpret=cfg.interpret, name=name,
+  )(k, v, gates[2], gates[3], doc, h0)
+
+
+def _cp_outputs(cfg, kind, reverse, transposed, gq, gk, q, k, v, gates, doc, hs, out_dtype, name, block):
+  """q [b, tp, H*gq, dq], k [b, tp, H*gk, dq], v [b, tp, H*gk, dv], hs [b, H, n, ., .] (see _out_kernel)
+  -> o [b, tp, H*gq, dv]."""
+  b, tp, hq_all, dq = q.shape
+  dv = v.shape[3]
+  nh = hs.shape[1]
+  m = gates[0].shape[3]
+  c = cfg.chunk
+  n = tp // c
+  wide = dv if kind == "gk" else dq
+  block = min(block, wide)
+  x, y = hs.shape[3:]
+  gate_spec = pl.BlockSpec((None, c, None, m), lambda ci, bi, hi: (bi, ci, hi, 0))
+  in_specs = [
+      pl.BlockSpec((None, c, gq, dq), lambda ci, bi, hi: (bi, ci, hi, 0)),
+      pl.BlockSpec((None, c, gk, dq), lambda ci, bi, hi: (bi, ci, hi, 0)),
+      pl.BlockSpec((None, c, gk, dv), lambda ci, bi, hi: (bi, ci, hi, 0)),
+      gate_spec, gate_spec, gate_spec, gate_spec,
+      pl.BlockSpec((None, tp), lambda ci, bi, hi: (bi, 0)),
+      pl.BlockSpec((None, None, None, x, y), lambda ci, bi, hi: (bi, hi, ci, 0, 0)),
+  ]
+  kernel = functools.partial(_out_kernel, kind=kind, reverse=reverse, transposed=transposed, n_chunks=n, chunk=c,
+                             gq=gq, gk=gk, block=block, n_blocks=wide // block, low_precision=cfg.low_precision,
+                             split_all=cfg.split_all)
+  return pl.pallas_call(
+      kernel, grid=(n, b, nh), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, c, gq, dv), lambda ci, bi, hi: (bi, ci, hi, 0)),
+      out_shape=jax.ShapeDtypeStruct((b, tp, hq_all, dv), out_dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=cfg.interpret, name=name,
+  )(q, k, v, *gates, doc, hs)
+
+
+def _chunk_gate_sums(g, chunk):
+  """g [b, tp, h, m] float32 -> (f16, b16, f64, b64): inclusive prefix and exclusive suffix sums of g inside each
+  16-row sub-chunk and inside each chunk. Each is a sum of terms of one sign (no cancellation)."""
+  def sums(size):
+    b, tp, h, m = g.shape
+    gs = g.reshape(b, tp // size, size, h, m)
+    fwd = jnp.cumsum(gs, axis=2)
+    rev = jnp.flip(jnp.cumsum(jnp.flip(gs, 2), axis=2), 2)
+    bwd = jnp.concatenate([rev[:, :, 1:], jnp.zeros_like(rev[:, :, :1])], axis=2)
+    return fwd.reshape(g.shape), bwd.reshape(g.shape)
+  return sums(_SUB) + sums(chunk)
+
+
+def _forward_cp(cfg: "_Config", q, k, v, s, g, hk0, hv0, doc):
+  b, _, hq, _ = q.shape
+  h = k.shape[2]
+  cd = q.dtype
+  qp = _pad_to(q, (b, cfg.tp, hq, cfg.kp))
+  kp = _pad_to(k, (b, cfg.tp, h, cfg.kp))
+  vp = _pad_to(v, (b, cfg.tp, h, cfg.vp))
+  sp = _pad_to(s, (b, cfg.tp, h, cfg.mp))
+  gp = _pad_to(g, (b, cfg.tp, h, cfg.mp))
+  docp = jnp.pad(doc, ((0, 0), (0, cfg.tp - cfg.t)), mode="edge") if cfg.tp != cfg.t else doc
+  hk0p = _pad_to(hk0, (b, h, cfg.kp, cfg.mp))
+  hv0p = _pad_to(hv0, (b, h, cfg.mp, cfg.vp))
+  gates = _chunk_gate_sums(gp, cfg.chunk)
+  hks, hkt = _cp_states(cfg, "gv", False, 1, kp, sp, gates, docp, hk0p, "gsa_fwd_key_states")
+  z = _cp_outputs(cfg, "gv", False, False, cfg.grp, 1, qp, kp, sp, gates, docp, hks, jnp.float32,
+                  "gsa_fwd_slot_logits", cfg.bk)
+  z = cfg.scale * z
+  p = _softmax(z, cfg.m)
+  hvs, hvt = _cp_states(cfg, "gk", False, 1, sp, vp, gates, docp, hv0p, "gsa_fwd_value_states")
+  o = _cp_outputs(cfg, "gk", False, False, cfg.grp, 1, p, sp, vp, gates, docp, hvs, cd, "gsa_fwd_output", cfg.bv)
+  residuals = (qp, kp, vp, sp, gp, docp, hk0p, hv0p, z, hkt, hvt)
+  return (o, hkt, hvt), residuals
+
+
+def _backward_cp(cfg: "_Config", saved, cts):
+  qp, kp, vp, sp, gp, docp, hk0p, hv0p, z, hkt, hvt = saved
+  do, dhkt, dhvt = cts
+  b, tp, hq, _ = qp.shape
+  h = kp.shape[2]
+  cd = qp.dtype
+  dtypes = (cd,) * 4 + (jnp.float32,) * 3
+  swap = lambda x: jnp.swapaxes(x, -1, -2)
+  dop = _pad_to(do.astype(cd), (b, tp, hq, cfg.vp))
+  dhktp = _pad_to(dhkt.astype(jnp.float32), (b, h, cfg.kp, cfg.mp))
+  dhvtp = _pad_to(dhvt.astype(jnp.float32), (b, h, cfg.mp, cfg.vp))
+  p = _softmax(z, cfg.m)
+  gates = _chunk_gate_sums(gp, cfg.chunk)
+  grp = cfg.grp
+
+  # Forward chunk states again (cheaper in memory than saving them).
+  hks, _ = _cp_states(cfg, "gv", False, 1, kp, sp, gates, docp, hk0p, "gsa_bwd_key_states")
+  hvs, _ = _cp_states(cfg, "gk", False, 1, sp, vp, gates, docp, hv0p, "gsa_bwd_value_states")
+  dp = _cp_outputs(cfg, "gv", False, True, grp, 1, dop, vp, sp, gates, docp, hvs, jnp.float32, "gsa_bwd_dp",
+                   cfg.bv)
+  dz = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
+  dl = cfg.scale * dz
+  dq = _cp_outputs(cfg, "gk", False, True, grp, 1, dl, sp, kp, gates, docp, hks, dtypes[0], "gsa_bwd_dq", cfg.bk)
+  # Reverse chunk states: dhk^T [m, dk] and dhv [m, dv], entering each chunk from its end.
+  dhks, dhk0t = _cp_states(cfg, "gk", True, grp, dl, qp, gates, docp, swap(dhktp), "gsa_bwd_key_state_grads")
+  dhvs, dhv0 = _cp_states(cfg, "gk", True, grp, p, dop, gates, docp, dhvtp, "gsa_bwd_value_state_grads")
+  dk = _cp_outputs(cfg, "gk", True, False, 1, grp, sp, dl, qp, gates, docp, dhks, dtypes[1], "gsa_bwd_dk", cfg.bk)
+  dv = _cp_outputs(cfg, "gk", True, False, 1, grp, sp, p, dop, gates, docp, dhvs, dtypes[2], "gsa_bwd_dv", cfg.bv)
+  ds1 = _cp_outputs(cfg, "gv", True, True, 1, grp, kp, qp, dl, gates, docp, dhks, jnp.float32, "gsa_bwd_ds_keys",
+                    cfg.bk)
+  ds2 = _cp_outputs(cfg, "gv", True, True, 1, grp, vp, dop, p, gates, docp, dhvs, jnp.float32,
+                    "gsa_bwd_ds_values", cfg.bv)
+  ds = ds1 + ds2
+
+  zdz = (z * dz + p * dp).reshape(b, tp, h, grp, cfg.mp).sum(axis=3)
+  dg = _segmented_reverse_cumsum(zdz - sp.astype(jnp.float32) * ds, docp)
+  final = jnp.sum(dhktp * hkt, axis=2) + jnp.sum(dhvtp * hvt, axis=3)  # [b, h, mp]
+  last_doc = (docp == docp[:, -1:])[:, :, None, None]
+  dg = dg + jnp.where(last_doc, final[:, None], 0.0)
+
+  t, m = cfg.t, cfg.m
+  grads = (dq[:, :t, :, :cfg.dk], dk[:, :t, :, :cfg.dk], dv[:, :t, :, :cfg.dv], ds[:, :t, :, :m],
+           dg[:, :t, :, :m], swap(dhk0t)[:, :, :cfg.dk, :m], dhv0[:, :, :m, :cfg.dv])
+  grads = tuple(x.astype(dt) for x, dt in zip(grads, dtypes))
+  return grads + (None,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The custom_vjp core: padded, masked inputs in, padded outputs out.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -356,6 +690,10 @@ class _Config:
   low_precision: object
   split_all: bool
   interpret: bool
+  state_block: int = 64
+  state_num_warps: int = 4
+  state_num_stages: int = 2
+  impl: str = "chunk"
 
   def call(self, kind, reverse, gq, gk, block):
     return _Call(kind, reverse, gq, gk, block, self.chunk, self.num_warps, self.num_stages, self.low_precision,
@@ -363,6 +701,8 @@ class _Config:
 
 
 def _forward(cfg: _Config, q, k, v, s, g, hk0, hv0, doc):
+  if cfg.impl == "chunk":
+    return _forward_cp(cfg, q, k, v, s, g, hk0, hv0, doc)
   b, _, hq, _ = q.shape
   h = k.shape[2]
   cd = q.dtype
@@ -401,6 +741,8 @@ def _core_fwd(cfg, q, k, v, s, g, hk0, hv0, doc):
 
 
 def _core_bwd(cfg, saved, cts):
+  if cfg.impl == "chunk":
+    return _backward_cp(cfg, saved, cts)
   qp, kp, vp, sp, fg, bg, docp, hk0p, hv0p, z, hkt, hvt = saved
   do, dhkt, dhvt = cts
   b, tp, hq, _ = qp.shape
@@ -493,7 +835,8 @@ def gsa_pallas_gpu(
   low = None if cd == jnp.float32 else cd
   cfg = _Config(t=t, tp=tp, dk=dk, kp=kp, bk=bk, dv=dv, vp=vp, bv=bv, m=m, mp=mp, grp=hq // h, scale=float(scale),
                 chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
-                split_all=bs.split_all, interpret=bool(interpret))
+                split_all=bs.split_all, interpret=bool(interpret), state_block=bs.state_block,
+                state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages, impl=bs.impl)
 
   if segment_ids is None:
     reset = jnp.zeros((b, t), bool)
