@@ -169,7 +169,8 @@ import json, sys
 from tests.test_train import tiny_config, losses
 from gsa_jax.train import train_and_evaluate
 out = {}
-for name, (data, fsdp, tensor) in {"dp8": (8, 1, 1), "fsdp8": (1, 8, 1), "dp2_fsdp2_tp2": (2, 2, 2)}.items():
+for name, (data, fsdp, tensor) in {"dp8": (8, 1, 1), "fsdp8": (1, 8, 1), "dp2_fsdp2_tp2": (2, 2, 2),
+                                   "resumed": (2, 2, 2)}.items():
   c = tiny_config(sys.argv[1] + "/" + name, train__steps=4)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
   train_and_evaluate(c)
@@ -179,14 +180,21 @@ print("LOSSES" + json.dumps(out))
 
 
 def test_sharded_runs_match_single_device(tmp_path):
+  """dp, fsdp and dp x fsdp x tensor meshes on 8 fake CPU devices give the single-device losses; a run checkpointed
+  on 1 device resumes on the 8-device mesh."""
   single = tiny_config(tmp_path / "single", train__steps=4)
   train_and_evaluate(single)
   expected = [l for _, l in losses(single.workdir)]
+  resumed = tiny_config(tmp_path / "resumed", train__steps=4)
+  _preempt_after(resumed.workdir, 2)
+  with pytest.raises(Preempted):
+    train_and_evaluate(resumed)
   result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                           cwd=ROOT, timeout=600,
                           env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                                "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]
   sharded = json.loads(result.stdout.split("LOSSES")[-1])
+  assert set(sharded) == {"dp8", "fsdp8", "dp2_fsdp2_tp2", "resumed"}
   for name, values in sharded.items():
     np.testing.assert_allclose(values, expected, rtol=2e-5, err_msg=name)
