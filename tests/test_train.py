@@ -72,7 +72,7 @@ def run_train_py(*args, env=None, timeout=300):
     (["--config.mesh.data=3"], r"config.mesh: data x fsdp x tensor = 3 but there are 1 devices"),
     (["--config.train.batch_size=63", "--config.train.grad_accum_steps=2"],
      r"config.train.batch_size: 63 is not divisible by train.grad_accum_steps=2"),
-    (["--config.model.vocab_size=100"], r"config.model.vocab_size: 100 is smaller than the data's vocabulary"),
+    (["--config.model.vocab_size=10"], r"config.model.vocab_size: 10 is smaller than the data's vocabulary"),
     (["--config.train.nonfinite=ignore"], r"config.train.nonfinite: must be 'abort' or 'skip'"),
 ])
 def test_bad_config_fails_early_and_writes_nothing(tmp_path, args, message):
