@@ -64,7 +64,9 @@ def test_sigkill_three_times_then_resume_is_bit_identical(tmp_path, seed):
     while proc.poll() is None and time.monotonic() < deadline:
       rows = len(read_jsonl(crashed / "metrics.jsonl"))
       saving = any("tmp" in d for d in _checkpoint_dirs(crashed))
-      if (during_save and saving and rows > done_before) or (not during_save and rows >= target):
+      # The second kill aims at an async checkpoint write (its temporary directory is visible); if the write is
+      # too quick to catch, it falls back to a random step (leftover partial writes are also tested directly).
+      if (during_save and saving and rows > done_before) or rows >= target + (4 if during_save else 0):
         proc.send_signal(signal.SIGKILL)
         kills.append((rows, saving))
         break
