@@ -71,7 +71,46 @@ def mem_mb(jitted, args):
     return float("nan")
 
 
-def precision_table():
+def _forward_and_grads_with(x, bs):
+  from tests.test_pallas_gpu import _pallas_forward_and_grads  # noqa: PLC0415
+  return _pallas_forward_and_grads(x, interpret=False, segment_ids=None, chunk_size=bs.chunk, scale=1.0,
+                                   impl=bs.impl + ("_split_all" if bs.split_all else ""))
+
+
+def breakdown(b, t, h, d, m, repeats):
+  """Times each kernel of the chunk design alone (default block sizes) on padded random inputs."""
+  from pallas_kernels import gsa_gpu as G  # noqa: PLC0415
+  (q, k, v, s, g), do = make(b, t, h, d, m)
+  cfg = G._Config(t=t, tp=t, dk=d, kp=d, bk=64, dv=d, vp=d, bv=64, m=m, mp=m, grp=1, scale=1.0, chunk=64,
+                  num_warps=4, num_stages=1, low_precision=jnp.bfloat16, split_all=False, interpret=False)
+  doc = jnp.zeros((b, t), jnp.int32)
+  gates = G._chunk_gate_sums(g.astype(jnp.float32), 64)
+  h0k = jnp.zeros((b, h, d, m), jnp.float32)
+  h0v = jnp.zeros((b, h, m, d), jnp.float32)
+  p = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(3), (b, t, h, m)), -1)
+  hks, _ = G._cp_states(cfg, "gv", False, 1, k, s, gates, doc, h0k, "x")
+  hvs, _ = G._cp_states(cfg, "gk", False, 1, s, v, gates, doc, h0v, "x")
+  parts = {
+      "gate sums (XLA)": (lambda g: G._chunk_gate_sums(g.astype(jnp.float32), 64), (g,)),
+      "states gv (hk)": (lambda k, s, gt: G._cp_states(cfg, "gv", False, 1, k, s, gt, doc, h0k, "x"), (k, s, gates)),
+      "states gk (hv)": (lambda s, v, gt: G._cp_states(cfg, "gk", False, 1, s, v, gt, doc, h0v, "x"), (s, v, gates)),
+      "states gk rev (dhv)": (lambda p, do, gt: G._cp_states(cfg, "gk", True, 1, p, do, gt, doc, h0v, "x"),
+                              (p, do, gates)),
+      "out gv (logits)": (lambda q, k, s, gt, hs: G._cp_outputs(cfg, "gv", False, False, 1, 1, q, k, s, gt, doc, hs,
+                                                                jnp.float32, "x", 64), (q, k, s, gates, hks)),
+      "out gk (o)": (lambda p, s, v, gt, hs: G._cp_outputs(cfg, "gk", False, False, 1, 1, p, s, v, gt, doc, hs,
+                                                           jnp.bfloat16, "x", 64), (p, s, v, gates, hvs)),
+      "out gv rev T (ds2)": (lambda v, do, p, gt, hs: G._cp_outputs(cfg, "gv", True, True, 1, 1, v, do, p, gt, doc,
+                                                                    hs, jnp.float32, "x", 64), (v, do, p, gates, hvs)),
+      "out gk rev (dv)": (lambda s, p, do, gt, hs: G._cp_outputs(cfg, "gk", True, False, 1, 1, s, p, do, gt, doc, hs,
+                                                                 jnp.bfloat16, "x", 64), (s, p, do, gates, hvs)),
+  }
+  for name, (fn, args) in parts.items():
+    ms, _ = timed(jax.jit(fn), list(args), repeats)
+    print(f"breakdown B{b} T{t}: {name:<22} {ms:7.3f} ms", flush=True)
+
+
+def precision_table(block_sizes=None):
   """Relative L2 error of o, the final states and every gradient vs the float64 recurrence (random cotangent)."""
   sys.path.insert(0, ".")
   from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err  # noqa: PLC0415
@@ -80,9 +119,12 @@ def precision_table():
       x = make_inputs(7, b=2, t=512, hq=4, h=4, dk=64, dv=64, m=32, with_state=True, dtype=dtype)
       ref = forward_and_grads(cast(x, jnp.float64), backend="recurrent", scale=1.0)
       with jax.enable_x64(False):
-        got = forward_and_grads(cast(x, dtype), backend="pallas_gpu", scale=1.0)
+        if block_sizes is None:
+          got = forward_and_grads(cast(x, dtype), backend="pallas_gpu", scale=1.0)
+        else:
+          got = _forward_and_grads_with(cast(x, dtype), block_sizes)
       errs = {k: rel_err(got[k], ref[k]) for k in ref}
-      print(f"precision {jnp.dtype(dtype).name} B2 T512 H4 K=V=64 M32: worst {max(errs.values()):.2e}  " +
+      print(f"precision {block_sizes or 'default'} {jnp.dtype(dtype).name} B2 T512 H4 K=V=64 M32: worst {max(errs.values()):.2e}  " +
             " ".join(f"{k} {e:.1e}" for k, e in errs.items()), flush=True)
 
 
@@ -94,6 +136,7 @@ def main(argv=None):
                   help="comma-separated names of block-size variants (without the 'pallas ' prefix), or all")
   ap.add_argument("--no-chunked", action="store_true")
   ap.add_argument("--decode", action="store_true")
+  ap.add_argument("--breakdown", action="store_true", help="time each kernel of the chunk design alone")
   ap.add_argument("--precision", action="store_true",
                   help="relative L2 error vs float64 at B2 T512 H4 K=V=64 M32 (the anchors' precision shape)")
   args = ap.parse_args(argv)
@@ -104,6 +147,9 @@ def main(argv=None):
     variants = {
         "pallas w8": BlockSizes(num_warps=8),
         "pallas sb32": BlockSizes(state_block=32),
+        "pallas sb64": BlockSizes(state_block=64),
+        "pallas st2": BlockSizes(num_stages=2),
+        "pallas split_all": BlockSizes(split_all=True),
         "pallas sst1": BlockSizes(state_num_stages=1),
         "pallas b128 w8": BlockSizes(block_k=128, block_v=128, num_warps=8),
         "pallas c32": BlockSizes(chunk=32),
@@ -113,6 +159,13 @@ def main(argv=None):
     configs.update({k: v for k, v in variants.items() if wanted is None or k.removeprefix("pallas ") in wanted})
   if args.precision:
     precision_table()
+    precision_table(BlockSizes(split_all=True))
+  if args.breakdown:
+    for shape in args.shapes.split(";"):
+      try:
+        breakdown(*map(int, shape.split(",")), args.repeats)
+      except Exception as e:  # noqa: BLE001
+        print(f"breakdown {shape}: failed: {type(e).__name__}: {str(e)[:300]}")
   rows = []
   for shape in args.shapes.split(";"):
     b, t, h, d, m = map(int, shape.split(","))

@@ -66,7 +66,9 @@ def _pallas_forward_and_grads(inputs, *, interpret, segment_ids, chunk_size, sca
   def fn(*args):
     state = GSAState(*args[5:]) if has_state else None
     o, final = gsa_pallas_gpu(*args[:5], scale=scale, initial_state=state, segment_ids=segment_ids,
-                              block_sizes=BlockSizes(chunk=chunk_size, impl=impl), interpret=interpret)
+                              block_sizes=BlockSizes(chunk=chunk_size, impl=impl.removesuffix("_split_all"),
+                                                         split_all=impl.endswith("_split_all")),
+                              interpret=interpret)
     return o, final.hk, final.hv
 
   outs_shape = jax.eval_shape(fn, *args)
@@ -94,14 +96,14 @@ def x64():
 class TestPallasGPU:
   INTERPRET = False
   # "chunk" is the default design; "sequential" (the first design, kept for comparison) only compiled on GPU.
-  IMPLS = ("chunk", "sequential")
+  IMPLS = ("chunk", "chunk_split_all", "sequential")
 
   @pytest.fixture(autouse=True)
   def _need_gpu(self):
     if not self.INTERPRET and not ON_GPU:
       pytest.skip("compiled Triton kernels need a GPU (the interpreted class runs these cases on CPU)")
 
-  @pytest.mark.parametrize("impl", ["chunk", "sequential"])
+  @pytest.mark.parametrize("impl", ["chunk", "chunk_split_all", "sequential"])
   @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
   def test_matches_float64_recurrence(self, x64, case, impl):
     if impl not in self.IMPLS:
