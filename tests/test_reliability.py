@@ -243,7 +243,7 @@ def test_model_is_finite_in_bfloat16_with_large_activations():
                      use_short_conv=True)
   model = GSALM(config, rngs=nnx.Rngs(0))
   # Blow the embeddings up: activations of order 1e3 reach every layer.
-  model.embed.embedding.value = model.embed.embedding.value * 1e4
+  model.embed.embedding[...] = model.embed.embedding[...] * 1e4
   tokens = jax.random.randint(jax.random.key(1), (2, 300), 0, 64)
 
   def loss(model):
