@@ -132,8 +132,8 @@ def _poison_loss(monkeypatch, predicate):
   """Makes the loss NaN on the batches where predicate(tokens) holds (a traced, per-batch condition)."""
   original = trainer_lib._loss_sums
 
-  def poisoned(graphdef, params, batch):
-    total, aux = original(graphdef, params, batch)
+  def poisoned(graphdef, params, batch, *args):
+    total, aux = original(graphdef, params, batch, *args)
     return jnp.where(predicate(batch["tokens"]), jnp.nan, total), aux
 
   monkeypatch.setattr(trainer_lib, "_loss_sums", poisoned)

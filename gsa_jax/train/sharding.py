@@ -11,16 +11,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp additionally shards parameters
 
-# Parameter rules by the parameter's path, first match wins: one mesh axis (or None) per array dimension.
-# Input projections shard their output features over "tensor" and their input over "fsdp"; output projections
-# the other way round, so a block's matmuls need one reduction over "tensor" (the Megatron layout).
-_RULES = (
-    (r"\['embed'\]\['embedding'\]", ("tensor", "fsdp")),  # [vocab, hidden]
-    (r"\['lm_head'\]\['kernel'\]", ("fsdp", "tensor")),  # [hidden, vocab]
-    (r"\['(o_proj|down_proj)'\]\['kernel'\]", ("tensor", "fsdp")),  # [features, hidden]
-    (r"_proj'\]\['kernel'\]", ("fsdp", "tensor")),  # [hidden, features]
-    (r"_conv'\]\['weight'\]", (None, "tensor")),  # [width, features]
+# Logical axes -> mesh axes. Parameters and activations name logical axes; this table alone decides placement.
+LOGICAL_AXIS_RULES = {
+    "batch": BATCH_AXES,  # sequences of a batch
+    "embed": "fsdp",  # the model width, on parameters (fully sharded data parallel)
+    "features": "tensor",  # projected features: heads x head width, MLP hidden units (Megatron tensor parallel)
+    "vocab": "tensor",
+    "conv_width": None,
+    "length": None,
+}
+
+# Parameter logical axes by the parameter's path, first match wins. Input projections shard their output features
+# over "tensor" and output projections their input features, so a block's matmuls need one reduction over
+# "tensor" (the Megatron layout).
+_PARAM_AXES = (
+    (r"\['embed'\]\['embedding'\]", ("vocab", "embed")),
+    (r"\['lm_head'\]\['kernel'\]", ("embed", "vocab")),
+    (r"\['(o_proj|down_proj)'\]\['kernel'\]", ("features", "embed")),
+    (r"_proj'\]\['kernel'\]", ("embed", "features")),
+    (r"_conv'\]\['weight'\]", ("conv_width", "features")),
 )
+
+# Activation logical axes, for the largest activations the train step constrains.
+LOGITS_AXES = ("batch", "length", "vocab")
 
 
 def resolve_mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
@@ -46,11 +59,23 @@ def make_mesh(shape: tuple[int, int, int]) -> Mesh:
   return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
+def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Mesh PartitionSpec of logical axes; a mesh axis that does not divide its dimension is dropped (replicated)."""
+  def mesh_axes(name, dim):
+    target = LOGICAL_AXIS_RULES[name] if name is not None else None
+    if target is None:
+      return None
+    size = math.prod(mesh.shape[a] for a in ((target,) if isinstance(target, str) else target))
+    return target if dim % size == 0 else None
+
+  return P(*(mesh_axes(a, d) for a, d in zip(axes, shape)))
+
+
 def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """The PartitionSpec of a parameter; an axis that does not divide its dimension is dropped (replicated)."""
-  for pattern, axes in _RULES:
+  """The PartitionSpec of a parameter, from its logical axes (norm scales and unlisted parameters: replicated)."""
+  for pattern, axes in _PARAM_AXES:
     if re.search(pattern, path) and len(axes) == len(shape):
-      return P(*(a if a is not None and dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape)))
+      return logical_spec(axes, shape, mesh)
   return P()
 
 

@@ -79,21 +79,33 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> None:
   os.replace(tmp, saved_path)
 
 
-def _loss_sums(graphdef, params, batch):
-  """Summed cross-entropy, target count and correct predictions over a batch's loss_mask."""
+def _loss_sums(graphdef, params, batch, constrain=lambda x, axes: x):
+  """Summed cross-entropy, target count and correct predictions over a batch's loss_mask.
+
+  constrain(x, logical_axes) places an activation on the mesh (identity without one).
+  """
   model = nnx.merge(graphdef, params)
-  logits = model(batch["tokens"], batch["segment_ids"])  # float32 [b, t, vocab]
+  logits = constrain(model(batch["tokens"], batch["segment_ids"]), shd.LOGITS_AXES)  # float32 [b, t, vocab]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
   return jnp.sum(ce * mask), (jnp.sum(mask), jnp.sum(correct * mask))
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int):
+def activation_constraint(mesh):
+  """constrain(x, logical_axes) for `_loss_sums`: pins an activation's sharding by the logical-axis rules."""
+  def constrain(x, axes):
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, shd.logical_spec(axes, x.shape, mesh)))
+
+  return constrain
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
+                    constrain=lambda x, axes: x):
   """(state, batch) -> (state, metrics). The batch is split into micro-batches whose gradients are summed, so the
   result does not depend on grad_accum_steps. A step whose loss or gradient is not finite leaves params and
   optimizer state unchanged and increments the non-finite counters."""
-  grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, constrain), has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
@@ -128,9 +140,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
   return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, constrain=lambda x, axes: x):
   def eval_step(params, batch):
-    total, (count, correct) = _loss_sums(graphdef, params, batch)
+    total, (count, correct) = _loss_sums(graphdef, params, batch, constrain)
     return {"total": total, "count": count, "correct": correct}
 
   return eval_step
@@ -167,10 +179,11 @@ class _Run:
     self.init_state = jax.jit(init_state, out_shardings=self.state_shardings)
     self.batch_sharding = shd.batch_sharding(self.mesh)
     self.train_step = jax.jit(
-        make_train_step(self.graphdef, self.tx, self.schedule, config.train.grad_accum_steps),
+        make_train_step(self.graphdef, self.tx, self.schedule, config.train.grad_accum_steps,
+                        activation_constraint(self.mesh)),
         in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=(self.state_shardings, rep),
         donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.graphdef), in_shardings=(param_sh, self.batch_sharding),
+    self.eval_step = jax.jit(make_eval_step(self.graphdef, activation_constraint(self.mesh)), in_shardings=(param_sh, self.batch_sharding),
                              out_shardings=rep)
 
   def iterator(self, split: str):
