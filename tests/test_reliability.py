@@ -253,3 +253,23 @@ def test_model_is_finite_in_bfloat16_with_large_activations():
   value, grads = nnx.value_and_grad(loss)(model)
   assert np.isfinite(float(value))
   assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("backend", ["chunked", "recurrent"])
+def test_model_is_finite_at_65536_tokens(backend):
+  from flax import nnx
+
+  from gsa_jax.models import GSALM, GSAConfig
+
+  config = GSAConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=1, num_slots=4, intermediate_size=32,
+                     use_short_conv=True, backend=backend, chunk_size=16, gate_logit_normalizer=0.1)
+  model = GSALM(config, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(2), (1, 65_536), 0, 64)
+
+  @nnx.jit
+  def value_and_grad(model):
+    return nnx.value_and_grad(lambda m: jnp.mean(jax.nn.logsumexp(m(tokens), -1)))(model)
+
+  value, grads = value_and_grad(model)
+  assert np.isfinite(float(value))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
