@@ -12,7 +12,6 @@ back-to-back calls ("loop"). Memory: XLA's compiled memory analysis (temporaries
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 

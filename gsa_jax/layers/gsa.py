@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsa_jax.layers.common import (RMSNorm, ShortConvolution, TokenLayout, apply_rope, fan_in_init,
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, fan_in_init,
                                    next_positions, previous_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 

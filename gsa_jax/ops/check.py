@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                                                 args.chunk_size)
       try:
         o, grads = fwd_bwd(*call_args)
-      except NotImplementedError as e:
+      except NotImplementedError:
         rows.append((backend, dtype_name, "not implemented", "", "", "", ""))
         continue
       err_o = _rel(o, ref_o)

@@ -45,7 +45,10 @@ def maybe_initialize_distributed() -> None:
   multi = (os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
            or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
   if multi and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+    # jax reads JAX_COORDINATOR_ADDRESS itself, but the process count and id only from a detected cluster
+    # (SLURM, TPU, Open MPI, k8s): JAX_NUM_PROCESSES / JAX_PROCESS_ID give them explicitly anywhere else.
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=int(count) if count else None, process_id=int(index) if index else None)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict) -> None:
