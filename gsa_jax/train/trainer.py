@@ -70,8 +70,23 @@ def prepare_workdir(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"workdir {workdir!r} is not empty and holds no config.json (not a run of this trainer). "
                         "Use another --config.workdir, or --config.overwrite=True to delete its contents.")
     start_over = True
-  if jax.process_index() != 0:
-    return
+  # Every process has checked the directory before process 0 changes it, and none goes on before it is written.
+  _barrier("workdir checked")
+  if jax.process_index() == 0:
+    _write_workdir(config, start_over)
+  _barrier("workdir written")
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _write_workdir(config: ml_collections.ConfigDict, start_over: bool) -> None:
+  workdir = config.workdir
+  saved_path = os.path.join(workdir, "config.json")
   if start_over:
     _log.warning("config.overwrite=True: deleting the run in %s", workdir)
     shutil.rmtree(workdir)
