@@ -3,8 +3,8 @@
     python benchmarks/bench_train.py --config=configs/gsa_1p3b.py --config.train.batch_size=4 \
         --config.train.seq_len=4096
 
-The model, optimizer, sharding, jit and donation are exactly train.py's (`gsa_jax.train.trainer._Run`); only the
-data differs: uniformly random tokens generated on the host (no data pipeline, so the figure is the device's).
+The model, optimizer, sharding, jit and donation are exactly train.py's (`gsa_jax.train.trainer.TrainRun`); only
+the data differs: uniformly random tokens generated on the host (no data pipeline, so the figure is the device's).
 Warm-up steps are excluded; the timed steps run back to back with one synchronization at the end, as in training.
 Peak memory is the device's `peak_bytes_in_use` over the whole process (compilation and warm-up included).
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gsa_jax.train.config import check_mesh, model_flops_per_token, validate_config  # noqa: E402
 from gsa_jax.train.metrics import peak_flops  # noqa: E402
-from gsa_jax.train.trainer import _Run  # noqa: E402
+from gsa_jax.train.trainer import TrainRun  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gsa_1p3b.py", "training config", lock_config=True)
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
@@ -43,7 +43,7 @@ def main(argv):
   config = _CONFIG.value
   model_cfg = validate_config(config, check_data=False)
   mesh_shape = check_mesh(config, jax.device_count(), jax.process_count())
-  run = _Run(config, model_cfg, mesh_shape)
+  run = TrainRun(config, model_cfg, mesh_shape)
   t = config.train
   rng = np.random.default_rng(0)
   # A few distinct batches, cycled: host-side generation stays out of the timed loop.

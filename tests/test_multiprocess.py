@@ -118,7 +118,7 @@ def _reference_run(workdir, monkeypatch):
                                         seq_len=c.train.seq_len, seed=c.train.seed, shard_index=i,
                                         shard_count=PROCESSES) for i in range(PROCESSES)])
 
-  monkeypatch.setattr(trainer_lib._Run, "iterator", iterator)
+  monkeypatch.setattr(trainer_lib.TrainRun, "iterator", iterator)
   config = tiny_config(workdir, train__steps=STEPS)
   assert config.train.batch_size == 8
   train_and_evaluate(config)

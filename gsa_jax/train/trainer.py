@@ -166,8 +166,11 @@ def make_eval_step(graphdef, constrain=lambda x, axes: x):
   return eval_step
 
 
-class _Run:
-  """Per-run pieces shared by the loop's helpers."""
+class TrainRun:
+  """One training run's compiled pieces: mesh, optimizer, shardings, the jitted train and eval steps, iterators.
+
+  Shared by `train_and_evaluate` and `benchmarks/bench_train.py`, so the benchmark times the exact train step.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, model_cfg: GSAConfig, mesh_shape):
     self.config, self.model_cfg = config, model_cfg
@@ -249,7 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.train.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache))
 
-  run = _Run(config, model_cfg, mesh_shape)
+  run = TrainRun(config, model_cfg, mesh_shape)
   t = config.train
   ckpt = Checkpointer(os.path.join(os.path.abspath(config.workdir), "checkpoints"), keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
