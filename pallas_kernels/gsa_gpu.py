@@ -607,18 +607,20 @@ def _chunk_gate_sums(g, chunk):
   return sums(_SUB) + sums(chunk)
 
 
-def _forward_cp(cfg: "_Config", q, k, v, s, g, hk0, hv0, doc):
+def _pad_inputs(cfg: "_Config", q, k, v, s, g, hk0, hv0, doc):
+  """Pads T to the chunk grid and K, V, M to the kernel widths (zeros; doc ids repeat the last one)."""
   b, _, hq, _ = q.shape
   h = k.shape[2]
-  cd = q.dtype
-  qp = _pad_to(q, (b, cfg.tp, hq, cfg.kp))
-  kp = _pad_to(k, (b, cfg.tp, h, cfg.kp))
-  vp = _pad_to(v, (b, cfg.tp, h, cfg.vp))
-  sp = _pad_to(s, (b, cfg.tp, h, cfg.mp))
-  gp = _pad_to(g, (b, cfg.tp, h, cfg.mp))
   docp = jnp.pad(doc, ((0, 0), (0, cfg.tp - cfg.t)), mode="edge") if cfg.tp != cfg.t else doc
-  hk0p = _pad_to(hk0, (b, h, cfg.kp, cfg.mp))
-  hv0p = _pad_to(hv0, (b, h, cfg.mp, cfg.vp))
+  return (_pad_to(q, (b, cfg.tp, hq, cfg.kp)), _pad_to(k, (b, cfg.tp, h, cfg.kp)), _pad_to(v, (b, cfg.tp, h, cfg.vp)),
+          _pad_to(s, (b, cfg.tp, h, cfg.mp)), _pad_to(g, (b, cfg.tp, h, cfg.mp)), _pad_to(hk0, (b, h, cfg.kp, cfg.mp)),
+          _pad_to(hv0, (b, h, cfg.mp, cfg.vp)), docp)
+
+
+def _forward_cp(cfg: "_Config", q, k, v, s, g, hk0, hv0, doc):
+  b, _, hq, _ = q.shape
+  cd = q.dtype
+  qp, kp, vp, sp, gp, hk0p, hv0p, docp = _pad_inputs(cfg, q, k, v, s, g, hk0, hv0, doc)
   gates = _chunk_gate_sums(gp, cfg.chunk)
   hks, hkt = _cp_states(cfg, "gv", False, 1, kp, sp, gates, docp, hk0p, "gsa_fwd_key_states")
   z = _cp_outputs(cfg, "gv", False, False, cfg.grp, 1, qp, kp, sp, gates, docp, hks, jnp.float32,
@@ -716,16 +718,8 @@ def _forward(cfg: _Config, q, k, v, s, g, hk0, hv0, doc):
   if cfg.impl == "chunk":
     return _forward_cp(cfg, q, k, v, s, g, hk0, hv0, doc)
   b, _, hq, _ = q.shape
-  h = k.shape[2]
   cd = q.dtype
-  qp = _pad_to(q, (b, cfg.tp, hq, cfg.kp))
-  kp = _pad_to(k, (b, cfg.tp, h, cfg.kp))
-  vp = _pad_to(v, (b, cfg.tp, h, cfg.vp))
-  sp = _pad_to(s, (b, cfg.tp, h, cfg.mp))
-  gp = _pad_to(g, (b, cfg.tp, h, cfg.mp))
-  docp = jnp.pad(doc, ((0, 0), (0, cfg.tp - cfg.t)), mode="edge") if cfg.tp != cfg.t else doc
-  hk0p = _pad_to(hk0, (b, h, cfg.kp, cfg.mp))
-  hv0p = _pad_to(hv0, (b, h, cfg.mp, cfg.vp))
+  qp, kp, vp, sp, gp, hk0p, hv0p, docp = _pad_inputs(cfg, q, k, v, s, g, hk0, hv0, doc)
   fg, bg = _gate_sums(gp)
   zpart, hkt = _gla(cfg.call("gv", False, cfg.grp, 1, cfg.bk), qp, kp, sp, fg, bg, docp, hk0p, jnp.float32,
                     "gsa_fwd_slot_logits")
