@@ -147,8 +147,10 @@ def main(argv=None):
         "pallas w8": BlockSizes(num_warps=8),
         "pallas sb32": BlockSizes(state_block=32),
         "pallas sb64": BlockSizes(state_block=64),
-        "pallas st2": BlockSizes(num_stages=2),
-        "pallas split_all": BlockSizes(split_all=True),
+        "pallas sb16": BlockSizes(state_block=16),
+        "pallas st1": BlockSizes(num_stages=1),
+        "pallas recompute": BlockSizes(recompute_states=True),
+        "pallas no_split": BlockSizes(split_all=False),
         "pallas sst1": BlockSizes(state_num_stages=1),
         "pallas b128 w8": BlockSizes(block_k=128, block_v=128, num_warps=8),
         "pallas c32": BlockSizes(chunk=32),
@@ -158,7 +160,7 @@ def main(argv=None):
     configs.update({k: v for k, v in variants.items() if wanted is None or k.removeprefix("pallas ") in wanted})
   if args.precision:
     precision_table()
-    precision_table(BlockSizes(split_all=True))
+    precision_table(BlockSizes(split_all=False))
   if args.breakdown:
     for shape in args.shapes.split(";"):
       try:

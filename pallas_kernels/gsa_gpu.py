@@ -23,8 +23,8 @@ Each attention is two kernels. `_state_kernel`: one program per (state slice, ba
 per chunk is one state update (a [64 x slice] product). `_out_kernel`: one program per (chunk, batch, kv head),
 fully parallel, computes that chunk's outputs: the intra-chunk part on 16-row sub-chunks plus the inter-chunk part
 from the stored state, walking the wide feature axis (dk or dv) in blocks. The forward writes two state tensors
-(hk, hv); the backward recomputes them and writes the two reverse ones (dhk, dhv: dk and ds1 share one, dv and ds2
-the other), so it is 4 state kernels + 6 output kernels. Grouped-query heads of one kv head are handled inside
+(hk, hv) and keeps them for the backward (`recompute_states=True` recomputes them instead), which writes the two
+reverse ones (dhk, dhv: dk and ds1 share one, dv and ds2 the other): 2 state kernels + 6 output kernels. Grouped-query heads of one kv head are handled inside
 one program (k, v, s, g are never repeated); the group's query heads are summed inside the reverse state kernels.
 
 The first design (`impl="sequential"`, kept for comparison): one program per (feature block, batch, kv head)
@@ -83,7 +83,7 @@ class BlockSizes:
   block_k: int = 64
   block_v: int = 64
   num_warps: int = 4
-  num_stages: int = 1
+  num_stages: int = 2
   state_block: int | None = None  # None: 64, or 32 where slices of 64 would give fewer than 128 programs
   state_num_warps: int = 4
   state_num_stages: int = 2
@@ -92,6 +92,9 @@ class BlockSizes:
   # same for every float32 operand of the intra-chunk products. Measured on the H100 (B2 T512 H4 K=V=64 M32, bf16,
   # vs float64): worst relative L2 error 3.2e-3 (dg) without, 1.8e-3 with, for about 8% more time.
   split_all: bool = True
+  # The forward's chunk states ([b, h, T / chunk, dk, m] and [b, h, T / chunk, m, dv], float32) are kept for the
+  # backward (saves two of its sequential state passes) unless `recompute_states`, which saves that memory.
+  recompute_states: bool = False
 
 
 @functools.cache
@@ -629,12 +632,13 @@ def _forward_cp(cfg: "_Config", q, k, v, s, g, hk0, hv0, doc):
   p = _softmax(z, cfg.m)
   hvs, hvt = _cp_states(cfg, "gk", False, 1, sp, vp, gates, docp, hv0p, "gsa_fwd_value_states")
   o = _cp_outputs(cfg, "gk", False, False, cfg.grp, 1, p, sp, vp, gates, docp, hvs, cd, "gsa_fwd_output", cfg.bv)
-  residuals = (qp, kp, vp, sp, gp, docp, hk0p, hv0p, z, hkt, hvt)
+  states = None if cfg.recompute_states else (hks, hvs)
+  residuals = (qp, kp, vp, sp, gp, docp, hk0p, hv0p, z, hkt, hvt, states)
   return (o, hkt, hvt), residuals
 
 
 def _backward_cp(cfg: "_Config", saved, cts):
-  qp, kp, vp, sp, gp, docp, hk0p, hv0p, z, hkt, hvt = saved
+  qp, kp, vp, sp, gp, docp, hk0p, hv0p, z, hkt, hvt, states = saved
   do, dhkt, dhvt = cts
   b, tp, hq, _ = qp.shape
   h = kp.shape[2]
@@ -648,9 +652,11 @@ def _backward_cp(cfg: "_Config", saved, cts):
   gates = _chunk_gate_sums(gp, cfg.chunk)
   grp = cfg.grp
 
-  # Forward chunk states again (cheaper in memory than saving them).
-  hks, _ = _cp_states(cfg, "gv", False, 1, kp, sp, gates, docp, hk0p, "gsa_bwd_key_states")
-  hvs, _ = _cp_states(cfg, "gk", False, 1, sp, vp, gates, docp, hv0p, "gsa_bwd_value_states")
+  if states is None:
+    hks, _ = _cp_states(cfg, "gv", False, 1, kp, sp, gates, docp, hk0p, "gsa_bwd_key_states")
+    hvs, _ = _cp_states(cfg, "gk", False, 1, sp, vp, gates, docp, hv0p, "gsa_bwd_value_states")
+  else:
+    hks, hvs = states
   dp = _cp_outputs(cfg, "gv", False, True, grp, 1, dop, vp, sp, gates, docp, hvs, jnp.float32, "gsa_bwd_dp",
                    cfg.bv)
   dz = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
@@ -708,6 +714,7 @@ class _Config:
   state_num_warps: int = 4
   state_num_stages: int = 2
   impl: str = "chunk"
+  recompute_states: bool = False
 
   def call(self, kind, reverse, gq, gk, block):
     return _Call(kind, reverse, gq, gk, block, self.chunk, self.num_warps, self.num_stages, self.low_precision,
@@ -842,7 +849,8 @@ def gsa_pallas_gpu(
   cfg = _Config(t=t, tp=tp, dk=dk, kp=kp, bk=bk, dv=dv, vp=vp, bv=bv, m=m, mp=mp, grp=hq // h, scale=float(scale),
                 chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
                 split_all=bs.split_all, interpret=bool(interpret), state_block=bs.state_block,
-                state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages, impl=bs.impl)
+                state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages, impl=bs.impl,
+                recompute_states=bs.recompute_states)
 
   if segment_ids is None:
     reset = jnp.zeros((b, t), bool)

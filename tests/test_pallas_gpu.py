@@ -9,6 +9,7 @@ runs the same cases compiled through Triton and is skipped unless JAX's default 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -56,8 +57,17 @@ TOL = {"float32": 1e-4, "bfloat16": 2.5e-3}
 TOL_MIXED_GATES = 5e-4
 
 
+# Kernel configurations under test: the default, and each switch away from it.
+VARIANTS = {
+    "default": BlockSizes(),
+    "no_split": BlockSizes(split_all=False),
+    "recompute_states": BlockSizes(recompute_states=True),
+    "sequential": BlockSizes(impl="sequential"),
+}
+
+
 def _pallas_forward_and_grads(inputs, *, interpret, segment_ids, chunk_size, scale=0.7, cotangent_seed=0,
-                              impl="chunk"):
+                              variant="default"):
   """As tests.gsa_testing.forward_and_grads, through gsa_pallas_gpu with `interpret` threaded through."""
   names = list("qkvsg")
   has_state = "initial_state" in inputs
@@ -66,8 +76,7 @@ def _pallas_forward_and_grads(inputs, *, interpret, segment_ids, chunk_size, sca
   def fn(*args):
     state = GSAState(*args[5:]) if has_state else None
     o, final = gsa_pallas_gpu(*args[:5], scale=scale, initial_state=state, segment_ids=segment_ids,
-                              block_sizes=BlockSizes(chunk=chunk_size, impl=impl.removesuffix("_split_all"),
-                                                         split_all=impl.endswith("_split_all")),
+                              block_sizes=dataclasses.replace(VARIANTS[variant], chunk=chunk_size),
                               interpret=interpret)
     return o, final.hk, final.hv
 
@@ -95,19 +104,19 @@ def x64():
 
 class TestPallasGPU:
   INTERPRET = False
-  # "chunk" is the default design; "sequential" (the first design, kept for comparison) only compiled on GPU.
-  IMPLS = ("chunk", "chunk_split_all", "sequential")
+  # Every variant compiled on GPU; the interpreter (slow) runs the default only.
+  VARIANTS = tuple(VARIANTS)
 
   @pytest.fixture(autouse=True)
   def _need_gpu(self):
     if not self.INTERPRET and not ON_GPU:
       pytest.skip("compiled Triton kernels need a GPU (the interpreted class runs these cases on CPU)")
 
-  @pytest.mark.parametrize("impl", ["chunk", "chunk_split_all", "sequential"])
+  @pytest.mark.parametrize("variant", list(VARIANTS))
   @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
-  def test_matches_float64_recurrence(self, x64, case, impl):
-    if impl not in self.IMPLS:
-      pytest.skip(f"impl {impl!r} is not run by {type(self).__name__}")
+  def test_matches_float64_recurrence(self, x64, case, variant):
+    if variant not in self.VARIANTS:
+      pytest.skip(f"variant {variant!r} is not run by {type(self).__name__}")
     t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments = CASES[case]
     dtype = jnp.dtype(dtype)
     b = 2
@@ -116,7 +125,7 @@ class TestPallasGPU:
     segment_ids = jnp.asarray(SEGMENTS[:, :t]) if segments else None
     with jax.enable_x64(False):
       got = _pallas_forward_and_grads(cast(x, dtype), interpret=self.INTERPRET, segment_ids=segment_ids,
-                                      chunk_size=chunk, impl=impl)
+                                      chunk_size=chunk, variant=variant)
     ref = forward_and_grads(cast(x, jnp.float64), backend="recurrent", scale=0.7, segment_ids=segment_ids)
     assert set(got) == set(ref)
     assert got["o"].dtype == dtype and got["hk"].dtype == jnp.float32
@@ -143,7 +152,7 @@ class TestPallasGPU:
 
 class TestPallasGPUInterpret(TestPallasGPU):
   INTERPRET = True
-  IMPLS = ("chunk",)
+  VARIANTS = ("default",)
 
 
 def test_auto_picks_pallas_gpu_on_gpu():
