@@ -192,6 +192,21 @@ def test_layer_gradients_finite_in_bf16():
   assert all(float(jnp.abs(g).max()) > 0 for g in leaves)
 
 
+@pytest.mark.parametrize("forget_gate", [True, False])
+def test_op_gets_compute_dtype_inputs_and_float32_gates(monkeypatch, forget_gate):
+  """A float32 input among bf16 ones would promote the whole op to float32 (25x slower kernels on GPU)."""
+  import gsa_jax.layers.gsa as gsa_module  # noqa: PLC0415
+  op, seen = gsa_module.gated_slot_attention, {}
+
+  def spy(q, k, v, s, g, **kw):
+    seen.update(q=q.dtype, k=k.dtype, v=v.dtype, s=s.dtype, g=g.dtype)
+    return op(q, k, v, s, g, **kw)
+
+  monkeypatch.setattr(gsa_module, "gated_slot_attention", spy)
+  layer(dtype=jnp.bfloat16, forget_gate=forget_gate)(inputs(7, dtype=jnp.bfloat16))
+  assert seen == dict(q=jnp.bfloat16, k=jnp.bfloat16, v=jnp.bfloat16, s=jnp.bfloat16, g=jnp.float32)
+
+
 @pytest.mark.parametrize("kw,field", [
     (dict(hidden_size=30, num_heads=4), "hidden_size"),
     (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
