@@ -12,16 +12,21 @@ back-to-back calls ("loop"). Memory: XLA's compiled memory analysis (temporaries
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsa_jax.ops import gated_slot_attention
-from pallas_kernels import BlockSizes, gsa_decode_step, gsa_pallas_gpu
-from gsa_jax.ops.common import GSAState
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.profiling import print_profile_summary  # noqa: E402
+from gsa_jax.ops import gated_slot_attention  # noqa: E402
+from gsa_jax.ops.common import GSAState  # noqa: E402
+from pallas_kernels import BlockSizes, gsa_decode_step, gsa_pallas_gpu  # noqa: E402
 
 
 def make(b, t, h, d, m, dtype=jnp.bfloat16, seed=0):
@@ -72,46 +77,25 @@ def mem_mb(jitted, args):
 
 def _forward_and_grads_with(x, bs):
   from tests.test_pallas_gpu import _pallas_forward_and_grads  # noqa: PLC0415
-  return _pallas_forward_and_grads(x, interpret=False, segment_ids=None, chunk_size=bs.chunk, scale=1.0,
-                                   impl=bs.impl + ("_split_all" if bs.split_all else ""))
+  return _pallas_forward_and_grads(x, interpret=False, segment_ids=None, block_sizes=bs, scale=1.0)
 
 
-def breakdown(b, t, h, d, m, repeats):
-  """Times each kernel of the chunk design alone (default block sizes) on padded random inputs."""
-  from pallas_kernels import gsa_gpu as G  # noqa: PLC0415
-  (q, k, v, s, g), do = make(b, t, h, d, m)
-  cfg = G._Config(t=t, tp=t, dk=d, kp=d, bk=64, dv=d, vp=d, bv=64, m=m, mp=m, grp=1, scale=1.0, chunk=64,
-                  num_warps=4, num_stages=1, low_precision=jnp.bfloat16, split_all=False, interpret=False)
-  doc = jnp.zeros((b, t), jnp.int32)
-  gates = G._chunk_gate_sums(g.astype(jnp.float32), 64)
-  h0k = jnp.zeros((b, h, d, m), jnp.float32)
-  h0v = jnp.zeros((b, h, m, d), jnp.float32)
-  p = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(3), (b, t, h, m)), -1)
-  hks, _ = G._cp_states(cfg, "gv", False, 1, k, s, gates, doc, h0k, "x")
-  hvs, _ = G._cp_states(cfg, "gk", False, 1, s, v, gates, doc, h0v, "x")
-  parts = {
-      "gate sums (XLA)": (lambda g: G._chunk_gate_sums(g.astype(jnp.float32), 64), (g,)),
-      "states gv (hk)": (lambda k, s, gt: G._cp_states(cfg, "gv", False, 1, k, s, gt, doc, h0k, "x"), (k, s, gates)),
-      "states gk (hv)": (lambda s, v, gt: G._cp_states(cfg, "gk", False, 1, s, v, gt, doc, h0v, "x"), (s, v, gates)),
-      "states gk rev (dhv)": (lambda p, do, gt: G._cp_states(cfg, "gk", True, 1, p, do, gt, doc, h0v, "x"),
-                              (p, do, gates)),
-      "out gv (logits)": (lambda q, k, s, gt, hs: G._cp_outputs(cfg, "gv", False, False, 1, 1, q, k, s, gt, doc, hs,
-                                                                jnp.float32, "x", 64), (q, k, s, gates, hks)),
-      "out gk (o)": (lambda p, s, v, gt, hs: G._cp_outputs(cfg, "gk", False, False, 1, 1, p, s, v, gt, doc, hs,
-                                                           jnp.bfloat16, "x", 64), (p, s, v, gates, hvs)),
-      "out gv rev T (ds2)": (lambda v, do, p, gt, hs: G._cp_outputs(cfg, "gv", True, True, 1, 1, v, do, p, gt, doc,
-                                                                    hs, jnp.float32, "x", 64), (v, do, p, gates, hvs)),
-      "out gk rev (dv)": (lambda s, p, do, gt, hs: G._cp_outputs(cfg, "gk", True, False, 1, 1, s, p, do, gt, doc, hs,
-                                                                 jnp.bfloat16, "x", 64), (s, p, do, gates, hvs)),
-  }
-  for name, (fn, args) in parts.items():
-    ms, _ = timed(jax.jit(fn), list(args), repeats)
-    print(f"breakdown B{b} T{t}: {name:<22} {ms:7.3f} ms", flush=True)
+def profile(b, t, h, d, m, block_sizes, calls=5):
+  """Device time of each kernel in `calls` forward+backward passes, from a jax.profiler trace."""
+  xs, do = make(b, t, h, d, m)
+  _, fwd_bwd = programs(lambda q, k, v, s, g: gsa_pallas_gpu(q, k, v, s, g, scale=1.0, block_sizes=block_sizes)[0])
+  jax.block_until_ready(fwd_bwd(*xs, do))
+  path = tempfile.mkdtemp(prefix="gsa_profile_")
+  with jax.profiler.trace(path, create_perfetto_trace=True):
+    for _ in range(calls):
+      out = fwd_bwd(*xs, do)
+    jax.block_until_ready(out)
+  print(f"profile B{b} T{t} H{h} K=V{d} M{m}, {block_sizes}:")
+  print_profile_summary(path, steps=calls, unit="call", top=20)
 
 
 def precision_table(block_sizes=None):
   """Relative L2 error of o, the final states and every gradient vs the float64 recurrence (random cotangent)."""
-  sys.path.insert(0, ".")
   from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err  # noqa: PLC0415
   with jax.enable_x64(True):
     for dtype in (jnp.bfloat16, jnp.float32):
@@ -135,7 +119,7 @@ def main(argv=None):
                   help="comma-separated names of block-size variants (without the 'pallas ' prefix), or all")
   ap.add_argument("--no-chunked", action="store_true")
   ap.add_argument("--decode", action="store_true")
-  ap.add_argument("--breakdown", action="store_true", help="time each kernel of the chunk design alone")
+  ap.add_argument("--profile", action="store_true", help="device time of each kernel (default block sizes)")
   ap.add_argument("--precision", action="store_true",
                   help="relative L2 error vs float64 at B2 T512 H4 K=V=64 M32 (the anchors' precision shape)")
   args = ap.parse_args(argv)
@@ -161,12 +145,9 @@ def main(argv=None):
   if args.precision:
     precision_table()
     precision_table(BlockSizes(split_all=False))
-  if args.breakdown:
+  if args.profile:
     for shape in args.shapes.split(";"):
-      try:
-        breakdown(*map(int, shape.split(",")), args.repeats)
-      except Exception as e:  # noqa: BLE001
-        print(f"breakdown {shape}: failed: {type(e).__name__}: {str(e)[:300]}")
+      profile(*map(int, shape.split(",")), BlockSizes())
   rows = []
   for shape in args.shapes.split(";"):
     b, t, h, d, m = map(int, shape.split(","))

@@ -11,10 +11,6 @@ Peak memory is the device's `peak_bytes_in_use` over the whole process (compilat
 
 from __future__ import annotations
 
-import collections
-import glob
-import gzip
-import json
 import os
 import sys
 import time
@@ -29,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gsa_jax.train.config import check_mesh, model_flops_per_token, validate_config  # noqa: E402
 from gsa_jax.train.metrics import peak_flops  # noqa: E402
 from gsa_jax.train.trainer import TrainRun  # noqa: E402
+from benchmarks.profiling import print_profile_summary  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gsa_1p3b.py", "training config", lock_config=True)
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
@@ -40,34 +37,6 @@ def synthetic_batch(rng, batch_size, seq_len, vocab):
   tokens = rng.integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32)
   return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch_size, seq_len), np.int32),
           "loss_mask": np.ones((batch_size, seq_len), np.float32)}
-
-
-def print_profile_summary(profile_dir: str, steps: int, top: int = 25) -> None:
-  """Top device ops by total time, from the Perfetto trace `jax.profiler.trace` wrote under profile_dir."""
-  paths = sorted(glob.glob(os.path.join(profile_dir, "**", "perfetto_trace.json.gz"), recursive=True))
-  if not paths:
-    print(f"profile: no perfetto_trace.json.gz under {profile_dir}")
-    return
-  with gzip.open(paths[-1], "rt") as f:
-    events = json.load(f)["traceEvents"]
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, name in names.items() if "/device:GPU" in name or "/device:TPU" in name}
-  totals = collections.defaultdict(float)
-  counts = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in device:
-      totals[e["name"]] += e.get("dur", 0.0)
-      counts[e["name"]] += 1
-  busy = sum(totals.values())
-  if not busy:
-    print(f"profile: no device events in {paths[-1]} (processes: {sorted(set(names.values()))[:8]})")
-    return
-  print(f"profile: {paths[-1]}")
-  print(f"device busy ms per step (sum over streams): {busy / 1e3 / steps:.1f}")
-  print(f"{'op':<70} | {'ms/step':>8} | {'%':>5} | calls/step")
-  for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
-    print(f"{name[:70]:<70} | {dur / 1e3 / steps:8.2f} | {100 * dur / busy:5.1f} | {counts[name] / steps:.0f}")
 
 
 def main(argv):
@@ -94,7 +63,7 @@ def main(argv):
       for i in range(3):
         state, metrics = step(state, batches[i % 4])
       jax.block_until_ready(metrics["loss"])
-    print_profile_summary(_PROFILE.value, steps=3)
+    print_profile_summary(_PROFILE.value, steps=3, unit="step")
   start = time.perf_counter()
   for i in range(_STEPS.value):
     state, metrics = step(state, batches[i % 4])

@@ -66,8 +66,7 @@ VARIANTS = {
 }
 
 
-def _pallas_forward_and_grads(inputs, *, interpret, segment_ids, chunk_size, scale=0.7, cotangent_seed=0,
-                              variant="default"):
+def _pallas_forward_and_grads(inputs, *, interpret, segment_ids, block_sizes, scale=0.7, cotangent_seed=0):
   """As tests.gsa_testing.forward_and_grads, through gsa_pallas_gpu with `interpret` threaded through."""
   names = list("qkvsg")
   has_state = "initial_state" in inputs
@@ -76,7 +75,7 @@ def _pallas_forward_and_grads(inputs, *, interpret, segment_ids, chunk_size, sca
   def fn(*args):
     state = GSAState(*args[5:]) if has_state else None
     o, final = gsa_pallas_gpu(*args[:5], scale=scale, initial_state=state, segment_ids=segment_ids,
-                              block_sizes=dataclasses.replace(VARIANTS[variant], chunk=chunk_size),
+                              block_sizes=block_sizes,
                               interpret=interpret)
     return o, final.hk, final.hv
 
@@ -125,7 +124,7 @@ class TestPallasGPU:
     segment_ids = jnp.asarray(SEGMENTS[:, :t]) if segments else None
     with jax.enable_x64(False):
       got = _pallas_forward_and_grads(cast(x, dtype), interpret=self.INTERPRET, segment_ids=segment_ids,
-                                      chunk_size=chunk, variant=variant)
+                                      block_sizes=dataclasses.replace(VARIANTS[variant], chunk=chunk))
     ref = forward_and_grads(cast(x, jnp.float64), backend="recurrent", scale=0.7, segment_ids=segment_ids)
     assert set(got) == set(ref)
     assert got["o"].dtype == dtype and got["hk"].dtype == jnp.float32
