@@ -63,7 +63,7 @@ def main(argv):
       for i in range(3):
         state, metrics = step(state, batches[i % 4])
       jax.block_until_ready(metrics["loss"])
-    print_profile_summary(_PROFILE.value, steps=3, unit="step")
+    print_profile_summary(_PROFILE.value, steps=3, unit="step", top=60)
   start = time.perf_counter()
   for i in range(_STEPS.value):
     state, metrics = step(state, batches[i % 4])
