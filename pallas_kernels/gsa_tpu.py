@@ -113,6 +113,11 @@ def _dot(a, b, ta=False, tb=False):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
 
 
+def _select(sel, x):
+  """sel @ x for a 0/1 matrix sel: exact, in x's dtype on the MXU (bf16 natively)."""
+  return _dot(sel.astype(x.dtype), x)
+
+
 def _iota(shape, dim):
   return lax.broadcasted_iota(jnp.int32, shape, dim)
 
@@ -128,7 +133,8 @@ class _Decays(NamedTuple):
   Forward (a query row t sees key rows j <= t; the decay is exp(sum_{j < i <= t} g_i)):
     qf [c, m]   from the start of t's sub-chunk to t (inclusive).
     kf[a] [16a, m]  from key row j (exclusive) to the start of query sub-chunk a, for the rows before it.
-    diag[a] [16, 16, m]  query row, key row inside sub-chunk a; 0 where the key is after the query.
+    diag[a] [256, m]  pairs inside sub-chunk a, row tt * 16 + jj for query row tt and key row jj (both local);
+      0 where the key is after the query. sel_t, sel_j [256, 16]: 0/1 matrices picking row tt and row jj.
     x [c, m] from the chunk start (the state) to row t; y [c, m] from row j (exclusive) to the chunk end.
   Backward (a query row t sees key rows j >= t; the decay is exp(sum_{t < i <= j} g_i)): the mirror image.
   total_row [1, m], total_col [m, 1]: the decay of the whole chunk.
@@ -137,6 +143,8 @@ class _Decays(NamedTuple):
   qf: jax.Array
   kf: list
   diag: list
+  sel_t: jax.Array
+  sel_j: jax.Array
   x: jax.Array
   y: jax.Array
   total_row: jax.Array
@@ -157,7 +165,7 @@ def _decays(g, reverse):
   strict_upper = _mask(c, lambda r, i: i > r)  # sum_{i > t}
   prefix, suffix = _dot(incl_lower, g), _dot(strict_upper, g)
   x, y = (suffix, prefix) if reverse else (prefix, suffix)
-  total_row = prefix[c - 1:c, :]
+  total_row = jnp.sum(g, axis=0, keepdims=True)
   total_col = _dot(g, jnp.ones((c, 1), _F32), ta=True)
   # Inside one sub-chunk: rows (query tt, key jj) flattened as tt * 16 + jj, against the summed row ii.
   r, ii = _iota((SUB * SUB, SUB), 0), _iota((SUB * SUB, SUB), 1)
@@ -176,7 +184,7 @@ def _decays(g, reverse):
     ga = g[a * SUB:(a + 1) * SUB, :]
     qf.append(jnp.exp(_dot(sub_q, ga)))
     d = _dot(diag_sum, ga)  # [256, m]
-    diag.append(jnp.exp(jnp.where(diag_ok, d, -jnp.inf)).reshape(SUB, SUB, g.shape[1]))
+    diag.append(jnp.exp(jnp.where(diag_ok, d, -jnp.inf)))
     rows = _key_rows(a, ns, reverse)
     n = rows.stop - rows.start
     if n == 0:
@@ -185,7 +193,9 @@ def _decays(g, reverse):
       kf.append(jnp.exp(_dot(incl_lower[:n, :n], g[rows, :])))
     else:  # sum_{j < i < 16a}
       kf.append(jnp.exp(_dot(strict_upper[:n, :n], g[rows, :])))
-  return _Decays(jnp.concatenate(qf, axis=0), kf, diag, jnp.exp(x), jnp.exp(y), jnp.exp(total_row),
+  sel_t = (tt == ii).astype(_F32)
+  sel_j = (jj == ii).astype(_F32)
+  return _Decays(jnp.concatenate(qf, axis=0), kf, diag, sel_t, sel_j, jnp.exp(x), jnp.exp(y), jnp.exp(total_row),
                  jnp.exp(total_col))
 
 
@@ -197,7 +207,8 @@ def _intra(kind, q, k, v, dec, reverse):
   gv (gate on the value axis, the slot axis): q, k [c, w], v [c, m];
       o_t[m] = sum_j (q_t . k_j) v_j[m] decay_tj[m].
   Pairs (t, j) with j <= t (forward) or j >= t (reverse); off-diagonal sub-chunk pairs as matrix products with the
-  decay split at the start (end) of t's sub-chunk, the diagonal 16 x 16 blocks element-wise.
+  decay split at the start (end) of t's sub-chunk, the diagonal 16 x 16 blocks element-wise over the 256 pairs
+  (rows picked and summed back by 0/1 matrix products, so every value stays 2-D: no lane <-> sublane relayout).
   """
   c = q.shape[0]
   ns = c // SUB
@@ -205,17 +216,19 @@ def _intra(kind, q, k, v, dec, reverse):
   for a in range(ns):
     ra = slice(a * SUB, (a + 1) * SUB)
     rows = _key_rows(a, ns, reverse)
-    e = dec.diag[a]  # [16, 16, m]
+    e = dec.diag[a]  # [256, m]
     if kind == "gk":
       qa = q[ra, :].astype(_F32)
-      att = jnp.sum(qa[:, None, :] * k[ra, :].astype(_F32)[None, :, :] * e, axis=2)  # [16, 16]
+      pairs = _select(dec.sel_t, q[ra, :]) * _select(dec.sel_j, k[ra, :]) * e  # [256, m]
+      att = _dot(dec.sel_t, jnp.sum(pairs, axis=1, keepdims=True) * dec.sel_j, ta=True)  # [16, 16]
       acc = _dot(att, v[ra, :])
       if dec.kf[a] is not None:
         att = _dot(qa * dec.qf[ra, :], k[rows, :] * dec.kf[a], tb=True)
         acc = acc + _dot(att, v[rows, :])
     else:
       att = _dot(q[ra, :], k[ra, :], tb=True)  # [16, 16]
-      acc = jnp.sum(att[:, :, None] * v[ra, :].astype(_F32)[None, :, :] * e, axis=1)
+      att_pairs = jnp.sum(_dot(dec.sel_t, att) * dec.sel_j, axis=1, keepdims=True)  # [256, 1]
+      acc = _dot(dec.sel_t, att_pairs * _select(dec.sel_j, v[ra, :]) * e, ta=True)  # [16, m]
       if dec.kf[a] is not None:
         att = _dot(q[ra, :], k[rows, :], tb=True)
         acc = acc + _dot(att, v[rows, :] * dec.kf[a]) * dec.qf[ra, :]
@@ -363,7 +376,8 @@ def _specs(cfg: _Config, reverse: bool):
   """BlockSpec factories for grid (b, h, n): per-chunk q-group [gq, c, w], per-chunk kv [c, w], per-head state."""
   n = cfg.n
   chunk_index = (lambda ci: n - 1 - ci) if reverse else (lambda ci: ci)
-  group = lambda w: pl.BlockSpec((None, None, cfg.grp, cfg.chunk, w), lambda bi, hi, ci: (bi, hi, 0, chunk_index(ci), 0))
+  group = lambda w: pl.BlockSpec((None, None, cfg.grp, cfg.chunk, w),
+                                 lambda bi, hi, ci: (bi, hi, 0, chunk_index(ci), 0))
   rows = lambda w: pl.BlockSpec((None, None, cfg.chunk, w), lambda bi, hi, ci: (bi, hi, chunk_index(ci), 0))
   state = lambda x, y: pl.BlockSpec((None, None, x, y), lambda bi, hi, ci: (bi, hi, 0, 0))
   return group, rows, state
@@ -389,7 +403,7 @@ def vmem_bytes(pass_name: str, *, chunk: int, kp: int, vp: int, mp: int, grp: in
   }[pass_name]
   buffered = 2 * sum(e * b for e, b in blocks)
   scratch = (kp * mp + mp * vp) * f
-  # Decay factors: qf, x, y [c, m], kf (sum over sub-chunks <= c * m), diag ns * [16, 16, m]; one [16, 16, m]
+  # Decay factors: qf, x, y [c, m], kf (sum over sub-chunks <= c * m), diag ns * [256, m]; one [256, m]
   # product in flight; the float32 results of one query head (the widest pass writes [c, max(kp, vp)] twice).
   decays = (4 * c * mp + ns * SUB * SUB * mp + SUB * SUB * mp) * f
   results = 3 * c * max(kp, vp, mp) * f

@@ -155,10 +155,13 @@ def test_in_kernel_gate_sums_match_shared_definition():
   np.testing.assert_allclose(fwd.kf[1], jnp.exp(b16[:16]), rtol=2e-5)
   np.testing.assert_allclose(rev.kf[0], jnp.exp(f16[16:]), rtol=2e-5)
   # Diagonal block: exp(sum_{j < i <= t} g_i), zero above the diagonal.
-  d = np.asarray(fwd.diag[0])
+  d = np.asarray(fwd.diag[0]).reshape(16, 16, m)  # [query row, key row, slot]
   gs = np.asarray(g, np.float64)
   np.testing.assert_allclose(d[5, 2], np.exp(gs[3:6].sum(0)), rtol=1e-5)
   assert (d[2, 5] == 0).all()
+  d = np.asarray(rev.diag[1]).reshape(16, 16, m)
+  np.testing.assert_allclose(d[2, 5], np.exp(gs[19:22].sum(0)), rtol=1e-5)
+  assert (d[5, 2] == 0).all()
 
 
 @pytest.mark.parametrize("backward", [False, True])
