@@ -190,9 +190,9 @@ def _decays(g, reverse):
     if n == 0:
       kf.append(None)
     elif reverse:  # sum_{16(a+1) <= i <= j}
-      kf.append(jnp.exp(_dot(incl_lower[:n, :n], g[rows, :])))
+      kf.append(jnp.exp(_dot(_mask(n, lambda r_, i: i <= r_), g[rows, :])))
     else:  # sum_{j < i < 16a}
-      kf.append(jnp.exp(_dot(strict_upper[:n, :n], g[rows, :])))
+      kf.append(jnp.exp(_dot(_mask(n, lambda r_, i: i > r_), g[rows, :])))
   sel_t = (tt == ii).astype(_F32)
   sel_j = (jj == ii).astype(_F32)
   return _Decays(jnp.concatenate(qf, axis=0), kf, diag, sel_t, sel_j, jnp.exp(x), jnp.exp(y), jnp.exp(total_row),
