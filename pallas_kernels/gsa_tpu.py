@@ -551,7 +551,9 @@ def gsa_pallas_tpu(
   cfg = _Config(t=t, tp=tp, dk=dk, kp=kp, dv=dv, vp=vp, m=m, mp=mp, grp=grp, scale=float(scale), chunk=chunk,
                 interpret=interpret_params(interpret))
 
-  g = g.astype(_F32)
+  # g = -inf is a forget gate of exactly 0: the same as -1e30 here (exp of either is 0, and so is the gradient),
+  # and it keeps the 0/1-mask sums in the kernels free of 0 * inf.
+  g = jnp.maximum(g.astype(_F32), _RESET)
   if segment_ids is None:
     reset = jnp.zeros((b, t), bool)
     valid = None

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import GSAState
@@ -129,13 +130,24 @@ class TestPallasTPUInterpret(TestPallasTPU):
   INTERPRET = True
 
 
-def test_extreme_gates_side_by_side_no_nan():
-  """g = 0 and g = -1e3 in neighbouring slots and tokens: finite, and equal to the same run split in two."""
+def test_extreme_gates_no_nan():
+  """g = 0, -1e3 and -inf side by side in slots and tokens: forward and gradients finite and equal to the recurrence."""
   x = cast(make_inputs(5, b=1, t=32, hq=1, h=1, dk=16, dv=16, m=8, gate="mixed", with_state=True), jnp.float32)
-  o, final = gsa_pallas_tpu(**x, scale=0.5, block_sizes=BlockSizes(chunk=16), interpret=True)
-  assert np.isfinite(np.asarray(o)).all() and np.isfinite(np.asarray(final.hk)).all()
-  o_ref, final_ref = gated_slot_attention(**x, scale=0.5, backend="recurrent", output_final_state=True)
-  assert rel_err(o, o_ref) < 1e-5 and rel_err(final.hv, final_ref.hv) < 1e-5
+  x["g"] = x["g"].at[0, 3:5, 0, :3].set(-jnp.inf).at[0, 20, 0, 5].set(-jnp.inf)
+  state = x.pop("initial_state")
+
+  def loss(backend, q, k, v, s, g, state):
+    o, final = gated_slot_attention(q, k, v, s, g, scale=0.5, initial_state=state, output_final_state=True,
+                                    backend=backend)
+    return jnp.sum(o * jnp.cos(o)) + jnp.sum(final.hk) + jnp.sum(final.hv ** 2), o
+
+  args = [x[n] for n in "qkvsg"] + [state]
+  (_, o), grads = jax.value_and_grad(lambda *a: loss("pallas_tpu", *a), argnums=range(6), has_aux=True)(*args)
+  (_, o_ref), grads_ref = jax.value_and_grad(lambda *a: loss("recurrent", *a), argnums=range(6), has_aux=True)(*args)
+  assert rel_err(o, o_ref) < 1e-5
+  for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    assert np.isfinite(np.asarray(got)).all()
+    assert rel_err(got, ref) < 1e-4
 
 
 def test_in_kernel_gate_sums_match_shared_definition():
@@ -165,18 +177,29 @@ def test_in_kernel_gate_sums_match_shared_definition():
 
 
 @pytest.mark.parametrize("backward", [False, True])
-def test_lowers_to_mosaic(backward):
-  """Without a TPU: the kernels lower through Pallas' Mosaic (TPU) lowering, block shapes and all."""
-  x = cast(make_inputs(6, b=1, t=40, hq=2, h=1, dk=20, dv=12, m=10, with_state=True), jnp.bfloat16)
+@pytest.mark.parametrize("shape", ["small", "paper"])
+def test_lowers_to_mosaic(backward, shape):
+  """Without a TPU: the kernels lower through Pallas' Mosaic (TPU) lowering, block shapes and all; "paper" is one
+  head of the paper's layer (K = V = 512, M = 64) with chunk 64, GQA off."""
+  t, dk, dv, m, hq, chunk = (40, 20, 12, 10, 2, 32) if shape == "small" else (128, 512, 512, 64, 1, 64)
+  x = {n: jax.ShapeDtypeStruct(shape, jnp.bfloat16) for n, shape in
+       zip("qkvsg", [(1, t, hq, dk), (1, t, 1, dk), (1, t, 1, dv), (1, t, 1, m), (1, t, 1, m)])}
+  x["initial_state"] = (jax.ShapeDtypeStruct((1, 1, dk, m), jnp.float32),
+                        jax.ShapeDtypeStruct((1, 1, m, dv), jnp.float32))
 
   def fn(x):
-    o, final = gsa_pallas_tpu(**x, scale=0.5, block_sizes=BlockSizes(chunk=32), interpret=False,
-                              segment_ids=jnp.ones((1, 40), jnp.int32))
+    o, final = gsa_pallas_tpu(**x, scale=0.5, block_sizes=BlockSizes(chunk=chunk), interpret=False,
+                              segment_ids=jnp.ones((1, t), jnp.int32))
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final.hk) + jnp.sum(final.hv)
 
   f = jax.grad(fn) if backward else fn
   text = jax.jit(f).trace(x).lower(lowering_platforms=("tpu",)).as_text()
   assert text.count("tpu_custom_call") == (3 if backward else 1)
+
+
+def test_interpret_mode_is_tpu_interpret_mode():
+  assert isinstance(gsa_tpu.interpret_params(True), pltpu.InterpretParams)
+  assert gsa_tpu.interpret_params(False) is False
 
 
 def test_auto_picks_pallas_tpu_on_tpu():
