@@ -83,6 +83,10 @@ def main():
     inputs = make_inputs(jax.random.key(0), b, t, h, d, m, jnp.dtype(args.dtype))
     for backend in args.backends.split(","):
       assert backend in BACKENDS, backend
+      if backend == "pallas_tpu" and jax.default_backend() != "tpu":
+        rows.append((backend, shape, "skipped (TPU interpret mode off a TPU: not a timing)", "", "", ""))
+        print("  ".join(rows[-1]), flush=True)
+        continue
       try:
         fwd_ms, fwd_bwd_ms, temp = bench(backend, inputs, args.chunk_size, args.repeats)
         rows.append((backend, shape, f"{fwd_ms:.2f}", f"{fwd_bwd_ms:.2f}", f"{temp:.2f}", f"{peak_gib():.2f}"))

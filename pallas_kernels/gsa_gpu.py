@@ -61,9 +61,14 @@ from jax.experimental.pallas import triton as plgpu
 from gsa_jax.ops.chunked import chunk_gsa
 from gsa_jax.ops.common import GSAState, segment_masks
 from gsa_jax.ops.recurrent import gsa_step
+from pallas_kernels.gsa_common import SUB as _SUB
+from pallas_kernels.gsa_common import chunk_gate_sums as _chunk_gate_sums
+from pallas_kernels.gsa_common import gate_sums as _gate_sums
+from pallas_kernels.gsa_common import pad_to as _pad_to
+from pallas_kernels.gsa_common import segmented_reverse_cumsum as _segmented_reverse_cumsum
+from pallas_kernels.gsa_common import softmax as _softmax
 
 _log = logging.getLogger(__name__)
-_SUB = 16  # rows of a sub-chunk: the smallest matrix-unit tile.
 _MAX_SLOTS = 128
 
 
@@ -316,45 +321,6 @@ def _gla(call: _Call, q, k, v, fg, bg, doc, h0, out_dtype, name):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# XLA glue: gate sums, softmax, segmented reverse cumsum.
-# ---------------------------------------------------------------------------------------------------------------
-
-def _gate_sums(g):
-  """g [b, tp, h, m] float32 -> (F, B): inclusive prefix and exclusive suffix sums inside each 16-row sub-chunk."""
-  b, tp, h, m = g.shape
-  gs = g.reshape(b, tp // _SUB, _SUB, h, m)
-  fwd = jnp.cumsum(gs, axis=2)
-  rev = jnp.flip(jnp.cumsum(jnp.flip(gs, 2), axis=2), 2)
-  bwd = jnp.concatenate([rev[:, :, 1:], jnp.zeros_like(rev[:, :, :1])], axis=2)
-  return fwd.reshape(g.shape), bwd.reshape(g.shape)
-
-
-def _softmax(z, m):
-  """Softmax over the first m of the (padded) slots, float32; padded slots get p = 0."""
-  mp = z.shape[-1]
-  if mp != m:
-    z = jnp.where(jnp.arange(mp) < m, z, -jnp.inf)
-  return jax.nn.softmax(z, axis=-1)
-
-
-def _segmented_reverse_cumsum(x, doc):
-  """sum_{i >= t, doc_i == doc_t} x_i along axis 1; x [b, t, ...], doc [b, t] nondecreasing."""
-  d = jnp.broadcast_to(doc.reshape(doc.shape + (1,) * (x.ndim - 2)), x.shape)
-
-  def combine(a, b):
-    (xa, da), (xb, db) = a, b
-    return jnp.where(da == db, xa + xb, xb), db
-
-  out, _ = lax.associative_scan(combine, (x, d), reverse=True, axis=1)
-  return out
-
-
-def _pad_to(x, shape):
-  pads = [(0, n - d) for d, n in zip(x.shape, shape)]
-  return jnp.pad(x, pads) if any(p for _, p in pads) else x
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Chunk-parallel kernels (the default): chunk states through memory, outputs parallel over chunks.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -595,19 +561,6 @@ def _cp_outputs(cfg, kind, reverse, transposed, gq, gk, q, k, v, gates, doc, hs,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=cfg.interpret, name=name,
   )(q, k, v, *gates, doc, hs)
-
-
-def _chunk_gate_sums(g, chunk):
-  """g [b, tp, h, m] float32 -> (f16, b16, f64, b64): inclusive prefix and exclusive suffix sums of g inside each
-  16-row sub-chunk and inside each chunk. Each is a sum of terms of one sign (no cancellation)."""
-  def sums(size):
-    b, tp, h, m = g.shape
-    gs = g.reshape(b, tp // size, size, h, m)
-    fwd = jnp.cumsum(gs, axis=2)
-    rev = jnp.flip(jnp.cumsum(jnp.flip(gs, 2), axis=2), 2)
-    bwd = jnp.concatenate([rev[:, :, 1:], jnp.zeros_like(rev[:, :, :1])], axis=2)
-    return fwd.reshape(g.shape), bwd.reshape(g.shape)
-  return sums(_SUB) + sums(chunk)
 
 
 def _pad_inputs(cfg: "_Config", q, k, v, s, g, hk0, hv0, doc):

@@ -13,6 +13,7 @@ from gsa_jax.ops.chunked import chunk_gsa
 from gsa_jax.ops.common import GSAState
 from gsa_jax.ops.recurrent import recurrent_gsa
 from pallas_kernels.gsa_gpu import gsa_pallas_gpu
+from pallas_kernels.gsa_tpu import gsa_pallas_tpu
 
 BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_tpu")
 
@@ -27,7 +28,8 @@ def _recurrent(q, k, v, s, g, *, scale, initial_state, segment_ids, chunk_size):
 # Implemented backends: name -> function with the signature of `chunk_gsa`, jitted with static scale and chunk.
 _IMPLEMENTATIONS: dict[str, Callable] = {
     name: jax.jit(fn, static_argnames=("scale", "chunk_size"))
-    for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa), ("pallas_gpu", gsa_pallas_gpu))
+    for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa), ("pallas_gpu", gsa_pallas_gpu),
+                     ("pallas_tpu", gsa_pallas_tpu))
 }
 
 
