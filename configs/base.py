@@ -23,8 +23,8 @@ def model_config_defaults(**overrides) -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   for field in dataclasses.fields(GSAConfig):
     value = overrides.pop(field.name, getattr(GSAConfig(), field.name))
-    if value is None:  # optional ints: None means "derive it" (see GSAConfig)
-      value = config_dict.placeholder(int)
+    if value is None:  # optional fields: None means "derive it" (see GSAConfig)
+      value = config_dict.placeholder(float if "float" in str(field.type) else int)
     model[field.name] = value
   if overrides:
     raise KeyError(f"not GSAConfig fields: {sorted(overrides)}")
