@@ -312,3 +312,31 @@ def test_train_init_from_starts_from_the_converted_parameters(tmp_path):
   np.testing.assert_allclose(np.asarray(model.norm.scale[...]), 3.0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(model.blocks[0].mixer.q_proj.kernel[...]),
                              params[("blocks", 0, "mixer", "q_proj", "kernel")], atol=1e-5)
+
+
+MISTRAL_7B_CONFIG = {  # Mistral-7B-v0.1's config.json
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000}
+
+
+def test_t2r_preset_is_the_model_from_llama_writes_for_mistral_7b(tmp_path):
+  from configs import t2r_mistral
+  from gsa_jax.convert import llama as llama_map
+  from gsa_jax.train import ConfigError, validate_config
+  from gsa_jax.train.config import model_config
+
+  c = t2r_mistral.get_config()
+  preset = model_config(c)
+  converted = llama_map.config_from_llama(MISTRAL_7B_CONFIG)
+  same = dict(dtype=preset.dtype, param_dtype=preset.param_dtype, remat=preset.remat)
+  assert converted.replace(**same) == preset
+  # Mistral-7B's 7,241,732,096 parameters plus, per layer, the slot gate (4096 x 8 kv heads x 64) and the GSA
+  # output norm's scale (4096).
+  assert preset.num_params() == 7_241_732_096 + 32 * (4096 * 512 + 4096)
+  c.data.path = str(tmp_path)
+  c.train.init_from = str(tmp_path / "not_converted_yet")
+  with pytest.raises(ConfigError, match="train.init_from"):
+    validate_config(c, check_data=False)

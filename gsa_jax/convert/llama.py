@@ -75,7 +75,8 @@ def config_from_llama(cfg: dict[str, Any], *, num_slots: int = 64, gate_logit_no
         gate_logit_normalizer=gate_logit_normalizer, intermediate_size=int(cfg["intermediate_size"]),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), output_norm_eps=1e-5,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), attn_layers=tuple(attn_layers),
-        attn_num_heads=heads, attn_num_kv_heads=kv_heads, rope_theta=theta,
+        attn_num_heads=heads if attn_layers else None, attn_num_kv_heads=kv_heads if attn_layers else None,
+        rope_theta=theta,
         embed_init_std=float(cfg.get("initializer_range", 0.02)))
   except ValueError as e:
     raise ConversionError(f"the Transformer config gives an invalid GSA model: {e}") from None
