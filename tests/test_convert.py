@@ -340,3 +340,15 @@ def test_t2r_preset_is_the_model_from_llama_writes_for_mistral_7b(tmp_path):
   c.train.init_from = str(tmp_path / "not_converted_yet")
   with pytest.raises(ConfigError, match="train.init_from"):
     validate_config(c, check_data=False)
+
+
+def test_eval_harness_reads_a_converted_checkpoint(tmp_path):
+  from gsa_jax.eval.api import evaluate
+
+  cfg = FULL.replace(vocab_size=259)  # the byte tokenizer's vocabulary
+  write_run_dir(tmp_path / "ours", cfg, random_params(cfg))
+  convert("to-fla", tmp_path / "ours", tmp_path / "fla")
+  convert("from-fla", tmp_path / "fla", tmp_path / "run", "--tokenizer", "byte", "--seq-len", "64")
+  out = evaluate(str(tmp_path / "run"), "perplexity", os.path.join(DATA, "ppl_docs.txt"), max_examples=2,
+                 batch_size=2, progress=False)
+  assert out["step"] == 0 and out["max_length"] == 64 and np.isfinite(out["metrics"]["perplexity"])

@@ -71,7 +71,7 @@ def _write(src, out, model_cfg, params, cfg, tokenizer, seq_len, source):
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise ConversionError(f"output directory {out!r} exists and is not empty; give a new one.")
   tok = tokenizer if tokenizer is not None else copy_tokenizer(src, out)
-  bos, eos = _ids(cfg) if tok else (-1, -1)
+  bos, eos = _ids(cfg) if tok and tok != "byte" else (-1, -1)  # the byte tokenizer has fixed ids
   write_run_dir(out, model_cfg, params, tokenizer=tok, bos_id=bos, eos_id=eos, seq_len=seq_len, source=source)
 
 
