@@ -352,3 +352,16 @@ def test_eval_harness_reads_a_converted_checkpoint(tmp_path):
   out = evaluate(str(tmp_path / "run"), "perplexity", os.path.join(DATA, "ppl_docs.txt"), max_examples=2,
                  batch_size=2, progress=False)
   assert out["step"] == 0 and out["max_length"] == 64 and np.isfinite(out["metrics"]["perplexity"])
+
+
+def test_runs_saved_before_the_new_keys_still_resume():
+  # A run saved before output_norm_eps and train.init_from existed: its config.json lacks them.
+  from configs import base
+  from gsa_jax.train.config import differing_keys, to_json
+
+  c = base.get_config()
+  saved = json.loads(to_json(c))
+  del saved["model"]["output_norm_eps"], saved["train"]["init_from"]
+  assert differing_keys(saved, c) == []
+  c.model.output_norm_eps = 1e-5  # set to a value: a real difference
+  assert differing_keys(saved, c) == ["model.output_norm_eps"]
