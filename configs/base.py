@@ -23,8 +23,8 @@ def model_config_defaults(**overrides) -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   for field in dataclasses.fields(GSAConfig):
     value = overrides.pop(field.name, getattr(GSAConfig(), field.name))
-    if value is None:  # optional ints: None means "derive it" (see GSAConfig)
-      value = config_dict.placeholder(int)
+    if value is None:  # optional fields: None means "derive it" (see GSAConfig)
+      value = config_dict.placeholder(float if "float" in str(field.type) else int)
     model[field.name] = value
   if overrides:
     raise KeyError(f"not GSAConfig fields: {sorted(overrides)}")
@@ -46,6 +46,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0  # model initialization and data order
+  # Start a new run from the parameters of another run directory: one of train.py, or one written by
+  # `python -m gsa_jax.convert` (a reference-library checkpoint, or a Transformer converted for T2R finetuning).
+  # Its model must have the same parameter shapes as config.model. "" = random initialization. Only the newest
+  # checkpoint's parameters are read (optimizer state, step and data position start fresh); a run that resumes from
+  # its own checkpoint ignores this key.
+  c.train.init_from = ""
   c.train.steps = 1000  # optimizer steps in total
   c.train.batch_size = 32  # global batch, in sequences (split over the data and fsdp mesh axes)
   c.train.seq_len = 256  # tokens per sequence

@@ -43,6 +43,9 @@ class GSAConfig:
   intermediate_size: int | None = None
   hidden_ratio: int = 4
   norm_eps: float = 1e-6
+  # eps of the GSA layers' output norm; None: norm_eps. The reference layer (fla 0.6.0) never passes its norm_eps
+  # to that norm, which then uses 1e-5 whatever the config says: checkpoints converted from it set 1e-5 here.
+  output_norm_eps: float | None = None
   tie_embeddings: bool = False
   # Hybrid models: layer indices that use causal softmax attention instead of GSA.
   attn_layers: tuple[int, ...] = ()
@@ -85,6 +88,8 @@ class GSAConfig:
     check(self.intermediate_size is None or self.intermediate_size > 0, "intermediate_size",
           f"must be positive or None; got {self.intermediate_size}.")
     check(self.norm_eps > 0, "norm_eps", f"must be positive; got {self.norm_eps}.")
+    check(self.output_norm_eps is None or self.output_norm_eps > 0, "output_norm_eps",
+          f"must be positive or None; got {self.output_norm_eps}.")
     check(all(isinstance(i, int) and 0 <= i < self.num_layers for i in self.attn_layers), "attn_layers",
           f"every index must be in [0, num_layers={self.num_layers}); got {self.attn_layers}.")
     check(len(set(self.attn_layers)) == len(self.attn_layers), "attn_layers", f"has duplicates: {self.attn_layers}.")

@@ -20,6 +20,7 @@ RESUMABLE_PREFIXES = (
     "workdir", "overwrite", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.nonfinite", "train.max_nonfinite_in_a_row", "train.tensorboard", "train.compilation_cache",
     "checkpoint.", "mesh.", "model.backend", "model.remat", "model.chunk_size",
+    "train.init_from",  # read only when a run starts from step 0
 )
 
 
@@ -64,6 +65,8 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   _require(bool(config.workdir), "workdir", "must name a directory.")
 
   model = model_config(config)
+  if t.init_from:
+    check_init_from(t.init_from, model)
   if not check_data:
     return model
   try:
@@ -75,6 +78,39 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   _require(model.vocab_size >= vocab, "model.vocab_size",
            f"{model.vocab_size} is smaller than the data's vocabulary ({vocab} ids); set it to at least {vocab}.")
   return model
+
+
+def param_shapes(model: GSAConfig) -> dict[str, tuple[int, ...]]:
+  """{'blocks.0.mixer.q_proj.kernel': shape, ...} of a model config, computed without allocating anything."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from gsa_jax.models import GSALM  # pylint: disable=import-outside-toplevel
+
+  state = nnx.state(nnx.eval_shape(lambda: GSALM(model, rngs=nnx.Rngs(0))), nnx.Param)
+  return {".".join(str(k) for k in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def check_init_from(run_dir: str, model: GSAConfig) -> None:
+  """train.init_from must be a run directory (of train.py or gsa_jax.convert) whose parameters fit `model`."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  from gsa_jax.train.restore import checkpoint_steps, load_run_config  # pylint: disable=import-outside-toplevel
+
+  key = "train.init_from"
+  _require(os.path.isfile(os.path.join(run_dir, "config.json")), key,
+           f"{run_dir!r} is not a run directory (no config.json); give the output directory of train.py or of "
+           "`python -m gsa_jax.convert`.")
+  _require(bool(checkpoint_steps(run_dir)), key, f"{run_dir!r} has no checkpoint under checkpoints/.")
+  try:
+    source = model_config(load_run_config(run_dir))
+  except ConfigError as e:
+    raise ConfigError(f"config.{key}: the model config of {run_dir!r} is not valid: {e}") from None
+  mine, theirs = param_shapes(model), param_shapes(source)
+  bad = [f"{k}: {theirs.get(k, 'absent')} there, {mine.get(k, 'absent')} here"
+         for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+  _require(not bad, key, f"the parameters of {run_dir!r} do not fit config.model ({len(bad)} differ: "
+           + "; ".join(bad[:8]) + ("; ..." if len(bad) > 8 else "") + "). Set config.model to that run's model "
+           "(its config.json), changing only fields that keep the shapes.")
 
 
 def check_mesh(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> tuple[int, int, int]:
@@ -116,7 +152,10 @@ def differing_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]
   """Keys whose values differ between a saved run's config and this one, ignoring the resumable ones."""
   a, b = flatten(saved), flatten(json.loads(to_json(current)))
   keys = sorted(set(a) | set(b))
-  return [k for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>") and not k.startswith(RESUMABLE_PREFIXES)]
+  # A key the saved run does not have and that is None now is an optional field added since, whose default keeps
+  # the old behaviour: not a difference.
+  return [k for k in keys if a.get(k, "<absent>") != b.get(k, "<absent>") and not k.startswith(RESUMABLE_PREFIXES)
+          and not (k not in a and b[k] is None)]
 
 
 def describe_differences(saved: dict, current: ml_collections.ConfigDict, keys: list[str]) -> str:

@@ -30,6 +30,31 @@ def checkpoint_steps(run_dir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
+def resolve_step(run_dir: str, step: int | None = None) -> int:
+  """The newest checkpoint step of a run directory, or `step` after checking that it exists."""
+  steps = checkpoint_steps(run_dir)
+  if not steps:
+    raise FileNotFoundError(f"{run_dir!r} has no checkpoint under {os.path.join(run_dir, 'checkpoints')}.")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise FileNotFoundError(f"{run_dir!r} has no checkpoint of step {step}; it has steps {steps}.")
+  return step
+
+
+def restore_params(run_dir: str, step: int, abstract_params):
+  """The parameters of a checkpoint, restored into `abstract_params` (jax.ShapeDtypeStructs with shardings).
+
+  Only the parameters are read: the optimizer state and the data iterator (if any) stay on disk. Works for the
+  checkpoints of train.py and for those `python -m gsa_jax.convert` writes (which hold only parameters).
+  """
+  target = {"params": abstract_params}
+  path = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step), "state")
+  restored = ocp.PyTreeCheckpointer().restore(
+      path, args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                        partial_restore=True))
+  return restored["params"]
+
+
 def load_model(run_dir: str, step: int | None = None, **model_overrides) -> tuple[GSALM, ml_collections.ConfigDict,
                                                                                    int]:
   """Restores the parameters of a run's checkpoint (the newest, or `step`) into a GSALM on the default device.
@@ -41,20 +66,9 @@ def load_model(run_dir: str, step: int | None = None, **model_overrides) -> tupl
   for key, value in model_overrides.items():
     config.model[key] = value
   model_cfg = model_config(config)
-  steps = checkpoint_steps(run_dir)
-  if not steps:
-    raise FileNotFoundError(f"{run_dir!r} has no checkpoint under {os.path.join(run_dir, 'checkpoints')}.")
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    raise FileNotFoundError(f"{run_dir!r} has no checkpoint of step {step}; it has steps {steps}.")
+  step = resolve_step(run_dir, step)
   abstract = nnx.eval_shape(lambda: GSALM(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                                   abstract_params)}
-  path = os.path.join(run_dir, "checkpoints", str(step), "state")
-  # Only the parameters are read: the optimizer state stays on disk.
-  restored = ocp.PyTreeCheckpointer().restore(
-      path, args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                        partial_restore=True))
-  return nnx.merge(graphdef, restored["params"]), config, step
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_params)
+  return nnx.merge(graphdef, restore_params(run_dir, step, target)), config, step

@@ -269,6 +269,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   restored = ckpt.restore_latest(run.abstract_state, train_it)
   if restored is None:
     start_step, state = 0, run.init_state()
+    if t.init_from:
+      from gsa_jax.train.restore import resolve_step, restore_params  # pylint: disable=import-outside-toplevel
+
+      source_step = resolve_step(t.init_from)
+      state["params"] = restore_params(t.init_from, source_step, run.abstract_state["params"])
+      _log.info("parameters initialized from %s (step %d)", t.init_from, source_step)
     _log.info("no checkpoint in %s: starting from step 0", config.workdir)
   else:
     start_step, state = restored
