@@ -419,16 +419,21 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
     pair[a, b] = (jnp.exp(bg[a] + w), jnp.exp(fg[b])) if reverse else (jnp.exp(fg[a]), jnp.exp(bg[b] + w))
   docmask = {(a, b): docs[a][:, None] == docs[b][None, :] for a, b in pairs}
 
-  def diag_rows(a, fn, init):
-    """init + the sum over the key rows j of diagonal sub-chunk a of fn(jj, row r of the chunk, decay [16, m])."""
-    def row(jj, acc):
-      r = a * _SUB + jj
-      fj = f16_ref[pl.ds(r, 1), :]  # [1, m]
-      d = (fj - fg[a]) if reverse else (fg[a] - fj)
-      ok = ((idx <= jj) if reverse else (idx >= jj)) & (docs[a] == doc_ref[t0 + r])
-      e = jnp.exp(jnp.where(ok[:, None], d, -jnp.inf))  # [16, m]
-      return acc + fn(jj, r, e)
-    return lax.fori_loop(0, _SUB, row, init)
+  def diag_rows(fn, inits):
+    """inits[a] + the sum over the key rows j of diagonal sub-chunk a of fn(a, jj, row r of the chunk, decay
+    [16, m]), for every sub-chunk a. One loop walks the 16 rows of all sub-chunks together: the sub-chunks are
+    independent, so each step has ns chains of work in flight instead of one."""
+    def row(jj, accs):
+      out = []
+      for a in range(ns):
+        r = a * _SUB + jj
+        fj = f16_ref[pl.ds(r, 1), :]  # [1, m]
+        d = (fj - fg[a]) if reverse else (fg[a] - fj)
+        ok = ((idx <= jj) if reverse else (idx >= jj)) & (docs[a] == doc_ref[t0 + r])
+        e = jnp.exp(jnp.where(ok[:, None], d, -jnp.inf))  # [16, m]
+        out.append(accs[a] + fn(a, jj, r, e))
+      return tuple(out)
+    return list(lax.fori_loop(0, _SUB, row, tuple(inits)))
 
   hblock = lambda cols: (h_ref[:, cols].T if transposed else h_ref[cols, :])  # GV: [block, m]
 
@@ -441,11 +446,12 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
         for a, b in pairs:
           qf, kf = pair[a, b]
           amat[c, a, b] = jnp.where(docmask[a, b], dot(qt[a] * qf, (kt[b] * kf).T), 0.0)
+        def fn(a, jj, r, e, c=c):
+          col = jnp.sum(qt[a] * k_ref[pl.ds(r, 1), c, :].astype(f32) * e, axis=1)  # [16]
+          return jnp.where(idx[None, :] == jj, col[:, None], 0.0)
+        diag = diag_rows(fn, [jnp.zeros((_SUB, _SUB), f32)] * ns)
         for a in range(ns):
-          def fn(jj, r, e, a=a, c=c):
-            col = jnp.sum(qt[a] * k_ref[pl.ds(r, 1), c, :].astype(f32) * e, axis=1)  # [16]
-            return jnp.where(idx[None, :] == jj, col[:, None], 0.0)
-          amat[c, a, a] = diag_rows(a, fn, jnp.zeros((_SUB, _SUB), f32))
+          amat[c, a, a] = diag[a]
       qx = [qt[a] * x_dec[a] for a in range(ns)]
 
       def wide(j, carry):
@@ -487,11 +493,10 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
         for a, b in pairs:
           qf, kf = pair[a, b]
           acc[a] += dot(jnp.where(docmask[a, b], att[a, b], 0.0), vt[b] * kf) * qf
-        for a in range(ns):
-          def fn(jj, r, e, a=a, c=c):
-            col = jnp.sum(jnp.where(idx[None, :] == jj, att[a, a], 0.0), axis=1)  # [16]
-            return col[:, None] * v_ref[pl.ds(r, 1), c, :].astype(f32) * e
-          acc[a] = diag_rows(a, fn, acc[a])
+        def fn(a, jj, r, e, c=c, att=att):
+          col = jnp.sum(jnp.where(idx[None, :] == jj, att[a, a], 0.0), axis=1)  # [16]
+          return col[:, None] * v_ref[pl.ds(r, 1), c, :].astype(f32) * e
+        acc = diag_rows(fn, acc)
       for a in range(ns):
         o_ref[sub[a], qa, :] = acc[a].astype(o_ref.dtype)
 

@@ -142,7 +142,7 @@ def _loss(m, x):
 
 def test_remat_policies_are_applied():
   x = tokens(4, 2, 12)
-  for policy in ("block", "matmuls"):
+  for policy in ("block", "matmuls", "matmuls_gsa"):
     m = GSALM(tiny(remat=policy), rngs=nnx.Rngs(0))
     jaxpr = str(jax.make_jaxpr(lambda s: _loss(nnx.merge(nnx.graphdef(m), s), x))(nnx.state(m)))
     assert jaxpr.count("remat") + jaxpr.count("checkpoint") >= m.config.num_layers, policy
@@ -151,7 +151,7 @@ def test_remat_policies_are_applied():
   assert "remat" not in jaxpr and "checkpoint" not in jaxpr
 
 
-@pytest.mark.parametrize("policy", [pytest.param("block", marks=pytest.mark.slow), "matmuls"])
+@pytest.mark.parametrize("policy", [pytest.param("block", marks=pytest.mark.slow), "matmuls", "matmuls_gsa"])
 def test_remat_gives_the_same_gradients(policy):
   x = tokens(4, 2, 12)
   cfg = tiny(num_layers=2, attn_layers=(1,))

@@ -21,12 +21,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, fan_in_init,
                                    next_positions, previous_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 
 FEATURE_MAPS = ("swish", "relu", "t2r")
+GSA_OUTPUT_NAME = "gsa_output"  # the op's output, named for remat policies
 
 
 class GSACache(NamedTuple):
@@ -183,6 +185,7 @@ class GatedSlotAttention(nnx.Module):
     o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=initial_state,
                                     output_final_state=output_final_state, segment_ids=segment_ids,
                                     chunk_size=self.chunk_size, backend=self.backend)
+    o = checkpoint_name(o, GSA_OUTPUT_NAME)  # a remat policy may keep it (gsa_jax.models: remat="matmuls_gsa")
     return self._out(o, x.dtype), state, layout, conv_in
 
   # -- public forms ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from gsa_jax.layers.gsa import FEATURE_MAPS
 from gsa_jax.ops import BACKENDS
 
-REMAT_POLICIES = ("none", "block", "matmuls")
+REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,9 @@ class GSAConfig:
   # Numerics and memory. dtype: compute dtype; param_dtype: parameter dtype. Logits are returned in float32.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: str = "none"  # "none" | "block" (recompute each block) | "matmuls" (keep only matmul outputs).
+  # "none" | "block" (recompute each block) | "matmuls" (keep only matmul outputs) | "matmuls_gsa" (also keep the
+  # GSA op's output: the backward then reruns only the kernels that make the op's residuals).
+  remat: str = "none"
   embed_init_std: float = 0.02  # the reference's initializer_range.
 
   def __post_init__(self):

@@ -15,11 +15,15 @@ from flax import nnx
 
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, RMSNorm, SwiGLU
 from gsa_jax.layers.common import scaled_fan_in_init
+from gsa_jax.layers.gsa import GSA_OUTPUT_NAME
 from gsa_jax.models.config import GSAConfig
 
 _REMAT_POLICY = {
     "block": None,  # save nothing inside a block: recompute it all in the backward pass
     "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs only
+    "matmuls_gsa": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(GSA_OUTPUT_NAME)),
 }
 
 

@@ -2,15 +2,34 @@
 (0.6.0), saved as the reference saves them (config.json + model.safetensors), with their logits on fixed tokens.
 
     # on a GPU machine with torch, triton, transformers, safetensors, einops and the fla wheels installed:
-    python tests/data/fla_fixture/make_fla_fixture.py OUT_DIR
+    python -u tests/data/fla_fixture/make_fla_fixture.py OUT_DIR [--watchdog SECONDS]
     # on a CPU, with the Triton kernels replaced by the library's own PyTorch references (a dry run of the
     # mapping, not the fixture to commit):
-    python tests/data/fla_fixture/make_fla_fixture.py OUT_DIR --cpu
+    python -u tests/data/fla_fixture/make_fla_fixture.py OUT_DIR --cpu
 
 For each model NAME it writes OUT_DIR/NAME.tar holding what `save_pretrained` writes (NAME/config.json, NAME/model.safetensors in float32) and
 NAME/reference.npz: tokens_T (int32 [2, T]) and logits_fp32_T / logits_bf16_T (float32 [2, T, vocab]) for T = 64
 (the layer's fused_recurrent path: fla uses it for T <= 64) and T = 128 (the chunk kernels), plus meta (JSON: fla,
-torch and triton versions, device, patches). Extract with `tar xf NAME.tar -C tests/data/fla_fixture/`.
+torch and triton versions, device, patches, the Triton configs used). Extract with
+`tar xf NAME.tar -C tests/data/fla_fixture/`.
+
+Order and partial results: all models are built first and run at T = 64 (the cheap path); each is then written at
+once as OUT_DIR/NAME.t64.tar (T = 64 only: not a fixture for the test, which needs both lengths). Then each model
+runs at T = 128 (the chunk kernels, the slow part) and is written as OUT_DIR/NAME.tar, its NAME.t64.tar removed.
+Tar files are written to a temporary name and renamed, so a killed run leaves no half-written tar. Every step
+prints a timed line (flushed) to stdout and to OUT_DIR/log.txt; `faulthandler` writes a crash's traceback, a
+SIGTERM's (e.g. from `timeout`) and, with --watchdog S, every thread's stack after S seconds, to OUT_DIR/log.txt.
+
+Autotuning: fla's kernels are `triton.autotune`d (or `fla_cache_autotune`d, a subclass of Triton's Autotuner)
+over up to 36 configs each, every config compiled and timed for every new key (shapes, dtypes); on a fresh machine
+that takes minutes per model. fla 0.6.0 has no switch that turns it off: FLA_CACHE_MODE only reads configs from
+fla/configs/{GPU}/*.json, which the wheel does not ship, and plain `triton.autotune` kernels ignore it. So unless
+--full-autotune is given, this script patches Triton's `Autotuner` class (before fla is imported; it covers fla's
+CachedAutotuner too) so that each tuning takes the first config of the kernel's own (pruned) list that compiles
+and runs, in the library's order, and times no other. The kernels and their math are the library's; only the
+tile sizes / warps / stages differ from what timing would pick, which changes float rounding (order of
+summation) and nothing else, far below the test's tolerances (1e-4 fp32, 3e-2 bf16); autotuning itself picks by
+timing, so its choice is not reproducible either. The configs used are listed in meta["triton_configs"].
 
 fp32 logits are computed with TF32 off everywhere (torch matmuls, and TRITON_F32_DEFAULT=ieee for the Triton
 kernels' dots), so that they are float32 results. Hybrid attention layers need flash-attn; where it is not
@@ -21,12 +40,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import io
 import json
 import os
+import signal
 import sys
 import tarfile
 import tempfile
+import time
 
 os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # before triton is imported
 
@@ -121,6 +143,82 @@ def patch_flash_attn(patches: list[str]) -> None:
   patches.append("flash_attn_func -> torch scaled_dot_product_attention (flash-attn not installed)")
 
 
+TRITON_CONFIGS: list[str] = []  # "kernel key -> config" for each tuning the patch below made
+
+
+def patch_autotune_first_config() -> None:
+  """Makes every Triton autotuning take the first config of the kernel's (pruned) list that compiles and runs,
+  without timing the others (see the module docstring). Patches the Autotuner class, so it must run before fla
+  builds its kernels (i.e. before fla is imported); it covers fla's CachedAutotuner, a subclass."""
+  from triton.runtime.autotuner import Autotuner
+
+  prune, bench = Autotuner.prune_configs, Autotuner._bench
+
+  def prune_configs(self, *args, **kwargs):
+    self._fixture_picked = False
+    return prune(self, *args, **kwargs)
+
+  def _bench(self, *args, config, **meta):
+    if getattr(self, "_fixture_picked", False):
+      return [float("inf")] * 3  # a config was already found for this tuning: not compiled, never chosen
+    t0 = time.time()
+    r = bench(self, *args, config=config, **meta)
+    ok = all(x != float("inf") for x in (r if isinstance(r, (list, tuple)) else [r]))
+    fn = getattr(self, "base_fn", None) or self.fn
+    while not hasattr(fn, "__name__") and hasattr(fn, "fn"):
+      fn = fn.fn
+    name = getattr(fn, "__name__", repr(fn))
+    if ok:
+      self._fixture_picked = True
+      TRITON_CONFIGS.append(f"{name}: {config}")
+    print(f"    [triton] {name}: {'took' if ok else 'rejected'} {config} ({time.time() - t0:.1f}s)", flush=True)
+    return r
+
+  Autotuner.prune_configs = prune_configs
+  Autotuner._bench = _bench
+
+
+class Tee:
+  """Writes to a stream and to the log file, flushing both."""
+
+  def __init__(self, stream, log):
+    self.stream, self.log = stream, log
+
+  def write(self, x):
+    self.stream.write(x)
+    self.stream.flush()
+    self.log.write(x)
+    self.log.flush()
+    return len(x)
+
+  def flush(self):
+    self.stream.flush()
+    self.log.flush()
+
+  def isatty(self):
+    return False
+
+  def fileno(self):
+    return self.stream.fileno()
+
+
+T0 = time.time()
+
+
+def log(msg: str) -> None:
+  print(f"[{time.time() - T0:7.1f}s] {msg}", flush=True)
+
+
+def write_tar(path: str, name: str, files: dict[str, bytes]) -> None:
+  tmp = path + ".tmp"
+  with tarfile.open(tmp, "w") as tar:
+    for fname, data in files.items():
+      info = tarfile.TarInfo(f"{name}/{fname}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  os.replace(tmp, path)
+
+
 def randomize(model: torch.nn.Module, seed: int) -> None:
   """Weights of order-one activations (the reference init, normal(0.02), makes near-constant logits)."""
   g = torch.Generator().manual_seed(seed)
@@ -139,21 +237,46 @@ def main() -> int:
   ap.add_argument("out_dir")
   ap.add_argument("--cpu", action="store_true", help="replace the Triton kernels by PyTorch (dry run on a CPU)")
   ap.add_argument("--only", default="", help="comma-separated model names (default: all)")
+  ap.add_argument("--full-autotune", action="store_true",
+                  help="let Triton time every config (minutes per model on a fresh machine) instead of taking the "
+                       "first that compiles")
+  ap.add_argument("--watchdog", type=float, default=0,
+                  help="after this many seconds, write every thread's stack to OUT_DIR/log.txt (0: off)")
   a = ap.parse_args()
+  os.makedirs(a.out_dir, exist_ok=True)
+  logf = open(os.path.join(a.out_dir, "log.txt"), "a", buffering=1)
+  sys.stdout, sys.stderr = Tee(sys.stdout, logf), Tee(sys.stderr, logf)
+  faulthandler.enable(file=logf, all_threads=True)
+  if hasattr(signal, "SIGTERM"):
+    faulthandler.register(signal.SIGTERM, file=logf, all_threads=True, chain=True)
+  if a.watchdog > 0:
+    faulthandler.dump_traceback_later(a.watchdog, file=logf)
+  log(f"start: {' '.join(sys.argv)}; python {sys.version.split()[0]}")
+
   torch.backends.cuda.matmul.allow_tf32 = False
   torch.backends.cudnn.allow_tf32 = False
   torch.set_float32_matmul_precision("highest")
+  patches: list[str] = []
+  autotune = "triton autotune over all configs"
+  if not a.cpu and not a.full_autotune:
+    patch_autotune_first_config()
+    autotune = "first config of each kernel's list that compiles and runs (Autotuner patched, nothing timed)"
+  log(f"autotune: {autotune if not a.cpu else 'n/a (--cpu)'}; importing fla")
   import fla
   import transformers
   from fla.models import GSAConfig, GSAForCausalLM
 
-  patches: list[str] = []
   if a.cpu:
     patch_for_cpu(patches)
   patch_flash_attn(patches)
   device = "cpu" if a.cpu else "cuda"
-  os.makedirs(a.out_dir, exist_ok=True)
+  device_name = "cpu" if a.cpu else str(torch.cuda.get_device_name(0))
+  log(f"fla {getattr(fla, '__version__', '?')}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"device {device_name}")
   names = [n for n in a.only.split(",") if n] or list(MODELS)
+
+  # Build every model, save it as the reference does, and draw its tokens.
+  state = {}
   for i, name in enumerate(names):
     kw = dict(MODELS[name])
     if "expand_k" in kw:  # the reference GSAConfig's argument is spelled `exapnd_k`
@@ -175,36 +298,66 @@ def main() -> int:
     gen = torch.Generator().manual_seed(1000 + i)
     for t in LENGTHS:
       arrays[f"tokens_{t}"] = torch.randint(0, config.vocab_size, (2, t), generator=gen).numpy().astype(np.int32)
-    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    with torch.no_grad():
-      for t in LENGTHS:
-        tokens = torch.from_numpy(arrays[f"tokens_{t}"]).long().to(device)
-        arrays[f"logits_fp32_{t}"] = model(tokens).logits.float().cpu().numpy()
-        arrays[f"logits_bf16_{t}"] = model_bf16(tokens).logits.float().cpu().numpy()
+    state[name] = dict(model=model, model_bf16=copy.deepcopy(model).to(torch.bfloat16), files=files, arrays=arrays)
+    log(f"{name}: built and saved ({', '.join(f'{k} {len(v)} B' for k, v in files.items())})")
+
+  def run(name: str, t: int) -> None:
+    st = state[name]
+    tokens = torch.from_numpy(st["arrays"][f"tokens_{t}"]).long().to(device)
+    for key, m in (("fp32", st["model"]), ("bf16", st["model_bf16"])):
+      log(f"{name}: forward {key} T={t} ...")
+      t0 = time.time()
+      with torch.no_grad():
+        st["arrays"][f"logits_{key}_{t}"] = m(tokens).logits.float().cpu().numpy()
+      log(f"{name}: forward {key} T={t} done in {time.time() - t0:.1f}s")
+
+  def save(name: str, lengths: tuple[int, ...]) -> str:
+    st = state[name]
     meta = {"fla": getattr(fla, "__version__", "?"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(torch.cuda.get_device_name(0)) if not a.cpu
-            else "cpu", "patches": patches, "TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT"),
-            "model": name, "config": MODELS[name]}
+            "transformers": transformers.__version__, "device": device_name, "patches": patches,
+            "TRITON_F32_DEFAULT": os.environ.get("TRITON_F32_DEFAULT"), "model": name, "config": MODELS[name],
+            "lengths": list(lengths), "autotune": autotune if not a.cpu else None,
+            "triton_configs": list(TRITON_CONFIGS)}
     try:
       import triton
       meta["triton"] = triton.__version__
     except ImportError:
       pass
+    arrays = {k: v for k, v in st["arrays"].items() if int(k.rsplit("_", 1)[1]) in lengths}
     arrays["meta"] = np.array(json.dumps(meta))
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    files["reference.npz"] = buf.getvalue()
-    with tarfile.open(os.path.join(a.out_dir, f"{name}.tar"), "w") as tar:
-      for fname, data in files.items():
-        info = tarfile.TarInfo(f"{name}/{fname}")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+    files = dict(st["files"], **{"reference.npz": buf.getvalue()})
+    full = tuple(lengths) == tuple(LENGTHS)
+    path = os.path.join(a.out_dir, f"{name}.tar" if full else f"{name}.t{'_'.join(map(str, lengths))}.tar")
+    write_tar(path, name, files)
     finite = all(np.isfinite(v).all() for k, v in arrays.items() if k.startswith("logits"))
-    print(f"{name}: {sum(len(d) for d in files.values()) / 1e6:.2f} MB, logits finite: {finite}, "
-          f"fp32 vs bf16 rel diff (T=128): "
-          f"{np.linalg.norm(arrays['logits_fp32_128'] - arrays['logits_bf16_128']) / np.linalg.norm(arrays['logits_fp32_128']):.2e}",
-          flush=True)
-  print("patches:", patches)
+    t = lengths[-1]
+    f32, b16 = arrays[f"logits_fp32_{t}"], arrays[f"logits_bf16_{t}"]
+    log(f"{name}: wrote {path} ({sum(len(d) for d in files.values()) / 1e6:.2f} MB), logits finite: {finite}, "
+        f"fp32 vs bf16 rel diff (T={t}): {np.linalg.norm(f32 - b16) / np.linalg.norm(f32):.2e}")
+    return path
+
+  # The cheap path first (T = 64: fused_recurrent), for every model; then the chunk kernels (T = 128).
+  short, rest = LENGTHS[:1], LENGTHS[1:]
+  for name in names:
+    t0 = time.time()
+    for t in short:
+      run(name, t)
+    save(name, short)
+    log(f"{name}: T={short} in {time.time() - t0:.1f}s")
+  for name in names:
+    t0 = time.time()
+    for t in rest:
+      run(name, t)
+    save(name, LENGTHS)
+    partial = os.path.join(a.out_dir, f"{name}.t{'_'.join(map(str, short))}.tar")
+    if os.path.exists(partial):
+      os.remove(partial)
+    log(f"{name}: T={rest} in {time.time() - t0:.1f}s; done")
+  log(f"all done; patches: {patches}")
+  if a.watchdog > 0:
+    faulthandler.cancel_dump_traceback_later()
   return 0
 
 
