@@ -224,3 +224,24 @@ def test_every_backend_is_implemented():
   for backend in BACKENDS:
     o, _ = gated_slot_attention(**_valid(), backend=backend)
     assert o.shape == _valid()["q"].shape[:3] + (_valid()["v"].shape[3],)
+
+
+def test_compare_backends_flags_a_wrong_implementation():
+  """`gsa_jax.ops.check.compare` (behind benchmarks/compare_backends.py): right passes, wrong fails."""
+  from gsa_jax.ops import check  # noqa: PLC0415
+
+  def chunked_outside(scale_by):
+    def run(dtype_name, x, segment_ids, cotangent, repeats):
+      def fn(q, k, v, s, g, hk, hv):
+        o, _ = gated_slot_attention(q, k, v, s, g, initial_state=(hk, hv), backend="chunked")
+        return o * scale_by
+      args = [jnp.asarray(x[n], jnp.float32) for n in "qkvsg"] + [jnp.asarray(a, jnp.float32)
+                                                                 for a in x["initial_state"]]
+      o, vjp = jax.vjp(fn, *args)
+      return o, vjp(jnp.asarray(cotangent, o.dtype)), 0.0, 0.0
+    return run
+
+  rows, failures = check.compare((1, 20, 2, 1, 8, 12, 6), dtypes=("float32",), backends=["recurrent"],
+                                 extra={"right": chunked_outside(1.0), "wrong": chunked_outside(1.01)})
+  verdicts = {row[0]: row[-1] for row in rows}
+  assert verdicts == {"recurrent": "ok", "right": "ok", "wrong": "FAIL"} and failures == 1

@@ -11,6 +11,7 @@ device. Exits non-zero if a backend's error exceeds its dtype's tolerance or pro
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 
@@ -78,8 +79,65 @@ def _rel(a, ref):
   return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=64, normalizer=8.0,
+            segments=False, repeats=5, seed=0, extra=None):
+  """Errors vs the float64 recurrence and timings of each backend on one random problem.
+
+  shape: (b, t, hq, h, dk, dv, m). extra: {name: fn(dtype_name, inputs, segment_ids, cotangent, repeats) ->
+  (o, grads, fwd_ms, fwd_bwd_ms)} for implementations outside this package (inputs are float64 numpy arrays already
+  rounded through the dtype; grads in the order q, k, v, s, g, hk0, hv0), or raise NotImplementedError.
+  Returns (rows, failures): rows of (name, dtype, err o, max err grad, fwd ms, fwd+bwd ms, verdict).
+  """
+  b, t = shape[:2]
+  backends = backends or [name for name in BACKENDS if name != "auto"]
+  rng = np.random.default_rng(seed)
+  x = _inputs(rng, *shape, normalizer)
+  segment_ids = jnp.asarray(_packed_segment_ids(rng, b, t)) if segments else None
+  cotangent = rng.standard_normal((b, t, shape[2], shape[5]))
+  failures, rows = 0, []
+  for dtype_name in dtypes:
+    dtype = jnp.dtype(dtype_name)
+    # The reference sees exactly the values the backend sees: inputs rounded through the tested dtype.
+    rounded = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, dtype), np.float64), x)
+    with jax.enable_x64(True):
+      _, ref_fn, ref_args = _loss_and_grads("recurrent", jnp.float64, rounded, segment_ids,
+                                            jnp.asarray(cotangent, jnp.float64), chunk_size)
+      ref_o, ref_grads = jax.tree.map(np.asarray, ref_fn(*ref_args))
+
+    def run_backend(backend):
+      fwd, fwd_bwd, call_args = _loss_and_grads(backend, dtype, rounded, segment_ids, jnp.asarray(cotangent),
+                                                chunk_size)
+      o, grads = fwd_bwd(*call_args)
+      return o, grads, _median_ms(fwd, call_args, repeats), _median_ms(fwd_bwd, call_args, repeats)
+
+    runs = {name: functools.partial(run_backend, name) for name in backends}
+    runs.update({name: functools.partial(fn, dtype_name, rounded, segment_ids, cotangent, repeats)
+                 for name, fn in (extra or {}).items()})
+    for name, run in runs.items():
+      try:
+        o, grads, fwd_ms, fwd_bwd_ms = run()
+      except NotImplementedError as e:
+        rows.append((name, dtype_name, "not run", "", "", "", str(e)[:60] or "not implemented"))
+        continue
+      err_o = _rel(o, ref_o)
+      err_g = max(_rel(a, r) for a, r in zip(grads, ref_grads))
+      finite = all(np.isfinite(np.asarray(a, np.float64)).all() for a in (o, *grads))
+      ok = finite and max(err_o, err_g) <= TOLERANCE.get(dtype_name, 1e-4)
+      failures += not ok
+      rows.append((name, dtype_name, f"{err_o:.1e}", f"{err_g:.1e}", f"{fwd_ms:.2f}", f"{fwd_bwd_ms:.2f}",
+                   "ok" if ok else "FAIL"))
+  return rows, failures
+
+
+def print_table(rows) -> None:
+  header = ("backend", "dtype", "err o", "max err grad", "fwd ms", "fwd+bwd ms", "")
+  widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+  for row in [header] + rows:
+    print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+  print(f"tolerances vs float64 recurrence: {TOLERANCE}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
   for name, default in (("b", 2), ("t", 300), ("hq", 4), ("h", 2), ("dk", 32), ("dv", 48), ("m", 24)):
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument("--chunk-size", type=int, default=64)
@@ -89,50 +147,24 @@ def main(argv=None) -> int:
   parser.add_argument("--backends", default=",".join(b for b in BACKENDS if b != "auto"))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
 
-  rng = np.random.default_rng(args.seed)
+
+def run_from_args(args, extra=None) -> int:
   shape = (args.b, args.t, args.hq, args.h, args.dk, args.dv, args.m)
-  x = _inputs(rng, *shape, args.normalizer)
-  segment_ids = jnp.asarray(_packed_segment_ids(rng, args.b, args.t)) if args.segments else None
-  cotangent = rng.standard_normal((args.b, args.t, args.hq, args.dv))
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(f"shape: B={args.b} T={args.t} HQ={args.hq} H={args.h} K={args.dk} V={args.dv} M={args.m}, "
         f"chunk {args.chunk_size}, g = logsigmoid(x)/{args.normalizer}, segments {'on' if args.segments else 'off'}")
-
-  failures = 0
-  rows = []
-  for dtype_name in args.dtypes.split(","):
-    dtype = jnp.dtype(dtype_name)
-    # The reference sees exactly the values the backend sees: inputs rounded through the tested dtype.
-    rounded = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, dtype), np.float64), x)
-    with jax.enable_x64(True):
-      _, ref_fn, ref_args = _loss_and_grads("recurrent", jnp.float64, rounded, segment_ids,
-                                            jnp.asarray(cotangent, jnp.float64), args.chunk_size)
-      ref_o, ref_grads = jax.tree.map(np.asarray, ref_fn(*ref_args))
-    for backend in args.backends.split(","):
-      fwd, fwd_bwd, call_args = _loss_and_grads(backend, dtype, rounded, segment_ids, jnp.asarray(cotangent),
-                                                args.chunk_size)
-      try:
-        o, grads = fwd_bwd(*call_args)
-      except NotImplementedError:
-        rows.append((backend, dtype_name, "not implemented", "", "", "", ""))
-        continue
-      err_o = _rel(o, ref_o)
-      err_g = max(_rel(a, r) for a, r in zip(grads, ref_grads))
-      finite = all(np.isfinite(np.asarray(a, np.float64)).all() for a in (o, *grads))
-      ok = finite and max(err_o, err_g) <= TOLERANCE.get(dtype_name, 1e-4)
-      failures += not ok
-      rows.append((backend, dtype_name, f"{err_o:.1e}", f"{err_g:.1e}",
-                   f"{_median_ms(fwd, call_args, args.repeats):.2f}",
-                   f"{_median_ms(fwd_bwd, call_args, args.repeats):.2f}", "ok" if ok else "FAIL"))
-
-  header = ("backend", "dtype", "err o", "max err grad", "fwd ms", "fwd+bwd ms", "")
-  widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-  for row in [header] + rows:
-    print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-  print(f"tolerances vs float64 recurrence: {TOLERANCE}")
+  rows, failures = compare(shape, dtypes=args.dtypes.split(","), backends=args.backends.split(","),
+                           chunk_size=args.chunk_size, normalizer=args.normalizer, segments=args.segments,
+                           repeats=args.repeats, seed=args.seed, extra=extra)
+  print_table(rows)
   return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_arguments(parser)
+  return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
