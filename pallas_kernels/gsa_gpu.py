@@ -389,6 +389,12 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
   GV: q [c, gq, w], k [c, gk, w], v [c, gk, m], h [w, m] ([m, w] if transposed), o [c, gq, m].
   The wide axis w is walked in blocks of `block`. f16/b16 [c, m]: prefix/suffix sums of g inside each 16-row
   sub-chunk; f64/b64 [c, m]: the same inside the chunk; doc [tp]; h: the state entering this chunk.
+
+  Every product is chunk-wide ([c, .] operands): the intra-chunk scores are one [c, c] matrix. Its decays are
+  normalised per 16-row sub-chunk a of the queries, so every exponent is a sum of gates of one sign:
+  off-diagonal blocks (keys in other sub-chunks) as (q * QF) @ (k * KF_a)^T kept on the rows of a, where KF_a is
+  the decay from each key to a's boundary (0 for keys a does not see); the diagonal 16 x 16 blocks (keys in a's own
+  sub-chunk) row by row, the 16 rows of all sub-chunks walked together.
   """
   f32 = jnp.float32
   ns = chunk // _SUB
@@ -396,109 +402,107 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
   ci = pl.program_id(0)
   t0 = ci * chunk
   dot = functools.partial(_dot2, low_precision=low_precision, split_all=split_all)
-  sub = [slice(a * _SUB, (a + 1) * _SUB) for a in range(ns)]
-  fg = [f16_ref[r, :] for r in sub]  # [16, m]
-  bg = [b16_ref[r, :] for r in sub]
-  tot = [f16_ref[a * _SUB + _SUB - 1, :][None, :] for a in range(ns)]  # [1, m]
-  zero = jnp.zeros_like(tot[0])
-  ssum = lambda xs: functools.reduce(operator.add, xs, zero)
-  docs = [doc_ref[pl.ds(t0 + a * _SUB, _SUB)] for a in range(ns)]
-  if reverse:
-    sdoc = doc_ref[jnp.minimum(t0 + chunk, tp - 1)]
-  else:
-    sdoc = doc_ref[jnp.maximum(t0 - 1, 0)]
-  reads = [(docs[a] == sdoc)[:, None] for a in range(ns)]
-  x_dec = [jnp.where(reads[a], jnp.exp((b64_ref if reverse else f64_ref)[sub[a], :]), 0.0) for a in range(ns)]
-  idx = jnp.arange(_SUB)
-  others = (lambda a: range(a + 1, ns)) if reverse else (lambda a: range(a))
-  pairs = [(a, b) for a in range(ns) for b in others(a)]
+  rows = jnp.arange(chunk)
+  blk = rows // _SUB  # [c]: the sub-chunk of each row
+  in_blk = [(blk == a)[:, None] for a in range(ns)]  # [c, 1]
+  f16, b16 = f16_ref[...], b16_ref[...]  # [c, m]
+  tot = [f16_ref[a * _SUB + _SUB - 1, :][None, :] for a in range(ns)]  # [1, m]: each sub-chunk's gate sum
+  docs = doc_ref[pl.ds(t0, chunk)]  # [c]
+  sdoc = doc_ref[jnp.minimum(t0 + chunk, tp - 1)] if reverse else doc_ref[jnp.maximum(t0 - 1, 0)]
+  x_dec = jnp.where((docs == sdoc)[:, None], jnp.exp((b64_ref if reverse else f64_ref)[...]), 0.0)  # [c, m]
+  same_doc = docs[:, None] == docs[None, :]  # [c, c]
+  # Query sub-chunks with keys in other sub-chunks, the query-side decay and, per such sub-chunk a, the key-side
+  # decay to a's boundary: forward, keys before a (from the key to the end of its sub-chunk, then whole sub-chunks
+  # between); reversed, keys after a (the mirror image).
+  heads = range(ns - 1) if reverse else range(1, ns)
+  qf = jnp.exp(b16 if reverse else f16)
+  kf = {}
+  for a in heads:
+    seen = (blk > a) if reverse else (blk < a)
+    w = jnp.zeros_like(f16)
+    for c in (range(a + 1, ns) if reverse else range(a)):
+      between = (blk > c) if reverse else (blk < c)
+      w = w + jnp.where(between[:, None], tot[c], 0.0)
+    kf[a] = jnp.where(seen[:, None], jnp.exp((f16 if reverse else b16) + w), 0.0)
 
-  pair = {}
-  for a, b in pairs:  # exp(G_t - G_j) = qf[t] * kf[j] for t in sub-chunk a, j in b
-    w = ssum(tot[min(a, b) + 1:max(a, b)])
-    pair[a, b] = (jnp.exp(bg[a] + w), jnp.exp(fg[b])) if reverse else (jnp.exp(fg[a]), jnp.exp(bg[b] + w))
-  docmask = {(a, b): docs[a][:, None] == docs[b][None, :] for a, b in pairs}
-
-  def diag_rows(fn, inits):
-    """inits[a] + the sum over the key rows j of diagonal sub-chunk a of fn(a, jj, row r of the chunk, decay
-    [16, m]), for every sub-chunk a. One loop walks the 16 rows of all sub-chunks together: the sub-chunks are
-    independent, so each step has ns chains of work in flight instead of one."""
-    def row(jj, accs):
-      out = []
+  def diag_rows(fn, init):
+    """init + the sum over jj of fn(jj, key row of each query row [c], decay [c, m]): for each query row, the key
+    row jj of its own sub-chunk, when it is visible (causal and same document)."""
+    def step(jj, acc):
+      key = blk * _SUB + jj  # [c]
+      fj = jnp.zeros_like(f16)
+      dj = jnp.zeros_like(docs)
       for a in range(ns):
-        r = a * _SUB + jj
-        fj = f16_ref[pl.ds(r, 1), :]  # [1, m]
-        d = (fj - fg[a]) if reverse else (fg[a] - fj)
-        ok = ((idx <= jj) if reverse else (idx >= jj)) & (docs[a] == doc_ref[t0 + r])
-        e = jnp.exp(jnp.where(ok[:, None], d, -jnp.inf))  # [16, m]
-        out.append(accs[a] + fn(a, jj, r, e))
-      return tuple(out)
-    return list(lax.fori_loop(0, _SUB, row, tuple(inits)))
+        fj = jnp.where(in_blk[a], f16_ref[pl.ds(a * _SUB + jj, 1), :], fj)
+        dj = jnp.where(blk == a, doc_ref[t0 + a * _SUB + jj], dj)
+      ok = ((key >= rows) if reverse else (key <= rows)) & (dj == docs)
+      e = jnp.exp(jnp.where(ok[:, None], (fj - f16) if reverse else (f16 - fj), -jnp.inf))  # [c, m]
+      return fn(jj, key, e, acc)
+    return lax.fori_loop(0, _SUB, step, init)
 
-  hblock = lambda cols: (h_ref[:, cols].T if transposed else h_ref[cols, :])  # GV: [block, m]
+  def key_rows(ref, c, jj):
+    """[c, width]: for each query row, row jj of its sub-chunk of ref[:, c, :]."""
+    out = None
+    for a in range(ns):
+      r = ref[pl.ds(a * _SUB + jj, 1), c, :].astype(f32)
+      out = jnp.where(in_blk[a], r, 0.0 if out is None else out)
+    return out
 
+  cols_c = rows[None, :]  # [1, c]
   for qa in range(gq):
     if kind == "gk":
-      qt = [q_ref[r, qa, :].astype(f32) for r in sub]  # [16, m]
-      amat = {}
+      qt = q_ref[:, qa, :].astype(f32)  # [c, m]
+      amat = []
       for c in range(gk):
-        kt = [k_ref[r, c, :].astype(f32) for r in sub]
-        for a, b in pairs:
-          qf, kf = pair[a, b]
-          amat[c, a, b] = jnp.where(docmask[a, b], dot(qt[a] * qf, (kt[b] * kf).T), 0.0)
-        def fn(a, jj, r, e, c=c):
-          col = jnp.sum(qt[a] * k_ref[pl.ds(r, 1), c, :].astype(f32) * e, axis=1)  # [16]
-          return jnp.where(idx[None, :] == jj, col[:, None], 0.0)
-        diag = diag_rows(fn, [jnp.zeros((_SUB, _SUB), f32)] * ns)
-        for a in range(ns):
-          amat[c, a, a] = diag[a]
-      qx = [qt[a] * x_dec[a] for a in range(ns)]
+        kt = k_ref[:, c, :].astype(f32)
+        att = jnp.zeros((chunk, chunk), f32)
+        for a in heads:
+          att = jnp.where(in_blk[a], dot(qt * qf, (kt * kf[a]).T), att)
+
+        def fn(jj, key, e, att, c=c):
+          col = jnp.sum(qt * key_rows(k_ref, c, jj) * e, axis=1)  # [c]
+          return jnp.where(cols_c == key[:, None], col[:, None], att)
+        amat.append(jnp.where(same_doc, diag_rows(fn, att), 0.0))
+      qx = qt * x_dec
 
       def wide(j, carry):
         cols = pl.ds(pl.multiple_of(j * block, block), block)
         hb = h_ref[cols, :].T if transposed else h_ref[:, cols]  # [m, block]
-        for a in range(ns):
-          acc = dot(qx[a], hb, split=True)
-          for c in range(gk):
-            for b in list(others(a)) + [a]:
-              acc += dot(amat[c, a, b], v_ref[sub[b], c, cols])
-          o_ref[sub[a], qa, cols] = acc.astype(o_ref.dtype)
+        acc = dot(qx, hb, split=True)
+        for c in range(gk):
+          acc += dot(amat[c], v_ref[:, c, cols])
+        o_ref[:, qa, cols] = acc.astype(o_ref.dtype)
         return carry
 
       lax.fori_loop(0, n_blocks, wide, 0)
     else:
       acc = None
+      m = f16.shape[-1]
       for c in range(gk):
-        keys = pairs + [(a, a) for a in range(ns)]
-        m = f16_ref.shape[-1]
-
         def narrow(j, carry, c=c):
           att, inter = carry
           cols = pl.ds(pl.multiple_of(j * block, block), block)
-          qb = [q_ref[r, qa, cols] for r in sub]
-          kb = [k_ref[r, c, cols] for r in sub]
-          att = [att[i] + dot(qb[a], kb[b].T) for i, (a, b) in enumerate(keys)]
+          qb = q_ref[:, qa, cols]
+          att = att + dot(qb, k_ref[:, c, cols].T)
           if c == 0:
-            hb = hblock(cols)
-            inter = [inter[a] + dot(qb[a], hb, split=True) for a in range(ns)]
+            hb = h_ref[:, cols].T if transposed else h_ref[cols, :]  # [block, m]
+            inter = inter + dot(qb, hb, split=True)
           return att, inter
 
-        att0 = [jnp.zeros((_SUB, _SUB), f32) for _ in keys]
-        inter0 = [jnp.zeros((_SUB, m), f32) for _ in range(ns)]
-        att, inter = lax.fori_loop(0, n_blocks, narrow, (att0, inter0))
-        att = dict(zip(keys, att))
+        att, inter = lax.fori_loop(0, n_blocks, narrow,
+                                   (jnp.zeros((chunk, chunk), f32), jnp.zeros((chunk, m), f32)))
+        att = jnp.where(same_doc, att, 0.0)
         if acc is None:
-          acc = [inter[a] * x_dec[a] for a in range(ns)]
-        vt = [v_ref[r, c, :].astype(f32) for r in sub]
-        for a, b in pairs:
-          qf, kf = pair[a, b]
-          acc[a] += dot(jnp.where(docmask[a, b], att[a, b], 0.0), vt[b] * kf) * qf
-        def fn(a, jj, r, e, c=c, att=att):
-          col = jnp.sum(jnp.where(idx[None, :] == jj, att[a, a], 0.0), axis=1)  # [16]
-          return col[:, None] * v_ref[pl.ds(r, 1), c, :].astype(f32) * e
+          acc = inter * x_dec
+        vt = v_ref[:, c, :].astype(f32)
+        for a in heads:
+          acc = acc + jnp.where(in_blk[a], dot(att, vt * kf[a]) * qf, 0.0)
+
+        def fn(jj, key, e, acc, c=c, att=att):
+          col = jnp.sum(jnp.where(cols_c == key[:, None], att, 0.0), axis=1)  # [c]
+          return acc + col[:, None] * key_rows(v_ref, c, jj) * e
         acc = diag_rows(fn, acc)
-      for a in range(ns):
-        o_ref[sub[a], qa, :] = acc[a].astype(o_ref.dtype)
+      o_ref[:, qa, :] = acc.astype(o_ref.dtype)
 
 
 def _cp_states(cfg, kind, reverse, gk, k, v, gates, doc, h0, name):
