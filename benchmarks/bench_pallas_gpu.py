@@ -136,9 +136,8 @@ def main(argv=None):
         "pallas recompute": BlockSizes(recompute_states=True),
         "pallas no_split": BlockSizes(split_all=False),
         "pallas sst1": BlockSizes(state_num_stages=1),
-        "pallas b128 w8": BlockSizes(block_k=128, block_v=128, num_warps=8),
+        "pallas b128": BlockSizes(block_k=128, block_v=128),
         "pallas c32": BlockSizes(chunk=32),
-        "sequential c16": BlockSizes(impl="sequential", chunk=16),
     }
     wanted = None if args.variants == "all" else set(args.variants.split(","))
     configs.update({k: v for k, v in variants.items() if wanted is None or k.removeprefix("pallas ") in wanted})

@@ -16,19 +16,18 @@ same two attentions, run forwards or backwards in time (`reverse=True` lets a qu
   dg = reverse cumsum, per document, of  sum_group(z * dz + p * dp) - s * ds,  plus the final-state term
        sum(dhk_T * hk_T) + sum(dhv_T * hv_T) on the last document (spec section 2's identity, done in XLA).
 
-The chunk design (default, `BlockSizes.impl == "chunk"`; docs/kernels.md)
--------------------------------------------------------------------------
+The kernels (docs/kernels.md has the measurements behind each choice)
+----------------------------------------------------------------------
 Each attention is two kernels. `_state_kernel`: one program per (state slice, batch, kv head) walks the chunks
 (64 tokens) and writes the float32 state entering every chunk to memory ([b, h, n_chunks, ., .]); its only work
 per chunk is one state update (a [64 x slice] product). `_out_kernel`: one program per (chunk, batch, kv head),
-fully parallel, computes that chunk's outputs: the intra-chunk part on 16-row sub-chunks plus the inter-chunk part
-from the stored state, walking the wide feature axis (dk or dv) in blocks. The forward writes two state tensors
-(hk, hv) and keeps them for the backward (`recompute_states=True` recomputes them instead), which writes the two
-reverse ones (dhk, dhv: dk and ds1 share one, dv and ds2 the other): 2 state kernels + 6 output kernels. Grouped-query heads of one kv head are handled inside
-one program (k, v, s, g are never repeated); the group's query heads are summed inside the reverse state kernels.
-
-The first design (`impl="sequential"`, kept for comparison): one program per (feature block, batch, kv head)
-walks all chunks with the state in registers and does the intra-chunk work inside the sequential loop.
+fully parallel, computes that chunk's outputs with chunk-wide products: the intra-chunk scores as one [64, 64]
+matrix (decays normalised per 16-row sub-chunk, see below) plus the inter-chunk part from the stored state,
+walking the wide feature axis (dk or dv) in blocks. The forward writes two state tensors (hk, hv) and keeps them
+for the backward (`recompute_states=True` recomputes them instead), which writes the two reverse ones (dhk, dhv:
+dk and ds1 share one, dv and ds2 the other): 2 state kernels + 6 output kernels. Grouped-query heads of one kv
+head are handled inside one program (k, v, s, g are never repeated); the group's query heads are summed inside the
+reverse state kernels.
 
 Numerical safety
 ----------------
@@ -50,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -63,9 +61,8 @@ from gsa_jax.ops.common import GSAState, segment_masks
 from gsa_jax.ops.recurrent import gsa_step
 from pallas_kernels.gsa_common import SUB as _SUB
 from pallas_kernels.gsa_common import chunk_gate_sums as _chunk_gate_sums
-from pallas_kernels.gsa_common import gate_sums as _gate_sums
+from pallas_kernels.gsa_common import gate_grad as _gate_grad
 from pallas_kernels.gsa_common import pad_to as _pad_to
-from pallas_kernels.gsa_common import segmented_reverse_cumsum as _segmented_reverse_cumsum
 from pallas_kernels.gsa_common import softmax as _softmax
 
 _log = logging.getLogger(__name__)
@@ -74,14 +71,11 @@ _MAX_SLOTS = 128
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes and the kernel design.
+  """Tile sizes.
 
-  `impl`: "chunk" (default): chunk states through memory, every other kernel parallel over chunks;
-  "sequential": the first design, one program per feature block walks all chunks (kept for comparison).
   `chunk`: tokens per chunk (a multiple of 16). `block_k` / `block_v`: the query/key and value width walked per
-  step (chunk impl) or owned by one program (sequential impl). `state_block`: the width of the state slice one
-  state-passing program owns (chunk impl). `num_warps`/`num_stages`: the output kernels (all kernels of the
-  sequential impl); `state_num_warps`/`state_num_stages`: the state-passing kernels.
+  step by the output kernels. `state_block`: the width of the state slice one state-passing program owns.
+  `num_warps`/`num_stages`: the output kernels; `state_num_warps`/`state_num_stages`: the state-passing kernels.
   """
 
   chunk: int = 64
@@ -92,7 +86,6 @@ class BlockSizes:
   state_block: int | None = None  # None: 64, or 32 where slices of 64 would give fewer than 128 programs
   state_num_warps: int = 4
   state_num_stages: int = 2
-  impl: str = "chunk"
   # Low-precision inputs: products with the float32 state always use hi + lo operands; `split_all` does the
   # same for every float32 operand of the intra-chunk products. Measured on the H100 (B2 T512 H4 K=V=64 M32, bf16,
   # vs float64): worst relative L2 error 3.2e-3 (dg) without, 1.8e-3 with, for about 8% more time.
@@ -130,198 +123,7 @@ def unsupported_reason(q, k, v, s, g) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The kernel: one gated linear attention (GK or GV), forwards or backwards in time.
-# ---------------------------------------------------------------------------------------------------------------
-
-def _gla_kernel(q_ref, k_ref, v_ref, fg_ref, bg_ref, doc_ref, h0_ref, o_ref, ht_ref, *, kind, reverse,
-                n_chunks, chunk, gq, gk, low_precision, split_all):
-  """One program: batch b, kv head h, one feature block. Refs (time-major, heads of this kv group):
-
-  GK: q [tp, gq, m], k [tp, gk, m], v [tp, gk, bv], h0/ht [m, bv], o [tp, gq, bv].
-  GV: q [tp, gq, bk], k [tp, gk, bk], v [tp, gk, m], h0/ht [bk, m], o [tp, gq, m] (partial over the k blocks).
-  fg, bg [tp, m] float32 sub-chunk prefix/suffix sums of g; doc [tp] int32.
-  """
-  f32 = jnp.float32
-  ns = chunk // _SUB
-  tp = n_chunks * chunk
-
-  def dot(a, b, split=False):
-    """a @ b with float32 accumulation. Low-precision mode: operands rounded to `low_precision`; with `split`
-    (the products with the float32 state) each float32 operand is carried as hi + lo, three products."""
-    if low_precision is None:
-      return jnp.dot(a, b, precision=lax.Precision.HIGHEST, preferred_element_type=f32)
-    lp = lambda x, y: jnp.dot(x, y, preferred_element_type=f32)
-    a_hi, b_hi = a.astype(low_precision), b.astype(low_precision)
-    out = lp(a_hi, b_hi)
-    if split or split_all:
-      a_lo = (a - a_hi.astype(f32)).astype(low_precision)
-      b_lo = (b - b_hi.astype(f32)).astype(low_precision)
-      out = out + lp(a_lo, b_hi) + lp(a_hi, b_lo)
-    return out
-
-  kv_heads = (lambda qa: [0]) if gk == 1 else (lambda qa: list(range(gk)))
-  idx = jnp.arange(_SUB)
-  causal = (idx[:, None] <= idx[None, :]) if reverse else (idx[:, None] >= idx[None, :])  # [query, key]
-  # Key sub-chunks a query sub-chunk sees besides its own: earlier ones forwards, later ones backwards.
-  others = (lambda a: range(a + 1, ns)) if reverse else (lambda a: range(a))
-
-  def body(i, carry):
-    h, sdoc = carry
-    ci = (n_chunks - 1 - i) if reverse else i
-    t0 = ci * chunk
-    rows = [pl.ds(t0 + a * _SUB, _SUB) for a in range(ns)]
-    fg = [fg_ref[r, :] for r in rows]  # [16, m]
-    bg = [bg_ref[r, :] for r in rows]
-    tot = [fg_ref[t0 + a * _SUB + _SUB - 1, :][None, :] for a in range(ns)]  # [1, m] sum of g per sub-chunk
-    zero = jnp.zeros_like(tot[0])
-    ssum = lambda xs: functools.reduce(operator.add, xs, zero)
-    before = [ssum(tot[:a]) for a in range(ns)]  # gates of earlier sub-chunks of this chunk
-    after = [ssum(tot[a + 1:]) for a in range(ns)]
-    total = ssum(tot)
-    docs = [doc_ref[r] for r in rows]  # [16]
-    bdoc = doc_ref[t0] if reverse else doc_ref[t0 + chunk - 1]  # the document the outgoing state belongs to
-
-    # Decay from the chunk boundary the state enters through to each query row, and from each key row to the
-    # boundary the state leaves through. All exponents are sums of g of one sign: <= 0.
-    if reverse:
-      x_dec = [jnp.exp(bg[a] + after[a]) for a in range(ns)]
-      y_dec = [jnp.exp(before[a] + fg[a]) for a in range(ns)]
-    else:
-      x_dec = [jnp.exp(before[a] + fg[a]) for a in range(ns)]
-      y_dec = [jnp.exp(bg[a] + after[a]) for a in range(ns)]
-
-    def pair_decay(a, b):
-      """(query factor, key factor) with exp(G_t - G_j) = qf[t] * kf[j] for t in sub-chunk a, j in b."""
-      lo, hi = min(a, b), max(a, b)
-      w = ssum(tot[lo + 1:hi])  # whole sub-chunks strictly between them
-      if reverse:
-        return jnp.exp(bg[a] + w), jnp.exp(fg[b])
-      return jnp.exp(fg[a]), jnp.exp(bg[b] + w)
-
-    def diag(a):
-      """exp(G_t - G_j) [16, 16, m] inside sub-chunk a, zero outside causal, same-document pairs; the pair mask."""
-      d = fg[a][:, None, :] - fg[a][None, :, :]
-      if reverse:
-        d = -d
-      mask = causal & (docs[a][:, None] == docs[a][None, :])
-      return jnp.exp(jnp.where(mask[:, :, None], d, -jnp.inf)), mask
-
-    kt = [[k_ref[rows[b], c, :].astype(f32) for c in range(gk)] for b in range(ns)]
-    vt = [[v_ref[rows[b], c, :].astype(f32) for c in range(gk)] for b in range(ns)]
-
-    for a in range(ns):
-      reads = (docs[a] == sdoc)[:, None]
-      e3, dmask = diag(a)
-      pair = {b: pair_decay(a, b) for b in others(a)}
-      for qa in range(gq):
-        qt = q_ref[rows[a], qa, :].astype(f32)
-        if kind == "gk":
-          acc = dot(jnp.where(reads, qt * x_dec[a], 0.0), h, True)
-          for c in kv_heads(qa):
-            for b in others(a):
-              qf, kf = pair[b]
-              sc = dot(qt * qf, (kt[b][c] * kf).T)
-              sc = jnp.where(docs[a][:, None] == docs[b][None, :], sc, 0.0)
-              acc += dot(sc, vt[b][c])
-            sc = jnp.sum(qt[:, None, :] * kt[a][c][None, :, :] * e3, axis=2)
-            acc += dot(sc, vt[a][c])
-        else:
-          acc = dot(qt, h, True) * jnp.where(reads, x_dec[a], 0.0)
-          for c in kv_heads(qa):
-            for b in others(a):
-              qf, kf = pair[b]
-              att = jnp.where(docs[a][:, None] == docs[b][None, :], dot(qt, kt[b][c].T), 0.0)
-              acc += dot(att, vt[b][c] * kf) * qf
-            att = jnp.where(dmask, dot(qt, kt[a][c].T), 0.0)
-            acc += jnp.sum(att[:, :, None] * vt[a][c][None, :, :] * e3, axis=1)
-        o_ref[rows[a], qa, :] = acc.astype(o_ref.dtype)
-
-    keep = jnp.where(bdoc == sdoc, jnp.exp(total), 0.0)  # [1, m]
-    h = h * (keep.T if kind == "gk" else keep)
-    for b in range(ns):
-      upd = (docs[b] == bdoc)[:, None]
-      for c in range(gk):
-        if kind == "gk":
-          h += dot(jnp.where(upd, kt[b][c] * y_dec[b], 0.0).T, vt[b][c], True)
-        else:
-          h += dot(jnp.where(upd, kt[b][c], 0.0).T, vt[b][c] * y_dec[b], True)
-    return h, bdoc
-
-  sdoc0 = doc_ref[tp - 1] if reverse else doc_ref[0]
-  h, _ = lax.fori_loop(0, n_chunks, body, (h0_ref[...].astype(f32), sdoc0))
-  ht_ref[...] = h
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-  kind: str  # "gk" | "gv"
-  reverse: bool
-  gq: int
-  gk: int
-  block: int
-  chunk: int
-  num_warps: int
-  num_stages: int
-  low_precision: object  # None (float32 dots) or the low-precision dtype of the dot operands
-  split_all: bool
-  interpret: bool
-
-
-def _gla(call: _Call, q, k, v, fg, bg, doc, h0, out_dtype, name):
-  """q [b, tp, H*gq, dq], k [b, tp, H*gk, dq], v [b, tp, H*gk, dv], fg/bg [b, tp, H, m], doc [b, tp],
-  h0: GK [b, H, m, dv] / GV [b, H, dq, m].  Returns (out, final state): GK out [b, tp, H*gq, dv];
-  GV out [dq // block, b, tp, H*gq, m] (partial sums over the dq blocks)."""
-  b, tp, hq_all, dq = q.shape
-  dv = v.shape[3]
-  nh = fg.shape[2]
-  m = fg.shape[3]
-  n_chunks = tp // call.chunk
-  blk = call.block
-  full = lambda *shape: shape
-  if call.kind == "gk":
-    assert dq == m, (q.shape, fg.shape)
-    grid = (dv // blk, b, nh)
-    in_specs = [
-        pl.BlockSpec((None, tp, call.gq, m), lambda i, bi, hi: (bi, 0, hi, 0)),
-        pl.BlockSpec((None, tp, call.gk, m), lambda i, bi, hi: (bi, 0, hi, 0)),
-        pl.BlockSpec((None, tp, call.gk, blk), lambda i, bi, hi: (bi, 0, hi, i)),
-    ]
-    h_spec = pl.BlockSpec((None, None, m, blk), lambda i, bi, hi: (bi, hi, 0, i))
-    out_shape = [jax.ShapeDtypeStruct((b, tp, hq_all, dv), out_dtype), jax.ShapeDtypeStruct((b, nh, m, dv), jnp.float32)]
-    o_spec = pl.BlockSpec((None, tp, call.gq, blk), lambda i, bi, hi: (bi, 0, hi, i))
-  else:
-    assert dv == m, (v.shape, fg.shape)
-    nb = dq // blk
-    grid = (nb, b, nh)
-    in_specs = [
-        pl.BlockSpec((None, tp, call.gq, blk), lambda i, bi, hi: (bi, 0, hi, i)),
-        pl.BlockSpec((None, tp, call.gk, blk), lambda i, bi, hi: (bi, 0, hi, i)),
-        pl.BlockSpec((None, tp, call.gk, m), lambda i, bi, hi: (bi, 0, hi, 0)),
-    ]
-    h_spec = pl.BlockSpec((None, None, blk, m), lambda i, bi, hi: (bi, hi, i, 0))
-    out_shape = [jax.ShapeDtypeStruct((nb, b, tp, hq_all, m), jnp.float32),
-                 jax.ShapeDtypeStruct((b, nh, dq, m), jnp.float32)]
-    o_spec = pl.BlockSpec((None, None, tp, call.gq, m), lambda i, bi, hi: (i, bi, 0, hi, 0))
-  del full
-  gate_spec = pl.BlockSpec((None, tp, None, m), lambda i, bi, hi: (bi, 0, hi, 0))
-  in_specs += [gate_spec, gate_spec, pl.BlockSpec((None, tp), lambda i, bi, hi: (bi, 0)), h_spec]
-  kernel = functools.partial(_gla_kernel, kind=call.kind, reverse=call.reverse, n_chunks=n_chunks,
-                             chunk=call.chunk, gq=call.gq, gk=call.gk, low_precision=call.low_precision,
-                             split_all=call.split_all)
-  return pl.pallas_call(
-      kernel,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=[o_spec, h_spec],
-      out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=call.num_warps, num_stages=call.num_stages),
-      interpret=call.interpret,
-      name=name,
-  )(q, k, v, fg, bg, doc, h0)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Chunk-parallel kernels (the default): chunk states through memory, outputs parallel over chunks.
+# The kernels: chunk states through memory, outputs parallel over chunks.
 # ---------------------------------------------------------------------------------------------------------------
 
 def _dot2(a, b, low_precision, split=False, split_all=False):
@@ -635,11 +437,8 @@ def _backward_cp(cfg: "_Config", saved, cts):
                     "gsa_bwd_ds_values", cfg.bv)
   ds = ds1 + ds2
 
-  zdz = (z * dz + p * dp).reshape(b, tp, h, grp, cfg.mp).sum(axis=3)
-  dg = _segmented_reverse_cumsum(zdz - sp.astype(jnp.float32) * ds, docp)
-  final = jnp.sum(dhktp * hkt, axis=2) + jnp.sum(dhvtp * hvt, axis=3)  # [b, h, mp]
-  last_doc = (docp == docp[:, -1:])[:, :, None, None]
-  dg = dg + jnp.where(last_doc, final[:, None], 0.0)
+  gsum = (z * dz + p * dp).reshape(b, tp, h, grp, cfg.mp).sum(axis=3)
+  dg = _gate_grad(gsum, sp, ds, docp, dhktp, hkt, dhvtp, hvt)
 
   t, m = cfg.t, cfg.m
   grads = (dq[:, :t, :, :cfg.dk], dk[:, :t, :, :cfg.dk], dv[:, :t, :, :cfg.dv], ds[:, :t, :, :m],
@@ -675,34 +474,12 @@ class _Config:
   state_block: int | None = None
   state_num_warps: int = 4
   state_num_stages: int = 2
-  impl: str = "chunk"
   recompute_states: bool = False
-
-  def call(self, kind, reverse, gq, gk, block):
-    return _Call(kind, reverse, gq, gk, block, self.chunk, self.num_warps, self.num_stages, self.low_precision,
-                 self.split_all, self.interpret)
-
-
-def _forward(cfg: _Config, q, k, v, s, g, hk0, hv0, doc):
-  if cfg.impl == "chunk":
-    return _forward_cp(cfg, q, k, v, s, g, hk0, hv0, doc)
-  b, _, hq, _ = q.shape
-  cd = q.dtype
-  qp, kp, vp, sp, gp, hk0p, hv0p, docp = _pad_inputs(cfg, q, k, v, s, g, hk0, hv0, doc)
-  fg, bg = _gate_sums(gp)
-  zpart, hkt = _gla(cfg.call("gv", False, cfg.grp, 1, cfg.bk), qp, kp, sp, fg, bg, docp, hk0p, jnp.float32,
-                    "gsa_fwd_slot_logits")
-  z = cfg.scale * jnp.sum(zpart, axis=0)  # [b, tp, hq, mp]
-  p = _softmax(z, cfg.m)
-  o, hvt = _gla(cfg.call("gk", False, cfg.grp, 1, cfg.bv), p, sp, vp, fg, bg, docp, hv0p, cd,
-                "gsa_fwd_output")
-  residuals = (qp, kp, vp, sp, fg, bg, docp, hk0p, hv0p, z, hkt, hvt)
-  return (o, hkt, hvt), residuals
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gsa_core(cfg, q, k, v, s, g, hk0, hv0, doc):
-  (o, hkt, hvt), _ = _forward(cfg, q, k, v, s, g, hk0, hv0, doc)
+  (o, hkt, hvt), _ = _forward_cp(cfg, q, k, v, s, g, hk0, hv0, doc)
   return _unpad_outputs(cfg, o, hkt, hvt)
 
 
@@ -711,55 +488,12 @@ def _unpad_outputs(cfg, o, hkt, hvt):
 
 
 def _core_fwd(cfg, q, k, v, s, g, hk0, hv0, doc):
-  (o, hkt, hvt), res = _forward(cfg, q, k, v, s, g, hk0, hv0, doc)
+  (o, hkt, hvt), res = _forward_cp(cfg, q, k, v, s, g, hk0, hv0, doc)
   return _unpad_outputs(cfg, o, hkt, hvt), res
 
 
 def _core_bwd(cfg, saved, cts):
-  if cfg.impl == "chunk":
-    return _backward_cp(cfg, saved, cts)
-  qp, kp, vp, sp, fg, bg, docp, hk0p, hv0p, z, hkt, hvt = saved
-  do, dhkt, dhvt = cts
-  b, tp, hq, _ = qp.shape
-  h = kp.shape[2]
-  cd = qp.dtype
-  dtypes = (cd,) * 4 + (jnp.float32,) * 3  # q, k, v, s in the compute dtype; g and the state in float32
-  swap = lambda x: jnp.swapaxes(x, 2, 3)
-  dop = _pad_to(do.astype(cd), (b, tp, hq, cfg.vp))
-  dhktp = _pad_to(dhkt.astype(jnp.float32), (b, h, cfg.kp, cfg.mp))
-  dhvtp = _pad_to(dhvt.astype(jnp.float32), (b, h, cfg.mp, cfg.vp))
-  p = _softmax(z, cfg.m)
-
-  dp_part, _ = _gla(cfg.call("gv", False, cfg.grp, 1, cfg.bv), dop, vp, sp, fg, bg, docp, swap(hv0p), jnp.float32,
-                    "gsa_bwd_dp")
-  dp = jnp.sum(dp_part, axis=0)
-  dz = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))
-  dl = cfg.scale * dz
-  dq, _ = _gla(cfg.call("gk", False, cfg.grp, 1, cfg.bk), dl, sp, kp, fg, bg, docp, swap(hk0p), dtypes[0],
-               "gsa_bwd_dq")
-  dk, dhk0t = _gla(cfg.call("gk", True, 1, cfg.grp, cfg.bk), sp, dl, qp, fg, bg, docp, swap(dhktp), dtypes[1],
-                   "gsa_bwd_dk")
-  dv, dhv0 = _gla(cfg.call("gk", True, 1, cfg.grp, cfg.bv), sp, p, dop, fg, bg, docp, dhvtp, dtypes[2],
-                  "gsa_bwd_dv")
-  ds1, _ = _gla(cfg.call("gv", True, 1, cfg.grp, cfg.bk), kp, qp, dl, fg, bg, docp, dhktp, jnp.float32,
-                "gsa_bwd_ds_keys")
-  ds2, _ = _gla(cfg.call("gv", True, 1, cfg.grp, cfg.bv), vp, dop, p, fg, bg, docp, swap(dhvtp), jnp.float32,
-                "gsa_bwd_ds_values")
-  ds = jnp.sum(ds1, axis=0) + jnp.sum(ds2, axis=0)  # [b, tp, h, mp]
-
-  # dG_t = sum over the group of (z dz + p dp) - s ds; dg = its reverse cumsum per document, and the final state's
-  # decay G_T (all gates of the last document) adds sum(dh_T * h_T) to every token of the last document.
-  zdz = (z * dz + p * dp).reshape(b, tp, h, cfg.grp, cfg.mp).sum(axis=3)
-  dg = _segmented_reverse_cumsum(zdz - sp.astype(jnp.float32) * ds, docp)
-  final = jnp.sum(dhktp * hkt, axis=2) + jnp.sum(dhvtp * hvt, axis=3)  # [b, h, mp]
-  last_doc = (docp == docp[:, -1:])[:, :, None, None]
-  dg = dg + jnp.where(last_doc, final[:, None], 0.0)
-
-  t, m = cfg.t, cfg.m
-  grads = (dq[:, :t, :, :cfg.dk], dk[:, :t, :, :cfg.dk], dv[:, :t, :, :cfg.dv], ds[:, :t, :, :m],
-           dg[:, :t, :, :m], swap(dhk0t)[:, :, :cfg.dk, :m], dhv0[:, :, :m, :cfg.dv])
-  grads = tuple(x.astype(dt) for x, dt in zip(grads, dtypes))
-  return grads + (None,)
+  return _backward_cp(cfg, saved, cts)
 
 
 _gsa_core.defvjp(_core_fwd, _core_bwd)
@@ -811,7 +545,7 @@ def gsa_pallas_gpu(
   cfg = _Config(t=t, tp=tp, dk=dk, kp=kp, bk=bk, dv=dv, vp=vp, bv=bv, m=m, mp=mp, grp=hq // h, scale=float(scale),
                 chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
                 split_all=bs.split_all, interpret=bool(interpret), state_block=bs.state_block,
-                state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages, impl=bs.impl,
+                state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages,
                 recompute_states=bs.recompute_states)
 
   if segment_ids is None:

@@ -62,7 +62,6 @@ VARIANTS = {
     "default": BlockSizes(),
     "no_split": BlockSizes(split_all=False),
     "recompute_states": BlockSizes(recompute_states=True),
-    "sequential": BlockSizes(impl="sequential"),
 }
 
 
