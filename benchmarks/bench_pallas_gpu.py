@@ -76,8 +76,8 @@ def mem_mb(jitted, args):
 
 
 def _forward_and_grads_with(x, bs):
-  from tests.test_pallas_gpu import _pallas_forward_and_grads  # noqa: PLC0415
-  return _pallas_forward_and_grads(x, interpret=False, segment_ids=None, block_sizes=bs, scale=1.0)
+  from tests.gsa_testing import kernel_forward_and_grads  # noqa: PLC0415
+  return kernel_forward_and_grads(gsa_pallas_gpu, x, fast_cpu_compile=False, scale=1.0, block_sizes=bs)
 
 
 def profile(b, t, h, d, m, block_sizes, calls=5):

@@ -3,7 +3,7 @@
 - The sub-chunk scheme: a chunk of C rows is split into sub-chunks of `SUB` = 16 rows. Every decay a kernel
   exponentiates is a sum of log gates of one sign (prefix sums inside a sub-chunk or chunk, suffix sums to its
   end, and whole sub-chunks in between), never a difference of two large cumulative sums, so every exponent is
-  <= 0 for any g in (-inf, 0]. `gate_sums` / `chunk_gate_sums` define these sums.
+  <= 0 for any g in (-inf, 0]. `chunk_gate_sums` defines these sums.
 - The softmax over padded slots, the segmented reverse cumsum and the gate-gradient identity of the backward
   (spec section 2): dg_t = reverse cumsum per document of  sum_group(z * dz + p * dp) - s * ds, plus the
   final-state term sum(dhk_T * hk_T) + sum(dhv_T * hv_T) on the last document.
@@ -19,10 +19,10 @@ from jax import lax
 SUB = 16  # rows of a sub-chunk: the smallest matrix-unit tile.
 
 
-def gate_sums(g):
-  """g [b, tp, h, m] float32 -> (F, B): inclusive prefix and exclusive suffix sums inside each 16-row sub-chunk."""
+def _window_sums(g, size):
+  """g [b, tp, h, m] -> (F, B): inclusive prefix and exclusive suffix sums of g inside each window of `size` rows."""
   b, tp, h, m = g.shape
-  gs = g.reshape(b, tp // SUB, SUB, h, m)
+  gs = g.reshape(b, tp // size, size, h, m)
   fwd = jnp.cumsum(gs, axis=2)
   rev = jnp.flip(jnp.cumsum(jnp.flip(gs, 2), axis=2), 2)
   bwd = jnp.concatenate([rev[:, :, 1:], jnp.zeros_like(rev[:, :, :1])], axis=2)
@@ -32,14 +32,7 @@ def gate_sums(g):
 def chunk_gate_sums(g, chunk):
   """g [b, tp, h, m] float32 -> (f16, b16, f64, b64): inclusive prefix and exclusive suffix sums of g inside each
   16-row sub-chunk and inside each chunk. Each is a sum of terms of one sign (no cancellation)."""
-  def sums(size):
-    b, tp, h, m = g.shape
-    gs = g.reshape(b, tp // size, size, h, m)
-    fwd = jnp.cumsum(gs, axis=2)
-    rev = jnp.flip(jnp.cumsum(jnp.flip(gs, 2), axis=2), 2)
-    bwd = jnp.concatenate([rev[:, :, 1:], jnp.zeros_like(rev[:, :, :1])], axis=2)
-    return fwd.reshape(g.shape), bwd.reshape(g.shape)
-  return sums(SUB) + sums(chunk)
+  return _window_sums(g, SUB) + _window_sums(g, chunk)
 
 
 def softmax(z, m):

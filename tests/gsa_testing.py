@@ -7,6 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsa_jax.ops import gated_slot_attention
+from gsa_jax.ops.common import GSAState
+
+# Relative L2 error vs float64 that every fast path must meet (the issues' bars).
+KERNEL_TOL = {"float32": 1e-4, "bfloat16": 2.5e-3}
+# Documents of length 1, padding inside a document and at the end, documents crossing chunk borders (t = 96).
+SEGMENTS = np.array([
+    [1] * 13 + [2] + [3] * 30 + [0] * 3 + [3] * 5 + [4] * 20 + [5] + [0] * 23,
+    [7] + [0] * 4 + [7] * 40 + [8] * 20 + [9] * 15 + [10] * 16,
+], np.int32)
+# Interpreted kernels are large programs; the CPU compiler's cheap mode halves their compile time.
+FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def make_inputs(seed, *, b=2, t=40, hq=2, h=2, dk=16, dv=16, m=8, normalizer=8.0, gate="logsigmoid",
@@ -61,25 +72,45 @@ def rel_err(x, ref) -> float:
   return float(num / denom) if denom > 0 else float(num)
 
 
-def forward_and_grads(inputs, *, backend, cotangent_seed=0, **kw):
-  """o, final state and every input gradient for a random cotangent on (o, hk, hv).
+def _outputs_and_grads(fn, inputs, cotangent_seed, compiler_options=None, jit=False):
+  """Runs fn(q, k, v, s, g, initial_state or None) -> (o, hk, hv) and its VJP for a random cotangent.
 
-  Returns a flat dict: o, hk, hv, dq, dk, dv, ds, dg (+ dhk0, dhv0 with an initial state).
-  """
+  Returns a flat dict: o, hk, hv, dq, dk, dv, ds, dg (+ dhk0, dhv0 with an initial state)."""
   names = list("qkvsg")
   has_state = "initial_state" in inputs
   args = [inputs[n] for n in names] + (list(inputs["initial_state"]) if has_state else [])
-
-  def fn(*args):
-    state = tuple(args[5:]) if has_state else None
-    o, final = gated_slot_attention(*args[:5], initial_state=state, output_final_state=True, backend=backend, **kw)
-    return o, final.hk, final.hv
-
-  outs, vjp = jax.vjp(fn, *args)
+  call = lambda *a: fn(*a[:5], GSAState(*a[5:]) if has_state else None)
   rng = np.random.default_rng(cotangent_seed)
   # Rounded through bfloat16 so that every dtype under test sees exactly the same cotangent.
-  cts = tuple(jnp.asarray(jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16), x.dtype) for x in outs)
-  grads = vjp(cts)
+  cts = tuple(jnp.asarray(jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16), x.dtype)
+              for x in jax.eval_shape(call, *args))
+
+  def fwd_bwd(*args):
+    outs, vjp = jax.vjp(call, *args)
+    return outs, vjp(cts)
+
+  if jit:
+    outs, grads = jax.jit(fwd_bwd).lower(*args).compile(compiler_options=compiler_options)(*args)
+  else:
+    outs, grads = fwd_bwd(*args)
   result = dict(zip(("o", "hk", "hv"), outs))
   result.update(zip(["d" + n for n in names] + (["dhk0", "dhv0"] if has_state else []), grads))
   return result
+
+
+def forward_and_grads(inputs, *, backend, cotangent_seed=0, **kw):
+  """o, final state and every input gradient of `gated_slot_attention` for a random cotangent on (o, hk, hv)."""
+  def fn(q, k, v, s, g, state):
+    o, final = gated_slot_attention(q, k, v, s, g, initial_state=state, output_final_state=True, backend=backend,
+                                    **kw)
+    return o, final.hk, final.hv
+  return _outputs_and_grads(fn, inputs, cotangent_seed)
+
+
+def kernel_forward_and_grads(kernel, inputs, *, fast_cpu_compile, cotangent_seed=0, **kw):
+  """As `forward_and_grads`, through a kernel entry point (gsa_pallas_gpu / gsa_pallas_tpu) called with **kw,
+  jitted; `fast_cpu_compile` compiles with FAST_CPU_COMPILE (for interpreted kernels on CPU)."""
+  def fn(q, k, v, s, g, state):
+    o, final = kernel(q, k, v, s, g, initial_state=state, **kw)
+    return o, final.hk, final.hv
+  return _outputs_and_grads(fn, inputs, cotangent_seed, FAST_CPU_COMPILE if fast_cpu_compile else None, jit=True)

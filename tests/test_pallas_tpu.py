@@ -17,20 +17,13 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
-from gsa_jax.ops.common import GSAState
 from pallas_kernels import gsa_tpu
 from pallas_kernels.gsa_common import chunk_gate_sums
 from pallas_kernels.gsa_tpu import BlockSizes, gsa_pallas_tpu
-from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err
+from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
+                                make_inputs, rel_err)
 
 ON_TPU = jax.default_backend() == "tpu"
-_FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-# Documents of length 1, padding inside a document and at the end, documents crossing chunk borders (t = 96).
-SEGMENTS = np.array([
-    [1] * 13 + [2] + [3] * 30 + [0] * 3 + [3] * 5 + [4] * 20 + [5] + [0] * 23,
-    [7] + [0] * 4 + [7] * 40 + [8] * 20 + [9] * 15 + [10] * 16,
-], np.int32)
 
 # t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments. Together they cover T in {1, 33, 63, 64, 65, 130},
 # widths that are not powers of two (padded to 128 lanes), GQA, initial state on/off, packed documents, g = 0,
@@ -50,35 +43,7 @@ CASES = {
 }
 # Left out of the default CPU suite for time; run with -m slow.
 SLOW = ("t65_gqa2_state", "gates_very_negative", "t130_bf16_gqa_state", "wide_m130_bf16")
-TOL = {"float32": 1e-4, "bfloat16": 2.5e-3}
-
-
-def _tpu_forward_and_grads(inputs, *, interpret, segment_ids, chunk, scale=0.7, cotangent_seed=0):
-  """As tests.gsa_testing.forward_and_grads, through gsa_pallas_tpu with `interpret` threaded through."""
-  names = list("qkvsg")
-  has_state = "initial_state" in inputs
-  args = [inputs[n] for n in names] + (list(inputs["initial_state"]) if has_state else [])
-
-  def fn(*args):
-    state = GSAState(*args[5:]) if has_state else None
-    o, final = gsa_pallas_tpu(*args[:5], scale=scale, initial_state=state, segment_ids=segment_ids,
-                              block_sizes=BlockSizes(chunk=chunk), interpret=interpret)
-    return o, final.hk, final.hv
-
-  outs_shape = jax.eval_shape(fn, *args)
-  rng = np.random.default_rng(cotangent_seed)
-  cts = tuple(jnp.asarray(jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16), x.dtype) for x in outs_shape)
-
-  def fwd_bwd(*args):
-    outs, vjp = jax.vjp(fn, *args)
-    return outs, vjp(cts)
-
-  lowered = jax.jit(fwd_bwd).lower(*args)
-  compiled = lowered.compile(compiler_options=_FAST_CPU_COMPILE) if interpret and not ON_TPU else lowered.compile()
-  outs, grads = compiled(*args)
-  result = dict(zip(("o", "hk", "hv"), outs))
-  result.update(zip(["d" + n for n in names] + (["dhk0", "dhv0"] if has_state else []), grads))
-  return result
+TOL = KERNEL_TOL
 
 
 @pytest.fixture
@@ -103,7 +68,9 @@ class TestPallasTPU:
                     normalizer=8.0, with_state=with_state, dtype=dtype)
     segment_ids = jnp.asarray(SEGMENTS[:, :t]) if segments else None
     with jax.enable_x64(False):
-      got = _tpu_forward_and_grads(cast(x, dtype), interpret=self.INTERPRET, segment_ids=segment_ids, chunk=chunk)
+      got = kernel_forward_and_grads(gsa_pallas_tpu, cast(x, dtype), fast_cpu_compile=self.INTERPRET and not ON_TPU,
+                                     scale=0.7, interpret=self.INTERPRET, segment_ids=segment_ids,
+                                     block_sizes=BlockSizes(chunk=chunk))
     refs = {backend: forward_and_grads(cast(x, jnp.float64), backend=backend, scale=0.7, segment_ids=segment_ids)
             for backend in ("recurrent", "chunked")}
     assert got["o"].dtype == dtype and got["hk"].dtype == jnp.float32
