@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.profiling import print_profile_summary  # noqa: E402
 from gsa_jax.ops import gated_slot_attention  # noqa: E402
 from gsa_jax.ops.common import GSAState  # noqa: E402
-from pallas_kernels import BlockSizes, gsa_decode_step, gsa_pallas_gpu  # noqa: E402
+from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_pallas_gpu  # noqa: E402
 
 
 def make(b, t, h, d, m, dtype=jnp.bfloat16, seed=0):
@@ -184,9 +184,11 @@ def main(argv=None):
       g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (bsz, h, m))) / 8
       s = 1 - jnp.exp(g)
       st = GSAState(jnp.zeros((bsz, h, d, m)), jnp.zeros((bsz, h, m, d)))
-      step = lambda q, k, v, s, g, hk, hv: gsa_decode_step(q, k, v, s, g, GSAState(hk, hv), scale=1.0)
-      ms, loop = timed(jax.jit(step), [q, k, v, s.astype(jnp.bfloat16), g.astype(jnp.bfloat16), *st], args.repeats)
-      print(f"decode step B{bsz} H4 K=V512 M64 (fused XLA): {ms:.3f} ms sync, {loop:.3f} ms loop")
+      for name, fn in (("fused XLA", gsa_decode_step), ("Pallas kernel", gsa_decode_step_pallas)):
+        step = lambda q, k, v, s, g, hk, hv, fn=fn: fn(q, k, v, s, g, GSAState(hk, hv), scale=1.0)
+        ms, loop = timed(jax.jit(step), [q, k, v, s.astype(jnp.bfloat16), g.astype(jnp.bfloat16), *st],
+                         args.repeats)
+        print(f"decode step B{bsz} H4 K=V512 M64 ({name}): {ms:.3f} ms sync, {loop:.3f} ms loop")
 
   print("\n| shape | backend | fwd ms | fwd+bwd ms | fwd+bwd loop ms | mem MiB | chunked / this (fwd+bwd) |")
   print("|---|---|---|---|---|---|---|")

@@ -6,8 +6,10 @@ in `gsa_jax.ops` reaches them through `gated_slot_attention(..., backend="pallas
 never imports this package directly.
 """
 
-from pallas_kernels.gsa_gpu import BlockSizes, gsa_decode_step, gsa_pallas_gpu, unsupported_reason
+from pallas_kernels.gsa_gpu import (BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_pallas_gpu,
+                                    unsupported_reason)
 from pallas_kernels.gsa_tpu import BlockSizes as TPUBlockSizes
 from pallas_kernels.gsa_tpu import gsa_pallas_tpu
 
-__all__ = ["BlockSizes", "TPUBlockSizes", "gsa_decode_step", "gsa_pallas_gpu", "gsa_pallas_tpu", "unsupported_reason"]
+__all__ = ["BlockSizes", "TPUBlockSizes", "gsa_decode_step", "gsa_decode_step_pallas", "gsa_pallas_gpu",
+           "gsa_pallas_tpu", "unsupported_reason"]

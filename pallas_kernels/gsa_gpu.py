@@ -571,7 +571,75 @@ def gsa_pallas_gpu(
 @functools.partial(jax.jit, static_argnames=("scale",))
 def gsa_decode_step(q, k, v, s, g, state: GSAState, *, scale: float):
   """One token for a whole batch (q [b, hq, dk]; k [b, h, dk]; v [b, h, dv]; s, g [b, h, m]): the spec's
-  recurrence as one fused XLA computation (`gsa_jax.ops.recurrent.gsa_step`). It is launch-bound at decode sizes;
-  a Pallas kernel would add a custom-call boundary and gains nothing measurable there (see
-  benchmarks/bench_pallas_gpu.py, which times it)."""
+  recurrence as one fused XLA computation (`gsa_jax.ops.recurrent.gsa_step`). `gsa_decode_step_pallas` is the
+  same step as one Pallas kernel; `benchmarks/bench_pallas_gpu.py --decode` times both."""
   return gsa_step(q, k, v, s, g, state, scale=scale)
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, s_ref, g_ref, hk_ref, hv_ref, o_ref, hk_out_ref, hv_out_ref, *, grp, scale,
+                   m, block, n_k, n_v):
+  """One token for one (batch, kv head), float32 throughout (elementwise products and sums, no matrix unit: the
+  operands are vectors). q [grp, dk]; k [dk]; v [dv]; s, g [mp]; hk [dk, mp]; hv [mp, dv]; o [grp, dv].
+  dk and dv are walked in blocks of `block`; slots past m are padding (masked out of the softmax)."""
+  f32 = jnp.float32
+  alpha = jnp.exp(g_ref[...].astype(f32))  # [mp]
+  sv = s_ref[...].astype(f32)
+
+  def key_block(j, z):
+    cols = pl.ds(pl.multiple_of(j * block, block), block)
+    hk = hk_ref[cols, :] * alpha[None, :] + k_ref[cols].astype(f32)[:, None] * sv[None, :]  # [block, mp]
+    hk_out_ref[cols, :] = hk
+    return tuple(z[a] + jnp.sum(q_ref[a, cols].astype(f32)[:, None] * hk, axis=0) for a in range(grp))
+
+  z = lax.fori_loop(0, n_k, key_block, tuple(jnp.zeros_like(alpha) for _ in range(grp)))
+  valid = jnp.arange(alpha.shape[0]) < m
+  p = []
+  for a in range(grp):
+    za = jnp.where(valid, scale * z[a], -jnp.inf)
+    ea = jnp.exp(za - jnp.max(za))
+    p.append(ea / jnp.sum(ea))
+
+  def value_block(j, carry):
+    cols = pl.ds(pl.multiple_of(j * block, block), block)
+    hv = hv_ref[:, cols] * alpha[:, None] + sv[:, None] * v_ref[cols].astype(f32)[None, :]  # [mp, block]
+    hv_out_ref[:, cols] = hv
+    for a in range(grp):
+      o_ref[a, cols] = jnp.sum(p[a][:, None] * hv, axis=0).astype(o_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, n_v, value_block, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def gsa_decode_step_pallas(q, k, v, s, g, state: GSAState, *, scale: float, interpret: bool | None = None):
+  """`gsa_decode_step` as one Pallas kernel (grid: batch x kv head; the state updated in place when donated).
+
+  Shapes and results as `gsa_jax.ops.recurrent.gsa_step` with a float32 state. Widths are padded to powers of two
+  (at least 16) inside; `interpret=None` interprets the kernel on non-GPU platforms. Not yet timed on a GPU against the fused XLA step (`bench_pallas_gpu.py --decode`), so the
+  model's decoding path still uses `gsa_decode_step`.
+  """
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  b, hq, dk = q.shape
+  h, dv, m = k.shape[1], v.shape[2], s.shape[2]
+  grp = hq // h
+  dkp, dvp, mp = (max(16, _next_pow2(d)) for d in (dk, dv, m))
+  block = min(64, dkp, dvp)
+  hk0 = _pad_to(state.hk.astype(jnp.float32), (b, h, dkp, mp))
+  hv0 = _pad_to(state.hv.astype(jnp.float32), (b, h, mp, dvp))
+  vec = lambda width: pl.BlockSpec((None, None, width), lambda bi, hi: (bi, hi, 0))
+  hk_spec = pl.BlockSpec((None, None, dkp, mp), lambda bi, hi: (bi, hi, 0, 0))
+  hv_spec = pl.BlockSpec((None, None, mp, dvp), lambda bi, hi: (bi, hi, 0, 0))
+  kernel = functools.partial(_decode_kernel, grp=grp, scale=float(scale), m=m, block=block, n_k=dkp // block,
+                             n_v=dvp // block)
+  o, hk, hv = pl.pallas_call(
+      kernel, grid=(b, h),
+      in_specs=[pl.BlockSpec((None, grp, dkp), lambda bi, hi: (bi, hi, 0)), vec(dkp), vec(dvp), vec(mp), vec(mp),
+                hk_spec, hv_spec],
+      out_specs=[pl.BlockSpec((None, grp, dvp), lambda bi, hi: (bi, hi, 0)), hk_spec, hv_spec],
+      out_shape=[jax.ShapeDtypeStruct((b, hq, dvp), jnp.float32), jax.ShapeDtypeStruct(hk0.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(hv0.shape, jnp.float32)],
+      input_output_aliases={5: 1, 6: 2}, interpret=interpret, name="gsa_decode_step",
+  )(_pad_to(q, (b, hq, dkp)), _pad_to(k, (b, h, dkp)), _pad_to(v, (b, h, dvp)), _pad_to(s, (b, h, mp)),
+    _pad_to(g.astype(jnp.float32), (b, h, mp)), hk0, hv0)
+  return o[:, :, :dv], GSAState(hk[:, :, :dk, :m], hv[:, :, :m, :dv])

@@ -19,7 +19,7 @@ import pytest
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import GSAState
-from pallas_kernels import BlockSizes, gsa_decode_step, gsa_pallas_gpu
+from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_pallas_gpu
 from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
                                 make_inputs, rel_err)
 
@@ -140,3 +140,19 @@ def test_decode_steps_equal_full_sequence():
     o_t, state = gsa_decode_step(*(x[n][:, t] for n in "qkvsg"), state, scale=0.5)
     np.testing.assert_allclose(o_t, o_full[:, t], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(state.hk, final.hk, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,hq,h,dk,dv,m", [("float32", 2, 1, 20, 36, 12), ("bfloat16", 4, 2, 64, 32, 64)])
+def test_decode_kernel_equals_fused_step(dtype, hq, h, dk, dv, m):
+  """The Pallas decode kernel against the fused XLA step, token by token from a random state (GQA, padded widths)."""
+  dtype = jnp.dtype(dtype)
+  x = cast(make_inputs(5, b=3, t=4, hq=hq, h=h, dk=dk, dv=dv, m=m, with_state=True, dtype=dtype), dtype)
+  ref = got = GSAState(*x["initial_state"])
+  for t in range(4):
+    token = [x[n][:, t] for n in "qkvsg"]
+    o_ref, ref = gsa_decode_step(*token, ref, scale=0.5)
+    o, got = gsa_decode_step_pallas(*token, got, scale=0.5)
+    assert o.shape == o_ref.shape and o.dtype == o_ref.dtype
+    np.testing.assert_allclose(o, o_ref, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got.hk, ref.hk, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got.hv, ref.hv, rtol=1e-5, atol=1e-5)
