@@ -134,6 +134,8 @@ def main(argv=None):
         "pallas sb16": BlockSizes(state_block=16),
         "pallas st1": BlockSizes(num_stages=1),
         "pallas recompute": BlockSizes(recompute_states=True),
+        "pallas seg4": BlockSizes(state_segments=4),
+        "pallas seg8": BlockSizes(state_segments=8),
         "pallas no_split": BlockSizes(split_all=False),
         "pallas sst1": BlockSizes(state_num_stages=1),
         "pallas b128": BlockSizes(block_k=128, block_v=128),

@@ -93,6 +93,10 @@ class BlockSizes:
   # The forward's chunk states ([b, h, T / chunk, dk, m] and [b, h, T / chunk, m, dv], float32) are kept for the
   # backward (saves two of its sequential state passes) unless `recompute_states`, which saves that memory.
   recompute_states: bool = False
+  # Cut the sequence into this many segments whose state passes run in parallel (then joined by a short scan in
+  # XLA): more programs for the sequential state kernels when batch x heads is small (batch 1, long T). T is padded
+  # to a multiple of chunk x segments. Exact; not yet timed on a GPU, hence off by default.
+  state_segments: int = 1
 
 
 @functools.cache
@@ -308,7 +312,66 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
 
 
 def _cp_states(cfg, kind, reverse, gk, k, v, gates, doc, h0, name):
-  """k [b, tp, H*gk, A], v [b, tp, H*gk, Bw], h0 [b, H, A, Bw] -> (hs [b, H, n, A, Bw] f32, ht [b, H, A, Bw])."""
+  """k [b, tp, H*gk, A], v [b, tp, H*gk, Bw], h0 [b, H, A, Bw] -> (hs [b, H, n, A, Bw] f32, ht [b, H, A, Bw]).
+
+  With `cfg.state_segments` = S > 1 the sequence is cut into S segments whose state passes run in parallel from a
+  zero state (the state is linear in the state it starts from); a short scan over the segments in XLA then carries
+  the true state across them and adds its decayed contribution to every chunk (`_join_segments`)."""
+  segments = cfg.state_segments
+  if segments == 1:
+    return _state_pass(cfg, kind, reverse, gk, k, v, gates, doc, h0, name)
+  b, tp = doc.shape
+  split = lambda x: x.reshape((b * segments, tp // segments) + x.shape[2:])
+  hs, ht = _state_pass(cfg, kind, reverse, gk, split(k), split(v), tuple(split(x) for x in gates), split(doc),
+                       jnp.zeros((b * segments,) + h0.shape[1:], jnp.float32), name)
+  unsplit = lambda x: x.reshape((b, segments) + x.shape[1:])
+  return _join_segments(kind, reverse, unsplit(hs), unsplit(ht), gates[2], doc, h0, cfg.chunk)
+
+
+def _join_segments(kind, reverse, hs, ht, f64, doc, h0, chunk):
+  """Segment-local chunk states (from a zero state) -> the true ones.
+
+  hs [b, S, H, ns, A, Bw], ht [b, S, H, A, Bw]: each segment's states entering its chunks and its final state,
+  started from zero; f64 [b, tp, H, m]: inclusive prefix sums of g inside each chunk (the last row of a chunk is
+  its total); doc [b, tp]; h0 [b, H, A, Bw]. The state entering a segment survives to a chunk of it when no
+  document starts in between (the state kernel's rule, chunk by chunk) and is decayed by the gates in between:
+  sums of one sign (cumulative sums of chunk totals), never a difference. Forwards in time unless `reverse`.
+  """
+  b, segments, nh, ns = hs.shape[:4]
+  m = f64.shape[3]
+  n = segments * ns
+  tot = f64.reshape(b, n, chunk, nh, m)[:, :, -1].reshape(b, segments, ns, nh, m)
+  first = doc[:, ::chunk].reshape(b, segments, ns)  # document of each chunk's first and last token
+  last = doc[:, chunk - 1::chunk].reshape(b, segments, ns)
+  zeros = jnp.zeros_like(tot[:, :, :1])
+  if reverse:  # the state enters a segment from the token after it; a chunk from its end
+    in_doc = jnp.concatenate([first[:, 1:, 0], doc[:, -1:]], axis=1)  # [b, S]
+    beyond = jnp.concatenate([first[:, :, 1:], in_doc[..., None]], axis=2)  # document just after each chunk
+    crossed = first[:, :, 0]
+    decay = jnp.concatenate([jnp.flip(jnp.cumsum(jnp.flip(tot, 2), axis=2), 2)[:, :, 1:], zeros], axis=2)
+  else:
+    in_doc = jnp.concatenate([doc[:, :1], last[:, :-1, -1]], axis=1)
+    beyond = jnp.concatenate([in_doc[..., None], last[:, :, :-1]], axis=2)  # document just before each chunk
+    crossed = last[:, :, -1]
+    decay = jnp.concatenate([zeros, jnp.cumsum(tot, axis=2)[:, :, :-1]], axis=2)
+  # [b, S, ns, H, m]: factor of the segment's incoming state at each chunk; [b, S, H, m]: across the whole segment.
+  at_chunk = jnp.where((beyond == in_doc[..., None])[..., None, None], jnp.exp(decay), 0.0)
+  across = jnp.where((crossed == in_doc)[..., None, None], jnp.exp(jnp.sum(tot, axis=2)), 0.0)
+  on_slots = (lambda x: x[..., :, None]) if kind == "gk" else (lambda x: x[..., None, :])  # m is A (gk) or Bw (gv)
+
+  def carry(h, seg):
+    factor, local = seg
+    return on_slots(factor) * h + local, h
+
+  segs = (jnp.moveaxis(across, 1, 0), jnp.moveaxis(ht, 1, 0))
+  h_final, h_in = lax.scan(carry, h0, segs, reverse=reverse)  # h_in [S, b, H, A, Bw]: state entering each segment
+  h_in = jnp.moveaxis(h_in, 0, 1)[:, :, :, None]  # [b, S, H, 1, A, Bw]
+  hs = hs + on_slots(jnp.moveaxis(at_chunk, 2, 3)) * h_in
+  return jnp.moveaxis(hs, 1, 2).reshape((b, nh, n) + hs.shape[4:]), h_final
+
+
+def _state_pass(cfg, kind, reverse, gk, k, v, gates, doc, h0, name):
+  """The state kernel over the whole sequence: shapes as `_cp_states`."""
   b, tp, _, da = k.shape
   db = v.shape[3]
   nh = h0.shape[1]
@@ -475,6 +538,7 @@ class _Config:
   state_num_warps: int = 4
   state_num_stages: int = 2
   recompute_states: bool = False
+  state_segments: int = 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -536,7 +600,8 @@ def gsa_pallas_gpu(
   # block_sizes.chunk is the kernels' chunk (the op's chunk_size is the chunked reference's knob).
   chunk = max(_SUB, min(bs.chunk, _next_pow2(t)))
   chunk = -(-chunk // _SUB) * _SUB
-  tp = -(-t // chunk) * chunk
+  segments = max(1, min(bs.state_segments, -(-t // chunk)))  # no more segments than chunks
+  tp = -(-t // (chunk * segments)) * chunk * segments
   kp, bk = _padded(dk, bs.block_k)
   vp, bv = _padded(dv, bs.block_v)
   mp = max(16, _next_pow2(m))
@@ -546,7 +611,7 @@ def gsa_pallas_gpu(
                 chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
                 split_all=bs.split_all, interpret=bool(interpret), state_block=bs.state_block,
                 state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages,
-                recompute_states=bs.recompute_states)
+                recompute_states=bs.recompute_states, state_segments=segments)
 
   if segment_ids is None:
     reset = jnp.zeros((b, t), bool)

@@ -55,6 +55,7 @@ VARIANTS = {
     "default": BlockSizes(),
     "no_split": BlockSizes(split_all=False),
     "recompute_states": BlockSizes(recompute_states=True),
+    "state_segments": BlockSizes(state_segments=3),
 }
 
 
@@ -66,7 +67,8 @@ def x64():
 
 class TestPallasGPU:
   INTERPRET = False
-  # Every variant compiled on GPU; the interpreter (slow) runs the default only.
+  # Every variant compiled on GPU; the interpreter (slow) runs the default and the segmented state passes (not yet
+  # compiled on a GPU: added after the session's last device call).
   VARIANTS = tuple(VARIANTS)
 
   @pytest.fixture(autouse=True)
@@ -115,7 +117,7 @@ class TestPallasGPU:
 
 class TestPallasGPUInterpret(TestPallasGPU):
   INTERPRET = True
-  VARIANTS = ("default",)
+  VARIANTS = ("default", "state_segments")
 
 
 def test_auto_picks_pallas_gpu_on_gpu():
@@ -156,3 +158,29 @@ def test_decode_kernel_equals_fused_step(dtype, hq, h, dk, dv, m):
     np.testing.assert_allclose(o, o_ref, rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(got.hk, ref.hk, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got.hv, ref.hv, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,reverse", [("gk", False), ("gv", False), ("gk", True), ("gv", True)])
+def test_segmented_state_passes_equal_one_pass(kind, reverse):
+  """`state_segments`: segments passed in parallel and joined in XLA give the one-pass chunk states, with documents
+  starting inside and at the borders of segments and chunks, 4 chunks per segment, grouped heads summed."""
+  from pallas_kernels import gsa_gpu  # noqa: PLC0415
+  b, t, nh, gk, chunk, m, w = 2, 256, 2, 2, 16, 16, 32
+  rng = np.random.default_rng(3)
+  a_dim, b_dim = (m, w) if kind == "gk" else (w, m)
+  k = jnp.asarray(rng.standard_normal((b, t, nh * gk, a_dim)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, t, nh * gk, b_dim)), jnp.float32)
+  g = jnp.asarray(np.log(rng.uniform(0.3, 1.0, (b, t, nh, m))), jnp.float32)
+  g = g.at[0, 100:103].set(-1e3)  # extreme gates inside one segment
+  starts = [[17, 64, 65, 130, 200], [128, 191, 192]]  # new documents, some exactly at segment/chunk borders
+  doc = jnp.asarray(np.stack([np.cumsum(np.isin(np.arange(t), s)) for s in starts]), jnp.int32)
+  h0 = jnp.asarray(rng.standard_normal((b, nh, a_dim, b_dim)), jnp.float32)
+  gates = gsa_gpu._chunk_gate_sums(g, chunk)
+  cfg = gsa_gpu._Config(t=t, tp=t, dk=w, kp=w, bk=w, dv=w, vp=w, bv=w, m=m, mp=m, grp=gk, scale=1.0, chunk=chunk,
+                        num_warps=4, num_stages=1, low_precision=None, split_all=False, interpret=not ON_GPU)
+  one = gsa_gpu._cp_states(cfg, kind, reverse, gk, k, v, gates, doc, h0, "one_pass")
+  four = gsa_gpu._cp_states(dataclasses.replace(cfg, state_segments=4), kind, reverse, gk, k, v, gates, doc, h0,
+                            "segments")
+  for x, ref in zip(four, one):
+    assert x.shape == ref.shape
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
