@@ -313,6 +313,15 @@ def test_train_init_from_starts_from_the_converted_parameters(tmp_path):
   np.testing.assert_allclose(np.asarray(model.blocks[0].mixer.q_proj.kernel[...]),
                              params[("blocks", 0, "mixer", "q_proj", "kernel")], atol=1e-5)
 
+  # A resumed run neither needs init_from any more nor applies it again.
+  import shutil  # noqa: PLC0415
+  shutil.rmtree(tmp_path / "init")
+  config.train.steps = 2
+  train_and_evaluate(config)
+  model, _, step = load_model(str(tmp_path / "run"))
+  assert step == 2
+  np.testing.assert_allclose(np.asarray(model.norm.scale[...]), 3.0, atol=1e-5)
+
 
 MISTRAL_7B_CONFIG = {  # Mistral-7B-v0.1's config.json
     "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
@@ -365,3 +374,19 @@ def test_runs_saved_before_the_new_keys_still_resume():
   assert differing_keys(saved, c) == []
   c.model.output_norm_eps = 1e-5  # set to a value: a real difference
   assert differing_keys(saved, c) == ["model.output_norm_eps"]
+
+
+def test_source_tokenizer_is_copied_after_the_run_is_written(tmp_path):
+  """Real checkpoints ship a tokenizer: it is copied into the new run (which must not exist beforehand)."""
+  import shutil  # noqa: PLC0415
+  src = tmp_path / "llama"
+  shutil.copytree(LLAMA, src)
+  (src / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+  convert("from-llama", src, tmp_path / "run", "--num-slots", "8")
+  with open(tmp_path / "run" / "config.json") as f:
+    data = json.load(f)["data"]
+  assert data["tokenizer"] == str(tmp_path / "run" / "tokenizer.json")
+  assert (tmp_path / "run" / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+  with open(src / "config.json") as f:
+    assert data["bos_id"] == json.load(f)["bos_token_id"]
+  assert convert_main(["from-llama", str(src), str(tmp_path / "run")]) == 2  # not over an existing run

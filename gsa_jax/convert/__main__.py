@@ -23,8 +23,8 @@ import sys
 
 import numpy as np
 
-from gsa_jax.convert.io import (BFLOAT16, ConversionError, copy_tokenizer, read_hf_config, read_run_params,
-                                read_safetensors_dir, write_run_dir, write_safetensors)
+from gsa_jax.convert.io import (BFLOAT16, ConversionError, copy_into, find_tokenizer, read_hf_config, read_run_params,
+                                read_safetensors_dir, require_new_dir, write_run_dir, write_safetensors)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -43,6 +43,7 @@ def from_fla(src: str, out: str, *, tokenizer: str | None = None, seq_len: int =
              ignore_keys: tuple[str, ...] = ()) -> None:
   from gsa_jax.convert import fla  # pylint: disable=import-outside-toplevel
 
+  require_new_dir(out)  # before reading what may be gigabytes of tensors
   cfg = read_hf_config(src)
   model_cfg = fla.config_from_fla(cfg, ignore_keys=ignore_keys)
   tensors = read_safetensors_dir(src)
@@ -56,6 +57,7 @@ def from_llama(src: str, out: str, *, tokenizer: str | None = None, seq_len: int
                seed: int = 0, ignore_keys: tuple[str, ...] = ()) -> None:
   from gsa_jax.convert import llama  # pylint: disable=import-outside-toplevel
 
+  require_new_dir(out)
   cfg = read_hf_config(src)
   model_cfg = llama.config_from_llama(cfg, num_slots=num_slots, gate_logit_normalizer=gate_logit_normalizer,
                                       feature_map=feature_map, attn_layers=attn_layers, ignore_keys=ignore_keys)
@@ -68,16 +70,23 @@ def from_llama(src: str, out: str, *, tokenizer: str | None = None, seq_len: int
 
 
 def _write(src, out, model_cfg, params, cfg, tokenizer, seq_len, source):
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ConversionError(f"output directory {out!r} exists and is not empty; give a new one.")
-  tok = tokenizer if tokenizer is not None else copy_tokenizer(src, out)
-  bos, eos = _ids(cfg) if tok and tok != "byte" else (-1, -1)  # the byte tokenizer has fixed ids
+  """The run directory, naming `tokenizer` or else the source's own tokenizer (copied in after the run is written:
+  the run directory must be new). The source config's BOS/EOS ids go with its own tokenizer only."""
+  found = find_tokenizer(src) if tokenizer is None else ""
+  if tokenizer is None:
+    tok = os.path.abspath(os.path.join(out, os.path.basename(found))) if found else ""
+    bos, eos = _ids(cfg) if found else (-1, -1)
+  else:
+    tok, (bos, eos) = tokenizer, (-1, -1)
   write_run_dir(out, model_cfg, params, tokenizer=tok, bos_id=bos, eos_id=eos, seq_len=seq_len, source=source)
+  if found:
+    copy_into(found, out)
 
 
 def to_fla(src: str, out: str, *, step: int | None = None, dtype: str | None = None) -> None:
   from gsa_jax.convert import fla  # pylint: disable=import-outside-toplevel
 
+  require_new_dir(out)
   model_cfg, params, run_config, step = read_run_params(src, step)
   source = run_config.get("converted_from") or {}
   base = source.get("config") if source.get("format") == "fla" else None
@@ -86,17 +95,13 @@ def to_fla(src: str, out: str, *, step: int | None = None, dtype: str | None = N
   cfg = fla.config_to_fla(model_cfg, base)
   cfg["torch_dtype"] = dtype
   tensors = fla.params_to_fla(model_cfg, params, BFLOAT16 if dtype == "bfloat16" else np.dtype(dtype))
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise ConversionError(f"output directory {out!r} exists and is not empty; give a new one.")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2, sort_keys=True)
   write_safetensors(os.path.join(out, "model.safetensors"), tensors)
   tok = run_config.get("data", {}).get("tokenizer", "")
   if tok and os.path.isfile(tok):
-    import shutil  # pylint: disable=import-outside-toplevel
-
-    shutil.copyfile(tok, os.path.join(out, os.path.basename(tok)))
+    copy_into(tok, out)
 
 
 def main(argv=None) -> int:

@@ -90,8 +90,7 @@ def write_run_dir(out_dir: str, model_cfg, params: dict[tuple, np.ndarray], *, t
   from gsa_jax.data import data_config_defaults  # pylint: disable=import-outside-toplevel
   from gsa_jax.models import GSALM  # pylint: disable=import-outside-toplevel
 
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise ConversionError(f"output directory {out_dir!r} exists and is not empty; give a new one.")
+  require_new_dir(out_dir)
   abstract = nnx.state(nnx.eval_shape(lambda: GSALM(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)
   expected = {path: v for path, v in nnx.to_flat_state(abstract)}
   check_same_keys(set(params), set(expected), what="parameters of the converted model",
@@ -143,17 +142,26 @@ def read_run_params(run_dir: str, step: int | None = None):
   return model.config, params, config.to_dict(), step
 
 
-def copy_tokenizer(src_dir: str, out_dir: str) -> str:
-  """Copies tokenizer.json (else tokenizer.model) of a Hugging Face checkpoint into out_dir; its absolute path,
-  or "" if there is none."""
+def require_new_dir(path: str) -> None:
+  """An output directory must not exist yet, or be empty (nothing of another run is overwritten)."""
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise ConversionError(f"output directory {path!r} exists and is not empty; give a new one.")
+
+
+def find_tokenizer(src_dir: str) -> str:
+  """The tokenizer.json (else tokenizer.model) of a Hugging Face checkpoint directory, or "" if it has none."""
   for name in ("tokenizer.json", "tokenizer.model"):
     path = os.path.join(src_dir, name)
     if os.path.isfile(path):
-      os.makedirs(out_dir, exist_ok=True)
-      target = os.path.join(out_dir, name)
-      shutil.copyfile(path, target)
-      return os.path.abspath(target)
+      return path
   return ""
+
+
+def copy_into(path: str, out_dir: str) -> str:
+  """Copies a file into out_dir; the absolute path of the copy."""
+  target = os.path.abspath(os.path.join(out_dir, os.path.basename(path)))
+  shutil.copyfile(path, target)
+  return target
 
 
 def check_same_keys(got: set, expected: set, *, what: str, ours_name: str = "in the checkpoint",

@@ -66,7 +66,10 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
 
   model = model_config(config)
   if t.init_from:
-    check_init_from(t.init_from, model)
+    from gsa_jax.train.restore import checkpoint_steps  # pylint: disable=import-outside-toplevel  (imports this)
+
+    if not checkpoint_steps(config.workdir):  # a resumed run never reads it (its source may be gone by then)
+      check_init_from(t.init_from, model)
   if not check_data:
     return model
   try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,8 +17,11 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-# The flag's context manager has no public alias (jax.config.update would set it process-wide).
-from jax._src.config import threefry_gpu_kernel_lowering as _threefry_gpu_kernel_lowering
+
+try:  # The flag's context manager has no public alias (jax.config.update would set it process-wide).
+  from jax._src.config import threefry_gpu_kernel_lowering as _threefry_gpu_kernel_lowering
+except ImportError:  # a JAX without it: initialization compiles slower on GPU, nothing else changes
+  _threefry_gpu_kernel_lowering = lambda _: contextlib.nullcontext()
 
 from gsa_jax.data import make_iterator
 from gsa_jax.models import GSALM, GSAConfig
