@@ -254,6 +254,11 @@ def test_from_llama_refuses_biases_and_unknown_keys(tmp_path):
     llama_map.config_from_llama({**base, "q_lora_rank": 8})
   with pytest.raises(ConversionError, match="model_type='gpt2'"):
     llama_map.config_from_llama({**base, "model_type": "gpt2"})
+  windowed = {**base, "model_type": "mistral", "sliding_window": 4096}
+  llama_map.config_from_llama(windowed)  # all-GSA: the window concerned softmax attention only
+  with pytest.raises(ConversionError, match="sliding_window=4096 with attention layers kept"):
+    llama_map.config_from_llama(windowed, attn_layers=(0,))
+  assert llama_map.config_from_llama({**base, "rope_scaling": {"rope_type": "default"}}, attn_layers=(0,))
 
 
 def test_t2r_finetuning_steps_reduce_the_loss(tmp_path):

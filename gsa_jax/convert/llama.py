@@ -58,11 +58,16 @@ def config_from_llama(cfg: dict[str, Any], *, num_slots: int = 64, gate_logit_no
   kv_heads = int(cfg.get("num_key_value_heads") or heads)
   head_dim = int(cfg.get("head_dim") or hidden // heads)
   rope = cfg.get("rope_scaling") or None
+  if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "default":
+    rope = None  # transformers writes the unscaled RoPE this way too
   theta = float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
   if isinstance(cfg.get("rope_parameters"), dict) and cfg["rope_parameters"].get("rope_type", "default") != "default":
     rope = cfg["rope_parameters"]
   if attn_layers and rope:
     problems.append(f"rope scaling {rope} with attention layers kept (our RoPE has no scaling)")
+  if attn_layers and cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
+    problems.append(f"sliding_window={cfg['sliding_window']} with attention layers kept (ours attend to the whole "
+                    "context; drop --attn-layers, or convert a checkpoint without a window)")
   if attn_layers and head_dim * heads != hidden:
     problems.append(f"head_dim={head_dim} x {heads} heads != hidden_size={hidden} with attention layers kept")
   if problems:
