@@ -3,6 +3,7 @@
     python benchmarks/mqar_sweep.py --grid cpu --out runs/mqar_sweep_cpu          # reduced grid, ~10 CPU minutes
     python benchmarks/mqar_sweep.py --grid gpu --out $OUT/mqar                   # the GPU grid (one device call)
     python benchmarks/mqar_sweep.py --models attention,gsa:32 --seq-lens 64 --kv-pairs 4 --widths 64 --steps 300
+    python benchmarks/mqar_sweep.py ... --learning-rates 1e-3,3e-3,1e-2 --seeds 0,1   # best lr per model, as Zoology
 
 Models (`--models`, comma-separated):
   attention  every layer is causal softmax attention (`model.attn_layers` = all layers): the recall ceiling.
@@ -17,8 +18,14 @@ grain MQAR pipeline, `gsa_jax.train.trainer.make_train_step` / `make_eval_step`,
 runs that differ only in the number of key-value pairs share one compiled step. The score is the accuracy on the
 query positions of the held-out split (`eval_batches` x `batch_size` examples).
 
+Learning rates and seeds (`--learning-rates`, `--seeds`): every (model, length, kv, width) cell is trained at each
+learning rate with each seed. A cell's score is the mean accuracy over seeds at its best learning rate (Zoology
+sweeps the learning rate per model and reports the best); the tables name the winning rate, and a second table
+lists every rate.
+
 Writes into --out: results.jsonl (one row per run, appended as each run ends; a rerun skips the runs already there),
-results.md (tables) and mqar_sweep.png (accuracy vs width, one panel per sequence length and key-value count).
+results.md (tables) and mqar_sweep.png (best-lr accuracy vs width, one panel per sequence length and key-value
+count).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,19 +58,19 @@ GRIDS = {
     # About 10 minutes on 2 shared CPU cores: short training, a small vocabulary (faster to learn), one length.
     "cpu": dict(seq_lens=[64], kv_pairs=[4, 8], widths=[64, 128], models=["attention", "gsa:8", "gsa:32", "nogate:8",
                                                                            "nogate:32"],
-                steps=300, batch_size=16, learning_rate=1e-2, warmup_steps=20, eval_batches=16, vocab_size=64,
+                steps=300, batch_size=16, learning_rates=[1e-2], warmup_steps=20, eval_batches=16, vocab_size=64,
                 backend="chunked", chunk_size=8, time_budget_s=560.0),
     # The issue's grid cut to what one 10-minute device call can train: one key-value count per length
     # (kv = L/16, Zoology's scaling), every width, GSA at 16..128 slots; runs go length by length, and the time
     # budget leaves the rest "not run".
     "gpu": dict(seq_lens=[128, 256, 512], kv_pairs=[8, 16, 32], widths=[64, 128, 256],
                 models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:64"], steps=1000,
-                batch_size=64, learning_rate=3e-3, warmup_steps=100, eval_batches=8, vocab_size=256,
+                batch_size=64, learning_rates=[3e-3], warmup_steps=100, eval_batches=8, vocab_size=256,
                 backend="chunked", chunk_size=64, pair_kv_with_len=True, time_budget_s=420.0),
     # The full grid of the issue: every (length, kv) pair with room for the queries (L >= 4 kv). Hours of GPU.
     "full": dict(seq_lens=[128, 256, 512], kv_pairs=[8, 16, 32, 64], widths=[64, 128, 256],
                  models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:32",
-                         "nogate:64", "nogate:128"], steps=3000, batch_size=64, learning_rate=3e-3, warmup_steps=300, eval_batches=16,
+                         "nogate:64", "nogate:128"], steps=3000, batch_size=64, learning_rates=[3e-3], warmup_steps=300, eval_batches=16,
                  vocab_size=256, backend="auto", chunk_size=64, time_budget_s=0.0),
 }
 
@@ -87,19 +95,29 @@ def parse_model(spec: str) -> tuple[str, int | None]:
   return kind, int(slots)
 
 
-def run_config(spec: str, width: int, seq_len: int, kv: int, a: argparse.Namespace):
+class Run(NamedTuple):
+  """One training run of the sweep."""
+  seq_len: int
+  width: int
+  kv: int
+  model: str
+  lr: float
+  seed: int
+
+
+def run_config(run: Run, a: argparse.Namespace):
   """The MQAR preset with this run's fields."""
-  kind, slots = parse_model(spec)
+  kind, slots = parse_model(run.model)
   c = mqar.get_config()
   c.workdir = os.path.join(a.out, "unused")  # nothing is written there: this script keeps no checkpoints
-  c.train.seq_len, c.train.batch_size, c.train.steps = seq_len, a.batch_size, a.steps
-  c.train.seed = a.seed
-  c.optim.learning_rate, c.optim.warmup_steps = a.learning_rate, a.warmup_steps
-  c.data.mqar_num_kv_pairs = kv
+  c.train.seq_len, c.train.batch_size, c.train.steps = run.seq_len, a.batch_size, a.steps
+  c.train.seed = run.seed
+  c.optim.learning_rate, c.optim.warmup_steps = run.lr, a.warmup_steps
+  c.data.mqar_num_kv_pairs = run.kv
   c.data.mqar_vocab_size = c.model.vocab_size = a.vocab_size
   c.data.mqar_num_eval_examples = a.eval_batches * a.batch_size
   m = c.model
-  m.hidden_size, m.intermediate_size = width, 2 * width
+  m.hidden_size, m.intermediate_size = run.width, 2 * run.width
   m.backend, m.chunk_size = a.backend, a.chunk_size
   if kind == "attention":
     m.attn_layers = tuple(range(m.num_layers))
@@ -120,7 +138,7 @@ def state_size(config) -> int:
 
 
 class Compiled:
-  """Jitted init/train/eval functions for one (model, width, length): kv counts only change the data."""
+  """Jitted init/train/eval functions for one (model, width, length, lr, seed): kv counts only change the data."""
 
   def __init__(self, config):
     model_cfg = validate_config(config)
@@ -169,27 +187,36 @@ def train_and_score(config, compiled: Compiled) -> dict:
           "train_s": train_s, "nonfinite_steps": int(state["nonfinite_total"])}
 
 
-def plan(a: argparse.Namespace) -> list[tuple[int, int, int, str]]:
-  """(seq_len, width, kv, model) in run order: short sequences first, so a time budget cuts the long ones."""
+def plan(a: argparse.Namespace) -> list[Run]:
+  """The runs in order: short sequences first, so a time budget cuts the long ones; each (width, model) runs all
+  its learning rates and seeds before the next starts, so a cut drops models rather than learning rates; kv counts
+  innermost, as they share one compiled step."""
   runs = []
   for i, seq_len in enumerate(a.seq_lens):
     kvs = [a.kv_pairs[i]] if a.pair_kv_with_len else a.kv_pairs
     for width in a.widths:
       for model in a.models:
-        for kv in kvs:
-          if seq_len >= 4 * kv:  # the MQAR generator needs room for the pairs and the queries
-            runs.append((seq_len, width, kv, model))
+        for lr in a.learning_rates:
+          for seed in a.seeds:
+            for kv in kvs:
+              if seq_len >= 4 * kv:  # the MQAR generator needs room for the pairs and the queries
+                runs.append(Run(seq_len, width, kv, model, lr, seed))
   return runs
 
 
-def run_key(row) -> tuple:
+def cell_key(row) -> tuple:
+  """The table cell of a row: (model, width, seq_len, kv_pairs)."""
   return (row["model"], row["width"], row["seq_len"], row["kv_pairs"])
 
 
+def run_key(row) -> tuple:
+  return (*cell_key(row), row["learning_rate"], row["seed"])
+
+
 def settings(a: argparse.Namespace) -> dict:
-  """The training settings of a row: a rerun reuses a finished row only when they are all the same."""
-  return {"steps": a.steps, "batch_size": a.batch_size, "learning_rate": a.learning_rate,
-          "warmup_steps": a.warmup_steps, "vocab_size": a.vocab_size, "seed": a.seed, "eval_batches": a.eval_batches}
+  """The training settings shared by every row: a rerun reuses a finished row only when they are all the same."""
+  return {"steps": a.steps, "batch_size": a.batch_size, "warmup_steps": a.warmup_steps, "vocab_size": a.vocab_size,
+          "eval_batches": a.eval_batches}
 
 
 def sweep(a: argparse.Namespace) -> list[dict]:
@@ -210,20 +237,19 @@ def sweep(a: argparse.Namespace) -> list[dict]:
   sweep_start = time.perf_counter()
   cache: dict[tuple, Compiled] = {}
   rows = []
-  for n, (seq_len, width, kv, model) in enumerate(runs, 1):
-    key = (model, width, seq_len, kv)
-    base = {"model": model, "width": width, "seq_len": seq_len, "kv_pairs": kv, **settings(a),
-            "device": jax.devices()[0].device_kind}
-    if key in done:
-      rows.append(done[key])
+  for n, run in enumerate(runs, 1):
+    base = {"model": run.model, "width": run.width, "seq_len": run.seq_len, "kv_pairs": run.kv, **settings(a),
+            "learning_rate": run.lr, "seed": run.seed, "device": jax.devices()[0].device_kind}
+    if run_key(base) in done:
+      rows.append(done[run_key(base)])
       continue
-    if model.startswith("nogate") and not nogate:
+    if run.model.startswith("nogate") and not nogate:
       row = {**base, "status": "not available", "reason": "the model has no option to disable the forget gate"}
     elif a.time_budget_s and time.perf_counter() - sweep_start > a.time_budget_s:
       row = {**base, "status": "not run", "reason": f"time budget of {a.time_budget_s:.0f} s spent"}
     else:
-      config = run_config(model, width, seq_len, kv, a)
-      shape_key = (model, width, seq_len)
+      config = run_config(run, a)
+      shape_key = (run.model, run.width, run.seq_len, run.lr, run.seed)
       compile_start = time.perf_counter()
       if shape_key not in cache:
         cache.clear()  # one compiled model at a time keeps memory flat over a long sweep
@@ -236,41 +262,100 @@ def sweep(a: argparse.Namespace) -> list[dict]:
       f.write(json.dumps(row) + "\n")
     acc = f"acc {row['accuracy']:.3f} (train loss {row['train_loss']:.3f}, {row['wall_s']:.0f} s)" \
         if row["status"] == "ok" else row["status"]
-    print(f"[{n}/{len(runs)}] L={seq_len} kv={kv} d={width} {model}: {acc}; "
+    print(f"[{n}/{len(runs)}] L={run.seq_len} kv={run.kv} d={run.width} {run.model} lr={run.lr:g} "
+          f"seed={run.seed}: {acc}; "
           f"{time.perf_counter() - sweep_start:.0f} s elapsed", flush=True)
   return rows
 
 
-def cell(row) -> str:
-  if row is None:
-    return ""
-  if row["status"] == "ok":
-    return f"{100 * row['accuracy']:.1f}"
-  return {"not available": "n/a", "not run": "not run"}[row["status"]]
+def group(rows: list[dict]) -> dict[tuple, list[dict]]:
+  """Table cell -> its rows (every learning rate and seed)."""
+  cells: dict[tuple, list[dict]] = {}
+  for r in rows:
+    cells.setdefault(cell_key(r), []).append(r)
+  return cells
+
+
+def accuracies(rows: list[dict]) -> dict[float, list[float]]:
+  """Learning rate -> the accuracies of its finished runs (one per seed)."""
+  out: dict[float, list[float]] = {}
+  for r in rows:
+    if r["status"] == "ok":
+      out.setdefault(r["learning_rate"], []).append(r["accuracy"])
+  return out
+
+
+def best(rows: list[dict]) -> tuple[float, list[float]] | None:
+  """Among a cell's finished runs: the learning rate with the highest mean accuracy over seeds, and its accuracies."""
+  accs = accuracies(rows)
+  return max(accs.items(), key=lambda item: np.mean(item[1])) if accs else None
+
+
+def score(accs: list[float]) -> str:
+  """Mean accuracy in %, with the range over seeds when there are several."""
+  text = f"{100 * np.mean(accs):.1f}"
+  return f"{text} [{100 * min(accs):.1f}-{100 * max(accs):.1f}]" if len(accs) > 1 else text
+
+
+def unfinished(rows: list[dict]) -> str:
+  """The text of a cell with no finished run."""
+  return {"not available": "n/a", "not run": "not run"}[rows[0]["status"]] if rows else ""
+
+
+def best_cell(rows: list[dict], show_lr: bool) -> str:
+  """Best-lr accuracy, the winning lr when several were swept, '*' when some of the cell's runs did not run."""
+  found = best(rows)
+  if found is None:
+    return unfinished(rows)
+  lr, accs = found
+  partial = "*" if any(r["status"] != "ok" for r in rows) else ""
+  return score(accs) + (f" (lr {lr:g})" if show_lr else "") + partial
+
+
+def lr_cell(rows: list[dict], lr: float) -> str:
+  """Accuracy of a cell's runs at one learning rate."""
+  rows = [r for r in rows if r["learning_rate"] == lr]
+  accs = accuracies(rows).get(lr)
+  return score(accs) if accs else unfinished(rows)
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+  return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+          *("| " + " | ".join(line) + " |" for line in body), ""]
 
 
 def tables(rows: list[dict]) -> str:
-  """One markdown table per (length, kv): models down, widths across; accuracy in %."""
-  index = {run_key(r): r for r in rows}
+  """Per (length, kv): the best-lr table (models down, widths across; accuracy in %) and, when several learning
+  rates were swept, every rate's accuracy."""
+  cells = group(rows)
   models = list(dict.fromkeys(r["model"] for r in rows))
   widths = sorted({r["width"] for r in rows})
+  lrs = sorted({r["learning_rate"] for r in rows})
+  several_seeds = len({r["seed"] for r in rows}) > 1
+  what = ("mean over seeds [range], " if several_seeds else "") + (
+      "best learning rate per cell" if len(lrs) > 1 else f"lr {lrs[0]:g}")
   out = []
   for seq_len, kv in sorted({(r["seq_len"], r["kv_pairs"]) for r in rows}):
-    out.append(f"**L = {seq_len}, {kv} key-value pairs** (query accuracy on held-out examples, %)\n")
-    out.append("| model | " + " | ".join(f"d = {w}" for w in widths) + " |")
-    out.append("|---|" + "---|" * len(widths))
-    for model in models:
-      out.append(f"| {model} | " + " | ".join(cell(index.get((model, w, seq_len, kv))) for w in widths) + " |")
-    out.append("")
+    out.append(f"**L = {seq_len}, {kv} key-value pairs** (query accuracy on held-out examples, %; {what})\n")
+    out += markdown_table(["model", *(f"d = {w}" for w in widths)],
+                          [[m, *(best_cell(cells.get((m, w, seq_len, kv), []), len(lrs) > 1) for w in widths)]
+                           for m in models])
+    if len(lrs) > 1:
+      out.append(f"Every learning rate, L = {seq_len}, {kv} key-value pairs:\n")
+      out += markdown_table(["model", "width", *(f"lr {lr:g}" for lr in lrs)],
+                            [[m, str(w), *(lr_cell(cells.get((m, w, seq_len, kv), []), lr) for lr in lrs)]
+                             for m in models for w in widths])
   missing = [r for r in rows if r["status"] != "ok"]
   if missing:
     reasons = sorted({f"{r['status']}: {r['reason']}" for r in missing})
-    out.append("n/a / not run: " + "; ".join(reasons) + "\n")
+    partial = " (*: only some of the cell's learning rates / seeds ran)" if len(lrs) > 1 or several_seeds else ""
+    out.append(f"n/a / not run{partial}: " + "; ".join(reasons) + "\n")
   return "\n".join(out)
 
 
 def plot(rows: list[dict], path: str) -> None:
-  """Accuracy vs width, one panel per (length, kv), one line per model (Zoology's figure layout)."""
+  """Best-lr accuracy vs width, one panel per (length, kv), one line per model (Zoology's figure layout); each
+  point is labelled with its winning learning rate when several were swept."""
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
   except ImportError:  # e.g. the GPU image: draw it later with --report-only where matplotlib is installed
@@ -279,21 +364,26 @@ def plot(rows: list[dict], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  ok = [r for r in rows if r["status"] == "ok"]
-  panels = sorted({(r["seq_len"], r["kv_pairs"]) for r in ok})
+  found = {key: b for key, cell_rows in group(rows).items() if (b := best(cell_rows)) is not None}
+  panels = sorted({(seq_len, kv) for _, _, seq_len, kv in found})
   if not panels:
     return
-  models = list(dict.fromkeys(r["model"] for r in ok))
+  models = list(dict.fromkeys(model for model, *_ in found))
+  show_lr = len({r["learning_rate"] for r in rows}) > 1
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False, sharey=True)
   for ax, (seq_len, kv) in zip(axes[0], panels):
     for i, model in enumerate(models):
-      points = sorted((r["width"], r["accuracy"]) for r in ok if r["model"] == model and r["seq_len"] == seq_len
-                      and r["kv_pairs"] == kv)
+      points = sorted((w, float(np.mean(accs)), lr) for (m, w, length, k), (lr, accs) in found.items()
+                      if (m, length, k) == (model, seq_len, kv))
       if points:
         style = "--" if model == "attention" else ("-" if model.startswith("gsa") else ":")
-        ax.plot(*zip(*points), linestyle=style, marker="o", label=model, color="k" if model == "attention" else f"C{i}")
+        widths, accs, lrs = zip(*points)
+        ax.plot(widths, accs, linestyle=style, marker="o", label=model,
+                color="k" if model == "attention" else f"C{i}")
+        for w, acc, lr in zip(widths, accs, lrs) if show_lr else ():
+          ax.annotate(f"{lr:g}", (w, acc), textcoords="offset points", xytext=(4, -8), fontsize=6)
     ax.set_xscale("log", base=2)
-    ax.set_title(f"L = {seq_len}, {kv} kv pairs")
+    ax.set_title(f"L = {seq_len}, {kv} kv pairs" + (" (best lr)" if show_lr else ""))
     ax.set_xlabel("model width")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -304,28 +394,38 @@ def plot(rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def sweep_text(lrs: list[float], seeds: list[int]) -> str:
+  """'lr 0.001, 0.01 (best per cell), seeds 0, 1' for the results header."""
+  return f"lr {', '.join(f'{lr:g}' for lr in lrs)}" + (" (best per cell)" if len(lrs) > 1 else "") + (
+      f", seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--grid", choices=sorted(GRIDS), default="cpu", help="preset; the flags below override its fields")
   p.add_argument("--out", default=None, help="output directory (default runs/mqar_sweep_GRID)")
   ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+  floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
   p.add_argument("--seq-lens", type=ints)
   p.add_argument("--kv-pairs", type=ints)
   p.add_argument("--widths", type=ints)
   p.add_argument("--models", type=lambda s: s.split(","))
   p.add_argument("--pair-kv-with-len", action=argparse.BooleanOptionalAction, default=None,
                  help="the i-th kv count goes with the i-th length only (instead of every kv with every length)")
-  for name, kind in (("steps", int), ("batch-size", int), ("learning-rate", float), ("warmup-steps", int),
+  p.add_argument("--learning-rates", type=floats, help="every cell is trained at each; tables report the best")
+  p.add_argument("--learning-rate", dest="learning_rates", type=lambda s: [float(s)], help="one learning rate")
+  p.add_argument("--seeds", type=ints, help="every cell is trained with each; tables report the mean (default 0)")
+  p.add_argument("--seed", dest="seeds", type=lambda s: [int(s)], help="one seed")
+  for name, kind in (("steps", int), ("batch-size", int), ("warmup-steps", int),
                      ("eval-batches", int), ("backend", str), ("chunk-size", int), ("vocab-size", int)):
     p.add_argument(f"--{name}", type=kind)
-  p.add_argument("--seed", type=int, default=0)
   p.add_argument("--report-only", action="store_true",
                  help="train nothing: rewrite results.md and the plot from --out's results.jsonl")
   p.add_argument("--time-budget-s", type=float, default=None,
                  help="start no new run after this many seconds; the rest are reported as 'not run' (0: no limit; "
                  "default: the grid's)")
   a = p.parse_args(argv)
-  for key, value in {"pair_kv_with_len": False, **GRIDS[a.grid]}.items():
+  for key, value in {"pair_kv_with_len": False, "seeds": [0], **GRIDS[a.grid]}.items():
     if getattr(a, key, None) is None:
       setattr(a, key, value)
   if a.pair_kv_with_len and len(a.kv_pairs) != len(a.seq_lens):
@@ -340,13 +440,14 @@ def main(argv=None) -> None:
   if a.report_only:
     with open(os.path.join(a.out, "results.jsonl")) as f:
       rows = [json.loads(line) for line in f if line.strip()]
-    r = next(r for r in rows if r["status"] == "ok")
-    header = (f"MQAR sweep from {a.out}: {r['steps']} steps x batch {r['batch_size']}, lr {r['learning_rate']}, "
-              f"{r['device']}\n\n")
+    first = next(r for r in rows if r["status"] == "ok")
+    lrs, seeds = sorted({r["learning_rate"] for r in rows}), sorted({r["seed"] for r in rows})
+    header = (f"MQAR sweep from {a.out}: {first['steps']} steps x batch {first['batch_size']}, "
+              f"{sweep_text(lrs, seeds)}, {first['device']}\n\n")
   else:
     rows = sweep(a)
     header = (f"MQAR sweep, grid {a.grid!r}: vocab {a.vocab_size}, {a.steps} steps x batch {a.batch_size}, "
-              f"lr {a.learning_rate} (warm-up {a.warmup_steps}), "
+              f"{sweep_text(a.learning_rates, a.seeds)} (warm-up {a.warmup_steps}), "
               f"backend {a.backend} (chunk {a.chunk_size}), {jax.devices()[0].device_kind}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime(start))}, {time.time() - start:.0f} s\n\n")
   text = tables(rows)

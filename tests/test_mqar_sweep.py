@@ -1,0 +1,64 @@
+"""benchmarks/mqar_sweep.py: the learning-rate / seed sweep, best-lr tables, --report-only, and one tiny sweep."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("mqar_sweep", os.path.join(ROOT, "benchmarks", "mqar_sweep.py"))
+mqar_sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mqar_sweep)
+
+
+def row(model, width, lr, accuracy, seed=0, status="ok"):
+  r = {"model": model, "width": width, "seq_len": 32, "kv_pairs": 8, "learning_rate": lr, "seed": seed,
+       "status": status, "steps": 10, "batch_size": 4, "device": "cpu"}
+  return {**r, "accuracy": accuracy} if status == "ok" else {**r, "reason": "time budget of 1 s spent"}
+
+
+def test_plan_runs_every_learning_rate_and_seed_of_a_cell_together():
+  a = mqar_sweep.argparse.Namespace(seq_lens=[32], kv_pairs=[4, 8], pair_kv_with_len=False, widths=[64],
+                                    models=["attention", "gsa:8"], learning_rates=[1e-3, 1e-2], seeds=[0, 1])
+  runs = mqar_sweep.plan(a)
+  assert len(runs) == 2 * 2 * 2 * 2  # models x lrs x seeds x kv
+  assert {(r.lr, r.seed) for r in runs[:8]} == {(1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)}
+  assert {r.model for r in runs[:8]} == {"attention"}
+
+
+def test_tables_report_the_best_learning_rate_per_cell():
+  rows = [row("attention", 64, 1e-3, 0.99), row("attention", 64, 1e-2, 0.12),
+          row("gsa:8", 64, 1e-3, 0.40), row("gsa:8", 64, 1e-2, 0.90, seed=0), row("gsa:8", 64, 1e-2, 0.80, seed=1),
+          row("gsa:8", 64, 1e-3, None, seed=1, status="not run")]
+  text = mqar_sweep.tables(rows)
+  assert "| attention | 99.0 (lr 0.001) |" in text
+  assert "| gsa:8 | 85.0 [80.0-90.0] (lr 0.01)* |" in text  # mean over seeds; one run of the cell did not run
+  assert "| gsa:8 | 64 | 40.0 | 85.0 [80.0-90.0] |" in text  # the every-lr table
+
+
+def test_single_learning_rate_keeps_the_plain_table():
+  text = mqar_sweep.tables([row("attention", 64, 1e-2, 0.5), row("attention", 128, 1e-2, 0.75)])
+  assert "| attention | 50.0 | 75.0 |" in text
+  assert "Every learning rate" not in text and "(lr " not in text
+
+
+def test_report_only_rewrites_tables_and_plot(tmp_path):
+  with open(tmp_path / "results.jsonl", "w") as f:
+    for r in (row("attention", 64, 1e-3, 0.99), row("attention", 64, 3e-3, 0.5), row("gsa:8", 64, 3e-3, 0.7)):
+      f.write(json.dumps(r) + "\n")
+  mqar_sweep.main(["--report-only", "--out", str(tmp_path)])
+  text = (tmp_path / "results.md").read_text()
+  assert "lr 0.001, 0.003 (best per cell)" in text and "| gsa:8 | 70.0 (lr 0.003) |" in text
+  assert (tmp_path / "mqar_sweep.png").exists()
+
+
+def test_tiny_sweep_trains_each_learning_rate_and_a_rerun_skips_them(tmp_path):
+  args = ["--out", str(tmp_path), "--models", "gsa:4", "--seq-lens", "16", "--kv-pairs", "2", "--widths", "16",
+          "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--eval-batches", "1", "--chunk-size", "8",
+          "--time-budget-s", "0", "--learning-rates", "1e-3,1e-2"]
+  mqar_sweep.main(args)
+  rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+  assert [(r["learning_rate"], r["status"]) for r in rows] == [(1e-3, "ok"), (1e-2, "ok")]
+  mqar_sweep.main(args)  # everything is done: nothing is trained or appended
+  assert len(open(tmp_path / "results.jsonl").readlines()) == 2
