@@ -254,6 +254,11 @@ def test_from_llama_refuses_biases_and_unknown_keys(tmp_path):
     llama_map.config_from_llama({**base, "q_lora_rank": 8})
   with pytest.raises(ConversionError, match="model_type='gpt2'"):
     llama_map.config_from_llama({**base, "model_type": "gpt2"})
+  with pytest.raises(ConversionError, match=r"lacks \['hidden_size'\]"):
+    llama_map.config_from_llama({k: v for k, v in base.items() if k != "hidden_size"})
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "config.json").write_text("{not json")
+  assert convert_main(["from-llama", str(tmp_path / "bad"), str(tmp_path / "out")]) == 2
   windowed = {**base, "model_type": "mistral", "sliding_window": 4096}
   llama_map.config_from_llama(windowed)  # all-GSA: the window concerned softmax attention only
   with pytest.raises(ConversionError, match="sliding_window=4096 with attention layers kept"):

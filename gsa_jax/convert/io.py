@@ -33,7 +33,13 @@ def read_hf_config(checkpoint_dir: str) -> dict[str, Any]:
     raise ConversionError(f"{path} does not exist: {checkpoint_dir!r} is not a Hugging Face-format checkpoint "
                           "directory (config.json + *.safetensors).")
   with open(path) as f:
-    return json.load(f)
+    try:
+      cfg = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConversionError(f"{path} is not valid JSON ({e}).") from e
+  if not isinstance(cfg, dict):
+    raise ConversionError(f"{path} holds a {type(cfg).__name__}, not a JSON object of config keys.")
+  return cfg
 
 
 def read_safetensors_dir(checkpoint_dir: str) -> dict[str, np.ndarray]:
@@ -57,11 +63,16 @@ def read_safetensors_dir(checkpoint_dir: str) -> dict[str, np.ndarray]:
     path = os.path.join(checkpoint_dir, name)
     if not os.path.isfile(path):
       raise ConversionError(f"{path} is named by the index but does not exist.")
-    with safe_open(path, framework="np") as f:
-      for key in f.keys():
-        if key in tensors:
-          raise ConversionError(f"tensor {key!r} appears in more than one file of {checkpoint_dir!r}.")
-        tensors[key] = f.get_tensor(key)
+    try:
+      with safe_open(path, framework="np") as f:
+        for key in f.keys():
+          if key in tensors:
+            raise ConversionError(f"tensor {key!r} appears in more than one file of {checkpoint_dir!r}.")
+          tensors[key] = f.get_tensor(key)
+    except ConversionError:
+      raise
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for damaged files)
+      raise ConversionError(f"{path} could not be read as safetensors: {e}") from e
   return tensors
 
 

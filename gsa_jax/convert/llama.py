@@ -26,6 +26,7 @@ from gsa_jax.models import GSAConfig
 _T = lambda a: np.ascontiguousarray(np.asarray(a).T)
 
 _MODEL_TYPES = ("llama", "mistral")
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _MAPPED = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "attention_bias",
            "mlp_bias", "rope_theta", "rope_scaling", "initializer_range", "rope_parameters"}
@@ -44,6 +45,9 @@ def config_from_llama(cfg: dict[str, Any], *, num_slots: int = 64, gate_logit_no
   if cfg.get("model_type") not in _MODEL_TYPES:
     raise ConversionError(f"config.json has model_type={cfg.get('model_type')!r}; from-llama converts "
                           f"{_MODEL_TYPES} checkpoints.")
+  missing = [k for k in _REQUIRED if k not in cfg]
+  if missing:
+    raise ConversionError(f"config.json lacks {missing}, which every {_MODEL_TYPES} config has.")
   unknown = sorted(set(cfg) - _MAPPED - _NO_EFFECT - set(ignore_keys))
   if unknown:
     raise ConversionError(f"config.json has keys this converter does not know: {unknown}. If they do not change "
