@@ -9,6 +9,7 @@ float32 and bfloat16. Neither torch nor the reference library is needed here.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -294,7 +295,7 @@ def test_t2r_finetuning_steps_reduce_the_loss(tmp_path):
 # -- train.init_from ----------------------------------------------------------------------------------------------------
 
 
-def test_train_init_from_starts_from_the_converted_parameters(tmp_path):
+def test_train_init_from_starts_from_the_converted_parameters(tmp_path, caplog):
   from gsa_jax.train import ConfigError, train_and_evaluate, validate_config
   from gsa_jax.train.config import model_config
   from tests.test_train import tiny_config
@@ -314,6 +315,13 @@ def test_train_init_from_starts_from_the_converted_parameters(tmp_path):
   config.train.init_from = str(tmp_path / "other")
   with pytest.raises(ConfigError, match=r"train.init_from.*do not fit.*f_proj"):
     validate_config(config)
+
+  shifted = cfg.replace(gate_logit_normalizer=cfg.gate_logit_normalizer * 2)  # same shapes, another function
+  write_run_dir(tmp_path / "shifted", shifted, random_params(shifted))
+  config.train.init_from = str(tmp_path / "shifted")
+  with caplog.at_level(logging.WARNING):
+    validate_config(config)
+  assert any("gate_logit_normalizer" in r.getMessage() for r in caplog.records)
 
   config.train.init_from = str(tmp_path / "init")
   train_and_evaluate(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import ml_collections
@@ -93,6 +94,12 @@ def param_shapes(model: GSAConfig) -> dict[str, tuple[int, ...]]:
   return {".".join(str(k) for k in path): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
 
 
+# GSAConfig fields that change what the parameters compute without changing their shapes (what init_from warns of);
+# execution settings (backend, remat, chunk_size, dtypes) and initializer scales are left out.
+_FUNCTION_FIELDS = ("feature_map", "gate_logit_normalizer", "norm_eps", "output_norm_eps", "forget_gate", "use_rope",
+                    "rope_theta")
+
+
 def check_init_from(run_dir: str, model: GSAConfig) -> None:
   """train.init_from must be a run directory (of train.py or gsa_jax.convert) whose parameters fit `model`."""
   import os  # pylint: disable=import-outside-toplevel
@@ -114,6 +121,12 @@ def check_init_from(run_dir: str, model: GSAConfig) -> None:
   _require(not bad, key, f"the parameters of {run_dir!r} do not fit config.model ({len(bad)} differ: "
            + "; ".join(bad[:8]) + ("; ..." if len(bad) > 8 else "") + "). Set config.model to that run's model "
            "(its config.json), changing only fields that keep the shapes.")
+  # Same shapes, maybe another function (feature map, gate normalizer, norm eps...): allowed, but said.
+  changed = [f"{f}: {getattr(source, f)!r} there, {getattr(model, f)!r} here" for f in _FUNCTION_FIELDS
+             if getattr(source, f) != getattr(model, f)]
+  if changed:
+    logging.getLogger(__name__).warning("train.init_from %r: the model computes differently from the one its "
+                                        "parameters were trained in: %s", run_dir, "; ".join(changed))
 
 
 def check_mesh(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> tuple[int, int, int]:
