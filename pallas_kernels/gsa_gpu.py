@@ -220,16 +220,15 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
   # Query sub-chunks with keys in other sub-chunks, the query-side decay and, per such sub-chunk a, the key-side
   # decay to a's boundary: forward, keys before a (from the key to the end of its sub-chunk, then whole sub-chunks
   # between); reversed, keys after a (the mirror image).
-  heads = range(ns - 1) if reverse else range(1, ns)
+  seeing_others = range(ns - 1) if reverse else range(1, ns)
   qf = jnp.exp(b16 if reverse else f16)
   kf = {}
-  for a in heads:
+  for a in seeing_others:
     seen = (blk > a) if reverse else (blk < a)
-    w = jnp.zeros_like(f16)
-    for c in (range(a + 1, ns) if reverse else range(a)):
-      between = (blk > c) if reverse else (blk < c)
-      w = w + jnp.where(between[:, None], tot[c], 0.0)
-    kf[a] = jnp.where(seen[:, None], jnp.exp((f16 if reverse else b16) + w), 0.0)
+    between = jnp.zeros_like(f16)  # whole sub-chunks between each key's and a
+    for mid in (range(a + 1, ns) if reverse else range(a)):
+      between = between + jnp.where(((blk > mid) if reverse else (blk < mid))[:, None], tot[mid], 0.0)
+    kf[a] = jnp.where(seen[:, None], jnp.exp((f16 if reverse else b16) + between), 0.0)
 
   def diag_rows(fn, init):
     """init + the sum over jj of fn(jj, key row of each query row [c], decay [c, m]): for each query row, the key
@@ -262,7 +261,7 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
       for c in range(gk):
         kt = k_ref[:, c, :].astype(f32)
         att = jnp.zeros((chunk, chunk), f32)
-        for a in heads:
+        for a in seeing_others:
           att = jnp.where(in_blk[a], dot(qt * qf, (kt * kf[a]).T), att)
 
         def fn(jj, key, e, att, c=c):
@@ -301,7 +300,7 @@ def _out_kernel(q_ref, k_ref, v_ref, f16_ref, b16_ref, f64_ref, b64_ref, doc_ref
         if acc is None:
           acc = inter * x_dec
         vt = v_ref[:, c, :].astype(f32)
-        for a in heads:
+        for a in seeing_others:
           acc = acc + jnp.where(in_blk[a], dot(att, vt * kf[a]) * qf, 0.0)
 
         def fn(jj, key, e, acc, c=c, att=att):
