@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gsa_jax.ops.common import segment_masks
+
 SUB = 16  # rows of a sub-chunk: the smallest matrix-unit tile.
 
 
@@ -66,6 +68,22 @@ def gate_grad(gsum, s, ds, doc, dhkt, hkt, dhvt, hvt):
   final = jnp.sum(dhkt * hkt, axis=2) + jnp.sum(dhvt * hvt, axis=3)  # [b, h, m]
   last_doc = (doc == doc[:, -1:])[:, :, None, None]
   return dg + jnp.where(last_doc, final[:, None], 0.0)
+
+
+def documents(s, g, segment_ids):
+  """Packed-row preprocessing shared by the kernel wrappers. s, g [b, t, h, m]; segment_ids None or int [b, t].
+
+  Returns (s, g, reset, valid, doc): s and g zeroed at padding (padding neither writes nor decays the state), reset
+  [b, t] bool where a new document starts, valid [b, t] bool or None, doc [b, t] int32 (0, then +1 at each reset).
+  """
+  b, t = s.shape[:2]
+  if segment_ids is None:
+    reset, valid = jnp.zeros((b, t), bool), None
+  else:
+    reset, valid = segment_masks(segment_ids)
+    s = jnp.where(valid[..., None, None], s, 0)
+    g = jnp.where(valid[..., None, None], g, 0)
+  return s, g, reset, valid, jnp.cumsum(reset, axis=1, dtype=jnp.int32)
 
 
 def pad_to(x, shape):

@@ -57,10 +57,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState, segment_masks
+from gsa_jax.ops.common import GSAState
 from gsa_jax.ops.recurrent import gsa_step
 from pallas_kernels.gsa_common import SUB as _SUB
 from pallas_kernels.gsa_common import chunk_gate_sums as _chunk_gate_sums
+from pallas_kernels.gsa_common import documents as _documents
 from pallas_kernels.gsa_common import gate_grad as _gate_grad
 from pallas_kernels.gsa_common import pad_to as _pad_to
 from pallas_kernels.gsa_common import softmax as _softmax
@@ -612,14 +613,7 @@ def gsa_pallas_gpu(
                 state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages,
                 recompute_states=bs.recompute_states, state_segments=segments)
 
-  if segment_ids is None:
-    reset = jnp.zeros((b, t), bool)
-    valid = None
-  else:
-    reset, valid = segment_masks(segment_ids)
-    s = jnp.where(valid[..., None, None], s, 0)
-    g = jnp.where(valid[..., None, None], g, 0)
-  doc = jnp.cumsum(reset, axis=1, dtype=jnp.int32)
+  s, g, _, valid, doc = _documents(s, g, segment_ids)
   if initial_state is None:
     hk0 = jnp.zeros((b, h, dk, m), jnp.float32)
     hv0 = jnp.zeros((b, h, m, dv), jnp.float32)

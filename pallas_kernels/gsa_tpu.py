@@ -51,8 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState, segment_masks
-from pallas_kernels.gsa_common import SUB, gate_grad, pad_to
+from gsa_jax.ops.common import GSAState
+from pallas_kernels.gsa_common import SUB, documents, gate_grad, pad_to
 
 _log = logging.getLogger(__name__)
 _LANES = 128
@@ -553,16 +553,8 @@ def gsa_pallas_tpu(
 
   # g = -inf is a forget gate of exactly 0: the same as -1e30 here (exp of either is 0, and so is the gradient),
   # and it keeps the 0/1-mask sums in the kernels free of 0 * inf.
-  g = jnp.maximum(g.astype(_F32), _RESET)
-  if segment_ids is None:
-    reset = jnp.zeros((b, t), bool)
-    valid = None
-  else:
-    reset, valid = segment_masks(segment_ids)
-    s = jnp.where(valid[..., None, None], s, 0)
-    g = jnp.where(valid[..., None, None], g, 0.0)
-    g = jnp.where(reset[..., None, None], _RESET, g)  # the state is zeroed before this token: decay 0
-  doc = jnp.cumsum(reset, axis=1, dtype=jnp.int32)
+  s, g, reset, valid, doc = documents(s, jnp.maximum(g.astype(_F32), _RESET), segment_ids)
+  g = jnp.where(reset[..., None, None], _RESET, g)  # the state is zeroed before this token: decay 0
   doc = jnp.pad(doc, ((0, 0), (0, tp - t)), mode="edge") if tp != t else doc
   if initial_state is None:
     hk0 = jnp.zeros((b, h, kp, mp), _F32)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gsa_jax.convert.io import ConversionError, check_same_keys
+from gsa_jax.convert.io import ConversionError, check_known_keys, check_same_keys
 from gsa_jax.models import GSAConfig
 
 REFERENCE_OUTPUT_NORM_EPS = 1e-5  # fla 0.6.0's rms_norm_linear default, used by the GSA layer's g_norm
@@ -85,10 +85,7 @@ def config_from_fla(cfg: dict[str, Any], *, ignore_keys: tuple[str, ...] = ()) -
   if cfg.get("model_type", "gsa") != "gsa":
     raise ConversionError(f"config.json has model_type={cfg.get('model_type')!r}; from-fla converts 'gsa' models "
                           "(for a Llama/Mistral checkpoint use from-llama).")
-  unknown = sorted(set(cfg) - _MAPPED - _NO_EFFECT - set(ignore_keys))
-  if unknown:
-    raise ConversionError(f"config.json has keys this converter does not know: {unknown}. If the reference "
-                          "library ignores them, pass --ignore-config-keys " + ",".join(unknown) + ".")
+  check_known_keys(cfg, _MAPPED | _NO_EFFECT, ignore_keys, "the reference library ignores them")
   problems = []
   if cfg.get("hidden_act", "swish") not in ("swish", "silu"):
     problems.append(f"hidden_act={cfg['hidden_act']!r} (only swish)")

@@ -153,6 +153,14 @@ def read_run_params(run_dir: str, step: int | None = None):
   return model.config, params, config.to_dict(), step
 
 
+def check_known_keys(cfg: dict, known: set, ignore_keys: tuple[str, ...], why: str) -> None:
+  """Every config.json key must be mapped, known to have no effect, or explicitly ignored (--ignore-config-keys)."""
+  unknown = sorted(set(cfg) - known - set(ignore_keys))
+  if unknown:
+    raise ConversionError(f"config.json has keys this converter does not know: {unknown}. If {why}, pass "
+                          "--ignore-config-keys " + ",".join(unknown) + ".")
+
+
 def require_new_dir(path: str) -> None:
   """An output directory must not exist yet, or be empty (nothing of another run is overwritten)."""
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):

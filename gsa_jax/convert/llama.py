@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gsa_jax.convert.io import ConversionError, check_same_keys
+from gsa_jax.convert.io import ConversionError, check_known_keys, check_same_keys
 from gsa_jax.layers.common import fan_in_init
 from gsa_jax.models import GSAConfig
 
@@ -48,10 +48,7 @@ def config_from_llama(cfg: dict[str, Any], *, num_slots: int = 64, gate_logit_no
   missing = [k for k in _REQUIRED if k not in cfg]
   if missing:
     raise ConversionError(f"config.json lacks {missing}, which every {_MODEL_TYPES} config has.")
-  unknown = sorted(set(cfg) - _MAPPED - _NO_EFFECT - set(ignore_keys))
-  if unknown:
-    raise ConversionError(f"config.json has keys this converter does not know: {unknown}. If they do not change "
-                          "the model's weights, pass --ignore-config-keys " + ",".join(unknown) + ".")
+  check_known_keys(cfg, _MAPPED | _NO_EFFECT, ignore_keys, "they do not change the model's weights")
   problems = []
   if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
     problems.append(f"hidden_act={cfg['hidden_act']!r} (our MLP is SwiGLU)")
