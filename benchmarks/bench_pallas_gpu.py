@@ -6,7 +6,10 @@
 
 Inputs as in docs/anchors.md: bf16, q/k = swish(randn), v = randn, g = logsigmoid(randn)/8, s = 1 - exp(g),
 scale 1. Times: median of single host-synchronized calls after warm-up ("sync"), and the mean of a loop of
-back-to-back calls ("loop"). Memory: XLA's compiled memory analysis (temporaries + outputs) of each program.
+back-to-back calls ("loop"). Memory: XLA's compiled memory analysis (temporaries + outputs) of each program. `--reference` also times the
+reference library's `chunk_gsa` (flash-linear-attention, torch) on the same inputs; its memory is the peak of
+torch's allocator above the inputs during fwd+bwd. Ratios: fwd+bwd time of the chunked reference / of the reference
+library over this row's.
 """
 
 from __future__ import annotations
@@ -67,6 +70,51 @@ def programs(impl):
   return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
+def time_reference_library(xs, do, repeats):
+  """The reference library's `fla.ops.gsa.chunk_gsa` on the same inputs (copied to torch, same dtype):
+  (fwd ms, fwd loop ms, fwd+bwd ms, fwd+bwd loop ms, peak MiB of torch's allocator during fwd+bwd)."""
+  import torch  # noqa: PLC0415  (optional: only --reference needs torch and flash-linear-attention)
+  from fla.ops.gsa import chunk_gsa  # noqa: PLC0415
+
+  dtype = {jnp.bfloat16: torch.bfloat16, jnp.float32: torch.float32}[xs[0].dtype.type]
+  to_torch = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda().to(dtype)
+  args = [to_torch(x).requires_grad_() for x in xs]
+  cotangent = to_torch(do)
+
+  def fwd():
+    with torch.no_grad():
+      return chunk_gsa(*args, scale=1.0)[0]
+
+  def fwd_bwd():
+    o, _ = chunk_gsa(*args, scale=1.0)
+    return torch.autograd.grad(o, args, cotangent)
+
+  def timed_torch(fn):
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn()
+      torch.cuda.synchronize()
+      times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(repeats):
+      fn()
+    torch.cuda.synchronize()
+    return float(np.median(times)) * 1e3, (time.perf_counter() - start) / repeats * 1e3
+
+  f_ms, f_loop = timed_torch(fwd)
+  fb_ms, fb_loop = timed_torch(fwd_bwd)
+  torch.cuda.synchronize()
+  base = torch.cuda.memory_allocated()
+  torch.cuda.reset_peak_memory_stats()
+  fwd_bwd()
+  torch.cuda.synchronize()
+  return f_ms, f_loop, fb_ms, fb_loop, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def mem_mb(jitted, args):
   try:
     ma = jitted.lower(*args).compile().memory_analysis()
@@ -119,6 +167,10 @@ def main(argv=None):
                   help="comma-separated names of block-size variants (without the 'pallas ' prefix), or all")
   ap.add_argument("--no-chunked", action="store_true")
   ap.add_argument("--decode", action="store_true")
+  ap.add_argument("--reference", action="store_true",
+                  help="also time the reference library's chunk_gsa on the same inputs (needs torch with CUDA and "
+                       "flash-linear-attention; its autotuning takes minutes per new shape; run JAX with "
+                       "XLA_PYTHON_CLIENT_PREALLOCATE=false)")
   ap.add_argument("--profile", action="store_true", help="device time of each kernel (default block sizes)")
   ap.add_argument("--precision", action="store_true",
                   help="relative L2 error vs float64 at B2 T512 H4 K=V=64 M32 (the anchors' precision shape)")
@@ -134,6 +186,8 @@ def main(argv=None):
         "pallas sb16": BlockSizes(state_block=16),
         "pallas st1": BlockSizes(num_stages=1),
         "pallas recompute": BlockSizes(recompute_states=True),
+        "pallas seg1": BlockSizes(state_segments=1),
+        "pallas seg2": BlockSizes(state_segments=2),
         "pallas seg4": BlockSizes(state_segments=4),
         "pallas seg8": BlockSizes(state_segments=8),
         "pallas no_split": BlockSizes(split_all=False),
@@ -157,25 +211,27 @@ def main(argv=None):
              for name, bs in configs.items()}
     if not args.no_chunked:
       impls["chunked"] = lambda q, k, v, s, g: gated_slot_attention(q, k, v, s, g, scale=1.0, backend="chunked")[0]
-    ref_ms = None
+    shape_rows = []
     for name, impl in impls.items():
       fwd, fwd_bwd = programs(impl)
       try:
         f_ms, f_loop = timed(fwd, xs, args.repeats)
         fb_ms, fb_loop = timed(fwd_bwd, xs + [do], args.repeats)
         mem = mem_mb(fwd_bwd, xs + [do])
-      except Exception as e:  # noqa: BLE001  (the reference may run out of memory)
+      except Exception as e:  # noqa: BLE001  (the chunked reference may run out of memory)
         print(f"{name} {shape}: failed: {type(e).__name__}: {str(e)[:200]}")
         continue
-      if name == "chunked":
-        ref_ms = fb_ms
-      rows.append([f"B{b} T{t} H{h} K=V{d} M{m}", name, f_ms, f_loop, fb_ms, fb_loop, mem])
-      print(f"{rows[-1][0]:<28} {name:<18} fwd {f_ms:7.3f} ms (loop {f_loop:7.3f})  fwd+bwd {fb_ms:7.3f} ms "
-            f"(loop {fb_loop:7.3f})  mem {mem:8.1f} MiB", flush=True)
-    if ref_ms:
-      for r in rows:
-        if r[0].startswith(f"B{b} T{t} ") and r[1] != "chunked":
-          r.append(ref_ms / r[4])
+      shape_rows.append([name, f_ms, f_loop, fb_ms, fb_loop, mem])
+    if args.reference:
+      shape_rows.append(["reference (fla)", *time_reference_library(xs, do, args.repeats)])
+    times = {r[0]: r[3] for r in shape_rows}
+    for r in shape_rows:
+      label = f"B{b} T{t} H{h} K=V{d} M{m}"
+      ratios = [f"{times[base] / r[3]:.2f}x" if base in times and r[0] != base else ""
+                for base in ("chunked", "reference (fla)")]
+      rows.append([label, *r, *ratios])
+      print(f"{label:<28} {r[0]:<18} fwd {r[1]:7.3f} ms (loop {r[2]:7.3f})  fwd+bwd {r[3]:7.3f} ms "
+            f"(loop {r[4]:7.3f})  mem {r[5]:8.1f} MiB", flush=True)
   print(f"peak_bytes_in_use (process): {(dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
 
   if args.decode:
@@ -192,11 +248,10 @@ def main(argv=None):
                          args.repeats)
         print(f"decode step B{bsz} H4 K=V512 M64 ({name}): {ms:.3f} ms sync, {loop:.3f} ms loop")
 
-  print("\n| shape | backend | fwd ms | fwd+bwd ms | fwd+bwd loop ms | mem MiB | chunked / this (fwd+bwd) |")
-  print("|---|---|---|---|---|---|---|")
-  for r in rows:
-    ratio = f"{r[7]:.1f}x" if len(r) > 7 else ""
-    print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.0f} | {ratio} |")
+  print("\n| shape | backend | fwd ms | fwd+bwd ms | fwd+bwd loop ms | mem MiB | chunked / this | reference / this |")
+  print("|---|---|---|---|---|---|---|---|")
+  for label, name, f_ms, _, fb_ms, fb_loop, mem, vs_chunked, vs_reference in rows:
+    print(f"| {label} | {name} | {f_ms:.3f} | {fb_ms:.3f} | {fb_loop:.3f} | {mem:.0f} | {vs_chunked} | {vs_reference} |")
 
 
 if __name__ == "__main__":

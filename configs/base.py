@@ -56,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 32  # global batch, in sequences (split over the data and fsdp mesh axes)
   c.train.seq_len = 256  # tokens per sequence
   c.train.grad_accum_steps = 1  # micro-batches per optimizer step; batch_size must be divisible by it
+  # Positions whose logits are computed at a time in the loss (recomputed in the backward): caps the float32
+  # [batch, seq_len, vocab] logits and their gradient at [batch, loss_chunk, vocab] for one more head matmul.
+  # 0 = all positions at once.
+  c.train.loss_chunk = 0
   c.train.log_every = 10  # console line and metrics.jsonl row every N steps
   c.train.eval_every = 200  # held-out evaluation every N steps (0: only at the end)
   c.train.eval_batches = 8  # batches per evaluation

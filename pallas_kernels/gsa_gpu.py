@@ -53,11 +53,12 @@ import logging
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState
+from gsa_jax.ops.common import CHUNK_STATES_NAME, RESIDUALS_NAME, GSAState
 from gsa_jax.ops.recurrent import gsa_step
 from pallas_kernels.gsa_common import SUB as _SUB
 from pallas_kernels.gsa_common import chunk_gate_sums as _chunk_gate_sums
@@ -96,8 +97,9 @@ class BlockSizes:
   recompute_states: bool = False
   # Cut the sequence into this many segments whose state passes run in parallel (then joined by a short scan in
   # XLA): more programs for the sequential state kernels when batch x heads is small (batch 1, long T). T is padded
-  # to a multiple of chunk x segments. Exact; not yet timed on a GPU, hence off by default.
-  state_segments: int = 1
+  # to a multiple of chunk x segments. Exact. None: `auto_state_segments` (1 unless the passes would run too few
+  # programs to fill the GPU).
+  state_segments: int | None = None
 
 
 @functools.cache
@@ -115,6 +117,26 @@ def _padded(d: int, block: int) -> tuple[int, int]:
   if p <= block:
     return p, p
   return -(-d // block) * block, block
+
+
+# The state kernels are latency-bound (one program walks every chunk in turn). Measured on the H100 (bf16, K=V=512
+# M64, fwd+bwd, docs/benchmarks.md), segments pay only where the passes have very few programs: B1 T16384 (32
+# programs of 64-wide slices) 4.28 -> 3.75 ms with 4; B2 T8192 (64) 3.48 -> 3.53 / 3.61 ms with 4 / 2; B4 T4096
+# (128) 3.10 -> 3.48 ms with 2 (the join rewrites every chunk state in XLA and keeps a second copy).
+_SEGMENT_BELOW = 64  # segment the state passes only when they have fewer programs than this
+_SEGMENTED_PROGRAMS = 128  # and then into enough segments for this many
+_MIN_SEGMENT_CHUNKS = 8  # keeping at least this many chunks a segment
+
+
+def auto_state_segments(batch: int, kv_heads: int, width: int, n_chunks: int) -> int:
+  """Segments for the state passes (a power of two), counting programs as 64-wide slices of the wider (padded)
+  feature axis `width`."""
+  programs = batch * kv_heads * max(1, width // 64)
+  segments = 1
+  while (programs < _SEGMENT_BELOW and programs * segments < _SEGMENTED_PROGRAMS
+         and 2 * segments * _MIN_SEGMENT_CHUNKS <= n_chunks):
+    segments *= 2
+  return segments
 
 
 def unsupported_reason(q, k, v, s, g) -> str | None:
@@ -553,7 +575,15 @@ def _unpad_outputs(cfg, o, hkt, hvt):
 
 def _core_fwd(cfg, q, k, v, s, g, hk0, hv0, doc):
   (o, hkt, hvt), res = _forward_cp(cfg, q, k, v, s, g, hk0, hv0, doc)
-  return _unpad_outputs(cfg, o, hkt, hvt), res
+  return _unpad_outputs(cfg, o, hkt, hvt), _name_residuals(res)
+
+
+def _name_residuals(res):
+  """Names for remat policies (gsa_jax.ops.common): the slot logits and final states; the chunk states."""
+  *inputs, z, hkt, hvt, states = res
+  z, hkt, hvt = (checkpoint_name(x, RESIDUALS_NAME) for x in (z, hkt, hvt))
+  states = jax.tree.map(lambda x: checkpoint_name(x, CHUNK_STATES_NAME), states)
+  return (*inputs, z, hkt, hvt, states)
 
 
 def _core_bwd(cfg, saved, cts):
@@ -600,10 +630,14 @@ def gsa_pallas_gpu(
   # block_sizes.chunk is the kernels' chunk (the op's chunk_size is the chunked reference's knob).
   chunk = max(_SUB, min(bs.chunk, _next_pow2(t)))
   chunk = -(-chunk // _SUB) * _SUB
-  segments = max(1, min(bs.state_segments, -(-t // chunk)))  # no more segments than chunks
-  tp = -(-t // (chunk * segments)) * chunk * segments
   kp, bk = _padded(dk, bs.block_k)
   vp, bv = _padded(dv, bs.block_v)
+  n_chunks = -(-t // chunk)
+  if bs.state_segments is None:
+    segments = auto_state_segments(b, h, max(kp, vp), n_chunks)
+  else:
+    segments = max(1, min(bs.state_segments, n_chunks))  # no more segments than chunks
+  tp = -(-t // (chunk * segments)) * chunk * segments
   mp = max(16, _next_pow2(m))
   cd = jnp.result_type(q.dtype, k.dtype, v.dtype, s.dtype)
   low = None if cd == jnp.float32 else cd

@@ -47,11 +47,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState
+from gsa_jax.ops.common import RESIDUALS_NAME, GSAState
 from pallas_kernels.gsa_common import SUB, documents, gate_grad, pad_to
 
 _log = logging.getLogger(__name__)
@@ -489,7 +490,9 @@ def _gsa_core(cfg, q, k, v, s, g, hk0, hv0, doc):
 
 def _core_fwd(cfg, q, k, v, s, g, hk0, hv0, doc):
   o, z, hkt, hvt = _forward_call(cfg, q, k, v, s, g, hk0, hv0)
-  return (o, hkt, hvt), (q, k, v, s, g, hk0, hv0, doc, z, hkt, hvt)
+  # Named for remat policies (gsa_jax.ops.common): with these kept, the remat backward does not rerun the kernel.
+  z, hkt_res, hvt_res = (checkpoint_name(x, RESIDUALS_NAME) for x in (z, hkt, hvt))
+  return (o, hkt, hvt), (q, k, v, s, g, hk0, hv0, doc, z, hkt_res, hvt_res)
 
 
 def _core_bwd(cfg, saved, cts):

@@ -142,7 +142,7 @@ def _loss(m, x):
 
 def test_remat_policies_are_applied():
   x = tokens(4, 2, 12)
-  for policy in ("block", "matmuls", "matmuls_gsa"):
+  for policy in ("block", "matmuls", "matmuls_gsa", "matmuls_gsa_states"):
     m = GSALM(tiny(remat=policy), rngs=nnx.Rngs(0))
     jaxpr = str(jax.make_jaxpr(lambda s: _loss(nnx.merge(nnx.graphdef(m), s), x))(nnx.state(m)))
     assert jaxpr.count("remat") + jaxpr.count("checkpoint") >= m.config.num_layers, policy
@@ -151,10 +151,13 @@ def test_remat_policies_are_applied():
   assert "remat" not in jaxpr and "checkpoint" not in jaxpr
 
 
-@pytest.mark.parametrize("policy", [pytest.param("block", marks=pytest.mark.slow), "matmuls", "matmuls_gsa"])
-def test_remat_gives_the_same_gradients(policy):
+@pytest.mark.parametrize("policy,backend", [
+    pytest.param("block", "chunked", marks=pytest.mark.slow), ("matmuls", "chunked"), ("matmuls_gsa", "chunked"),
+    ("matmuls_gsa_states", "pallas_gpu"),  # the kernels' named residuals kept (interpreted on CPU)
+])
+def test_remat_gives_the_same_gradients(policy, backend):
   x = tokens(4, 2, 12)
-  cfg = tiny(num_layers=2, attn_layers=(1,))
+  cfg = tiny(num_layers=2, attn_layers=(1,), backend=backend)
   loss0, g0 = nnx.jit(nnx.value_and_grad(_loss))(GSALM(cfg, rngs=nnx.Rngs(0)), x)
   loss, g = nnx.jit(nnx.value_and_grad(_loss))(GSALM(cfg.replace(remat=policy), rngs=nnx.Rngs(0)), x)
   np.testing.assert_allclose(loss, loss0, rtol=1e-6)

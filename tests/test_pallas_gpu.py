@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +21,7 @@ import numpy as np
 import pytest
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
-from gsa_jax.ops.common import GSAState
+from gsa_jax.ops.common import CHUNK_STATES_NAME, RESIDUALS_NAME, GSAState
 from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_pallas_gpu
 from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
                                 make_inputs, rel_err)
@@ -184,3 +187,46 @@ def test_segmented_state_passes_equal_one_pass(kind, reverse):
   for x, ref in zip(four, one):
     assert x.shape == ref.shape
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_state_segments():
+  """Segments only where the state passes would run very few programs (batch 1, few heads, long T), as measured."""
+  from pallas_kernels.gsa_gpu import auto_state_segments  # noqa: PLC0415
+  assert auto_state_segments(batch=1, kv_heads=4, width=512, n_chunks=256) == 4  # 32 programs: B1 T16384
+  assert auto_state_segments(batch=2, kv_heads=4, width=512, n_chunks=128) == 1  # 64 programs: as fast unsplit
+  assert auto_state_segments(batch=8, kv_heads=4, width=512, n_chunks=32) == 1
+  assert auto_state_segments(batch=1, kv_heads=4, width=512, n_chunks=31) == 2  # >= 8 chunks a segment
+  assert auto_state_segments(batch=1, kv_heads=4, width=512, n_chunks=15) == 1
+  assert auto_state_segments(batch=1, kv_heads=1, width=64, n_chunks=4096) == 128
+
+
+def test_kernels_import_before_the_op():
+  """`import pallas_kernels` first (the op imports the kernels lazily, the kernels import the op's references)."""
+  for module in ("pallas_kernels", "pallas_kernels.gsa_tpu"):
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                            env={"JAX_PLATFORMS": "cpu", **os.environ})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("names,expected", [
+    ((), set()),
+    ((RESIDUALS_NAME,), {"logits", "final"}),
+    ((RESIDUALS_NAME, CHUNK_STATES_NAME), {"logits", "final", "chunks"}),
+])
+def test_remat_policy_keeps_named_residuals(names, expected, capsys):
+  """The residuals a remat policy may keep by name (instead of rerunning the forward kernels in the backward):
+  the float32 slot logits and final states, and the chunk states. Traced only (nothing runs)."""
+  b, t, h, d, m = 1, 128, 2, 32, 16
+  x = make_inputs(0, b=b, t=t, hq=2 * h, h=h, dk=d, dv=d, m=m)  # logits [b, t, hq, m] unlike s and g's shape
+  policy = jax.checkpoint_policies.save_only_these_names(*names) if names else jax.checkpoint_policies.nothing_saveable
+
+  def loss(q, k, v, s, g):
+    o, _ = gsa_pallas_gpu(q, k, v, s, g, scale=1.0, block_sizes=BlockSizes(chunk=32))
+    return jnp.sum(o ** 2)
+
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=policy), *(x[n] for n in "qkvsg"))
+  kept = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}  # e.g. "f32[1,2,32,16]"
+  shapes = {"logits": f"f32[{b},{t},{2 * h},{m}]", "final": f"f32[{b},{h},{d},{m}]",
+            "chunks": f"f32[{b},{h},{t // 32},{d},{m}]"}
+  assert {name for name, shape in shapes.items() if shape in kept} == expected

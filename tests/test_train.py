@@ -164,14 +164,24 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, accum):
   np.testing.assert_allclose([l for _, l in losses(many.workdir)], [l for _, l in losses(one.workdir)], rtol=1e-5)
 
 
+def test_chunked_loss_matches_whole_logits(tmp_path):
+  """train.loss_chunk (12 of 32 positions: the last slice padded) trains as the whole-logits loss does."""
+  whole = tiny_config(tmp_path / "whole", train__steps=3)
+  chunked = tiny_config(tmp_path / "chunked", train__steps=3, train__loss_chunk=12)
+  train_and_evaluate(whole)
+  train_and_evaluate(chunked)
+  np.testing.assert_allclose([l for _, l in losses(chunked.workdir)], [l for _, l in losses(whole.workdir)],
+                             rtol=1e-5)
+
+
 SHARDED_SCRIPT = """
 import json, sys
 from tests.test_train import tiny_config, losses
 from gsa_jax.train import train_and_evaluate
 out = {}
 for name, (data, fsdp, tensor) in {"dp8": (8, 1, 1), "fsdp8": (1, 8, 1), "dp2_fsdp2_tp2": (2, 2, 2),
-                                   "resumed": (2, 2, 2)}.items():
-  c = tiny_config(sys.argv[1] + "/" + name, train__steps=4)
+                                   "resumed": (2, 2, 2), "dp2_tp4_loss_chunk": (2, 1, 4)}.items():
+  c = tiny_config(sys.argv[1] + "/" + name, train__steps=4, train__loss_chunk=8 if "loss_chunk" in name else 0)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
   train_and_evaluate(c)
   out[name] = [l for _, l in losses(c.workdir)]
@@ -195,6 +205,6 @@ def test_sharded_runs_match_single_device(tmp_path):
                                "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-3000:]
   sharded = json.loads(result.stdout.split("LOSSES")[-1])
-  assert set(sharded) == {"dp8", "fsdp8", "dp2_fsdp2_tp2", "resumed"}
+  assert set(sharded) == {"dp8", "fsdp8", "dp2_fsdp2_tp2", "resumed", "dp2_tp4_loss_chunk"}
   for name, values in sharded.items():
     np.testing.assert_allclose(values, expected, rtol=2e-5, err_msg=name)

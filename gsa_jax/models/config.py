@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from gsa_jax.layers.gsa import FEATURE_MAPS
 from gsa_jax.ops import BACKENDS
 
-REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa")
+REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa", "matmuls_gsa_states")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,8 @@ class GSAConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   # "none" | "block" (recompute each block) | "matmuls" (keep only matmul outputs) | "matmuls_gsa" (also keep the
-  # GSA op's output: the backward then reruns only the kernels that make the op's residuals).
+  # GSA op's output and its kernels' small residuals: the backward then reruns only the GPU state kernels) |
+  # "matmuls_gsa_states" (also keep the GPU kernels' float32 chunk states: no kernel reruns, the most memory).
   remat: str = "none"
   embed_init_std: float = 0.02  # the reference's initializer_range.
 

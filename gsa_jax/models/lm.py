@@ -16,14 +16,20 @@ from flax import nnx
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, RMSNorm, SwiGLU
 from gsa_jax.layers.common import scaled_fan_in_init
 from gsa_jax.layers.gsa import GSA_OUTPUT_NAME
+from gsa_jax.ops.common import CHUNK_STATES_NAME, RESIDUALS_NAME
 from gsa_jax.models.config import GSAConfig
 
+_SAVE_MATMULS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 _REMAT_POLICY = {
     "block": None,  # save nothing inside a block: recompute it all in the backward pass
-    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projection outputs only
+    "matmuls": _SAVE_MATMULS,  # keep projection outputs only
+    # Also the op's output and the kernels' small residuals: the remat backward reruns only the GPU state kernels.
     "matmuls_gsa": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(GSA_OUTPUT_NAME)),
+        _SAVE_MATMULS, jax.checkpoint_policies.save_only_these_names(GSA_OUTPUT_NAME, RESIDUALS_NAME)),
+    # And the GPU kernels' chunk states: no kernel reruns (float32 [T / 64, K, M] + [T / 64, M, V] a head a layer).
+    "matmuls_gsa_states": jax.checkpoint_policies.save_from_both_policies(
+        _SAVE_MATMULS,
+        jax.checkpoint_policies.save_only_these_names(GSA_OUTPUT_NAME, RESIDUALS_NAME, CHUNK_STATES_NAME)),
 }
 
 
@@ -96,12 +102,18 @@ class GSALM(nnx.Module):
                                 kernel_init=jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                                 rngs=rngs)
 
-  def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.norm(x)
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """The output head: hidden [..., hidden_size] (from `hidden_states`) -> logits float32 [..., vocab]."""
+    x = self.norm(hidden)
     logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    return self.logits(self.hidden_states(tokens, segment_ids))
+
+  def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """The last block's output [b, t, hidden_size] (before the final norm): `logits` maps it to the vocabulary. A
+    loss can apply `logits` a slice of positions at a time (gsa_jax.train.loss) instead of holding [b, t, vocab]."""
     x = self.embed(tokens)
     policy = self.config.remat
     for block in self.blocks:
@@ -109,7 +121,7 @@ class GSALM(nnx.Module):
         x = block(x, segment_ids)
       else:
         x = nnx.remat(lambda blk, x, seg: blk(x, seg), policy=_REMAT_POLICY[policy])(block, x, segment_ids)
-    return self._logits(x)
+    return x
 
   # -- decoding ----------------------------------------------------------------------------------------------------
 
@@ -124,7 +136,7 @@ class GSALM(nnx.Module):
     for block in self.blocks:
       x, cache = block.prefill(x, segment_ids, max_len)
       caches.append(cache)
-    return self._logits(x), caches
+    return self.logits(x), caches
 
   def step(self, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
     """One token per row: tokens int [b] -> (logits float32 [b, vocab], new caches)."""
@@ -133,7 +145,7 @@ class GSALM(nnx.Module):
     for block, cache in zip(self.blocks, caches):
       x, cache = block.step(x, cache)
       new.append(cache)
-    return self._logits(x), new
+    return self.logits(x), new
 
   def init_cache(self, batch_size: int, max_len: int) -> list[Any]:
     """Caches of an empty prompt (attention layers sized to max_len)."""

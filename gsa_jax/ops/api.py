@@ -12,8 +12,6 @@ import jax.numpy as jnp
 from gsa_jax.ops.chunked import chunk_gsa
 from gsa_jax.ops.common import GSAState
 from gsa_jax.ops.recurrent import recurrent_gsa
-from pallas_kernels.gsa_gpu import gsa_pallas_gpu
-from pallas_kernels.gsa_tpu import gsa_pallas_tpu
 
 BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_tpu")
 
@@ -25,11 +23,23 @@ def _recurrent(q, k, v, s, g, *, scale, initial_state, segment_ids, chunk_size):
   return recurrent_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
 
 
+# The kernels import this package (for the references they fall back to), so they are imported on first use: an
+# import of `pallas_kernels` before `gsa_jax.ops` must not meet a half-initialised module.
+def _pallas_gpu(q, k, v, s, g, **kwargs):
+  from pallas_kernels.gsa_gpu import gsa_pallas_gpu  # noqa: PLC0415
+  return gsa_pallas_gpu(q, k, v, s, g, **kwargs)
+
+
+def _pallas_tpu(q, k, v, s, g, **kwargs):
+  from pallas_kernels.gsa_tpu import gsa_pallas_tpu  # noqa: PLC0415
+  return gsa_pallas_tpu(q, k, v, s, g, **kwargs)
+
+
 # Implemented backends: name -> function with the signature of `chunk_gsa`, jitted with static scale and chunk.
 _IMPLEMENTATIONS: dict[str, Callable] = {
     name: jax.jit(fn, static_argnames=("scale", "chunk_size"))
-    for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa), ("pallas_gpu", gsa_pallas_gpu),
-                     ("pallas_tpu", gsa_pallas_tpu))
+    for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa), ("pallas_gpu", _pallas_gpu),
+                     ("pallas_tpu", _pallas_tpu))
 }
 
 

@@ -26,6 +26,7 @@ except ImportError:  # a JAX without it: initialization compiles slower on GPU, 
 from gsa_jax.data import make_iterator
 from gsa_jax.models import GSALM, GSAConfig
 from gsa_jax.train import sharding as shd
+from gsa_jax.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from gsa_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from gsa_jax.train.config import (ConfigError, check_mesh, describe_differences, differing_keys,
                                   model_flops_per_token, to_json, validate_config)
@@ -103,17 +104,21 @@ def _write_workdir(config: ml_collections.ConfigDict, start_over: bool) -> None:
   os.replace(tmp, saved_path)
 
 
-def _loss_sums(graphdef, params, batch, constrain=lambda x, axes: x):
+def _loss_sums(graphdef, params, batch, constrain=lambda x, axes: x, loss_chunk: int = 0):
   """Summed cross-entropy, target count and correct predictions over a batch's loss_mask.
 
-  constrain(x, logical_axes) places an activation on the mesh (identity without one).
+  constrain(x, logical_axes) places an activation on the mesh (identity without one). loss_chunk > 0 computes the
+  logits that many positions at a time (`gsa_jax.train.loss.chunked_cross_entropy_sums`); 0 holds them all.
   """
   model = nnx.merge(graphdef, params)
-  logits = constrain(model(batch["tokens"], batch["segment_ids"]), shd.LOGITS_AXES)  # float32 [b, t, vocab]
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  mask = batch["loss_mask"].astype(jnp.float32)
-  correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-  return jnp.sum(ce * mask), (jnp.sum(mask), jnp.sum(correct * mask))
+  logits_fn = lambda hidden: constrain(model.logits(hidden), shd.LOGITS_AXES)  # float32 [b, t, vocab]
+  hidden = model.hidden_states(batch["tokens"], batch["segment_ids"])
+  targets, mask = batch["targets"], batch["loss_mask"]
+  if loss_chunk:
+    total, correct = chunked_cross_entropy_sums(logits_fn, hidden, targets, mask, loss_chunk)
+  else:
+    total, correct = cross_entropy_sums(logits_fn(hidden), targets, mask)
+  return total, (jnp.sum(mask.astype(jnp.float32)), correct)
 
 
 def activation_constraint(mesh):
@@ -125,11 +130,11 @@ def activation_constraint(mesh):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
-                    constrain=lambda x, axes: x):
+                    constrain=lambda x, axes: x, loss_chunk: int = 0):
   """(state, batch) -> (state, metrics). The batch is split into micro-batches whose gradients are summed, so the
   result does not depend on grad_accum_steps. A step whose loss or gradient is not finite leaves params and
   optimizer state unchanged and increments the non-finite counters."""
-  grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, constrain), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda p, b: _loss_sums(graphdef, p, b, constrain, loss_chunk), has_aux=True)
 
   def train_step(state, batch):
     params = state["params"]
@@ -164,9 +169,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
   return train_step
 
 
-def make_eval_step(graphdef, constrain=lambda x, axes: x):
+def make_eval_step(graphdef, constrain=lambda x, axes: x, loss_chunk: int = 0):
   def eval_step(params, batch):
-    total, (count, correct) = _loss_sums(graphdef, params, batch, constrain)
+    total, (count, correct) = _loss_sums(graphdef, params, batch, constrain, loss_chunk)
     return {"total": total, "count": count, "correct": correct}
 
   return eval_step
@@ -207,11 +212,11 @@ class TrainRun:
     self.batch_sharding = shd.batch_sharding(self.mesh)
     self.train_step = jax.jit(
         make_train_step(self.graphdef, self.tx, self.schedule, config.train.grad_accum_steps,
-                        activation_constraint(self.mesh)),
+                        activation_constraint(self.mesh), config.train.loss_chunk),
         in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=(self.state_shardings, rep),
         donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.graphdef, activation_constraint(self.mesh)), in_shardings=(param_sh, self.batch_sharding),
-                             out_shardings=rep)
+    self.eval_step = jax.jit(make_eval_step(self.graphdef, activation_constraint(self.mesh), config.train.loss_chunk),
+                             in_shardings=(param_sh, self.batch_sharding), out_shardings=rep)
 
   def init_state(self):
     """A fresh train state (parameters from `config.train.seed`), laid out with `state_shardings`."""
