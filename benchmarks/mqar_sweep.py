@@ -13,10 +13,11 @@ Models (`--models`, comma-separated):
              (nothing trained) on a model without that option.
 
 Every run is the MQAR preset `configs/mqar.py` with the swept fields replaced: 2 layers, 2 heads, SwiGLU width
-2 x hidden, short convolutions, vocabulary 256. Training uses the project's own pieces (config validation, the
-grain MQAR pipeline, `gsa_jax.train.trainer.make_train_step` / `make_eval_step`, the optimizer), in one process:
-runs that differ only in the number of key-value pairs share one compiled step. The score is the accuracy on the
-query positions of the held-out split (`eval_batches` x `batch_size` examples).
+2 x hidden, short convolutions, vocabulary 256. Training uses the project's own pieces (config validation,
+`gsa_jax.train.trainer.make_train_step` / `make_eval_step`, the optimizer), in one process. Training batches are
+fresh examples generated on the device (`gsa_jax.data.mqar.mqar_batch`, the MQAR pipeline's construction) inside
+one jitted scan over all the steps, so a run never waits on the host. The score is the accuracy on the query
+positions of the grain pipeline's held-out split (`eval_batches` x `batch_size` examples).
 
 Learning rates and seeds (`--learning-rates`, `--seeds`): every (model, length, kv, width) cell is trained at each
 learning rate with each seed. A cell's score is the mean accuracy over seeds at its best learning rate (Zoology
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -47,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import mqar  # noqa: E402  (the repository root is put on the path above)
 from gsa_jax.data import make_iterator  # noqa: E402
+from gsa_jax.data.mqar import mqar_batch  # noqa: E402
 from gsa_jax.models import GSALM, GSAConfig  # noqa: E402
 from gsa_jax.train.config import validate_config  # noqa: E402
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -138,7 +141,7 @@ def state_size(config) -> int:
 
 
 class Compiled:
-  """Jitted init/train/eval functions for one (model, width, length, lr, seed): kv counts only change the data."""
+  """Jitted init/train/eval functions for one run's shapes (model, width, length, kv count, lr, seed)."""
 
   def __init__(self, config):
     model_cfg = validate_config(config)
@@ -153,9 +156,21 @@ class Compiled:
       return {"step": zero(), "params": params, "opt_state": tx.init(params), "nonfinite_in_a_row": zero(),
               "nonfinite_total": zero()}
 
+    train_step = make_train_step(self.graphdef, tx, learning_rate_schedule(config.optim, steps), 1)
+    d = config.data
+    make_batch = functools.partial(
+        mqar_batch, batch_size=config.train.batch_size, seq_len=config.train.seq_len, vocab_size=d.mqar_vocab_size,
+        num_kv_pairs=d.mqar_num_kv_pairs, power_a=float(d.mqar_power_a), random_non_queries=d.mqar_random_non_queries)
+
+    def train(state, key):
+      """Every step in one program: (state, key) -> (state, loss of each step [steps])."""
+      def step(state, key):
+        state, metrics = train_step(state, make_batch(key))
+        return state, metrics["loss"]
+      return jax.lax.scan(step, state, jax.random.split(key, steps))
+
     self.init = jax.jit(init)
-    self.train_step = jax.jit(make_train_step(self.graphdef, tx, learning_rate_schedule(config.optim, steps), 1),
-                              donate_argnums=0)
+    self.train = jax.jit(train, donate_argnums=0)
     self.eval_step = jax.jit(make_eval_step(self.graphdef))
 
 
@@ -168,15 +183,9 @@ def as_batch(batch) -> dict:
 def train_and_score(config, compiled: Compiled) -> dict:
   """Trains from scratch for config.train.steps, then scores the held-out split. Returns the metrics."""
   t, d = config.train, config.data
-  it = make_iterator(d, split="train", batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
   start = time.perf_counter()
-  state = compiled.init()
-  losses = []
-  for step in range(t.steps):
-    state, metrics = compiled.train_step(state, as_batch(next(it)))
-    if step >= t.steps - 20:  # the mean of the last 20 steps' loss, read once at the end
-      losses.append(metrics["loss"])
-  train_loss = float(np.mean(jax.device_get(losses)))
+  state, losses = compiled.train(compiled.init(), jax.random.PRNGKey(t.seed))
+  train_loss = float(np.mean(jax.device_get(losses)[-20:]))  # the mean of the last 20 steps' loss
   train_s = time.perf_counter() - start
   eval_it = make_iterator(d, split="eval", batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
   sums = np.zeros(3)
@@ -189,8 +198,7 @@ def train_and_score(config, compiled: Compiled) -> dict:
 
 def plan(a: argparse.Namespace) -> list[Run]:
   """The runs in order: short sequences first, so a time budget cuts the long ones; each (width, model) runs all
-  its learning rates and seeds before the next starts, so a cut drops models rather than learning rates; kv counts
-  innermost, as they share one compiled step."""
+  its learning rates and seeds before the next starts, so a cut drops models rather than learning rates."""
   runs = []
   for i, seq_len in enumerate(a.seq_lens):
     kvs = [a.kv_pairs[i]] if a.pair_kv_with_len else a.kv_pairs
@@ -249,7 +257,7 @@ def sweep(a: argparse.Namespace) -> list[dict]:
       row = {**base, "status": "not run", "reason": f"time budget of {a.time_budget_s:.0f} s spent"}
     else:
       config = run_config(run, a)
-      shape_key = (run.model, run.width, run.seq_len, run.lr, run.seed)
+      shape_key = (run.model, run.width, run.seq_len, run.kv, run.lr, run.seed)
       compile_start = time.perf_counter()
       if shape_key not in cache:
         cache.clear()  # one compiled model at a time keeps memory flat over a long sweep

@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import CHUNK_STATES_NAME, RESIDUALS_NAME, GSAState
+from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState
 from gsa_jax.ops.recurrent import gsa_step
 from pallas_kernels.gsa_common import SUB as _SUB
 from pallas_kernels.gsa_common import chunk_gate_sums as _chunk_gate_sums
@@ -579,10 +579,11 @@ def _core_fwd(cfg, q, k, v, s, g, hk0, hv0, doc):
 
 
 def _name_residuals(res):
-  """Names for remat policies (gsa_jax.ops.common): the slot logits and final states; the chunk states."""
+  """Names for remat policies (gsa_jax.ops.common): the slot logits and final states; each pass's chunk states."""
   *inputs, z, hkt, hvt, states = res
   z, hkt, hvt = (checkpoint_name(x, RESIDUALS_NAME) for x in (z, hkt, hvt))
-  states = jax.tree.map(lambda x: checkpoint_name(x, CHUNK_STATES_NAME), states)
+  if states is not None:
+    states = checkpoint_name(states[0], KEY_STATES_NAME), checkpoint_name(states[1], VALUE_STATES_NAME)
   return (*inputs, z, hkt, hvt, states)
 
 

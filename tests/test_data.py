@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -542,3 +543,30 @@ def test_make_iterator_argument_errors(tmp_path):
     make_iterator(tcfg, split="eval", batch_size=2, seq_len=8, seed=0)
   with pytest.raises(ValueError, match=r"data.eval_fraction: 0.5 of 1 documents leaves no training documents"):
     split_documents(1, 0.5, 0)
+
+
+def test_mqar_batch_on_device_has_the_pipeline_construction():
+  """`mqar_batch` (jax.random, for jitted loops): distinct keys and values in their halves, the pairs first, every
+  key queried once at an even offset after them with its value as target; gaps distributed as the numpy examples'."""
+  from gsa_jax.data.mqar import mqar_batch, mqar_example  # noqa: PLC0415
+  b, seq_len, vocab, n = 256, 64, 32, 6
+  batch = jax.device_get(jax.jit(lambda k: mqar_batch(k, batch_size=b, seq_len=seq_len, vocab_size=vocab,
+                                                       num_kv_pairs=n, power_a=0.01))(jax.random.PRNGKey(0)))
+  assert batch["tokens"].shape == (b, seq_len) and batch["tokens"].dtype == np.int32
+  gaps = []
+  for tokens, targets, mask in zip(batch["tokens"], batch["targets"], batch["loss_mask"]):
+    keys, values = tokens[0:2 * n:2], tokens[1:2 * n:2]
+    assert len(set(keys)) == n and len(set(values)) == n
+    assert keys.min() >= 1 and keys.max() < vocab // 2 and values.min() >= vocab // 2 and values.max() < vocab
+    query_pos = np.flatnonzero(mask)
+    assert len(query_pos) == n and query_pos.min() >= 2 * n and np.all((query_pos - 2 * n) % 2 == 0)
+    assert sorted(tokens[query_pos]) == sorted(keys)
+    assert dict(zip(keys, values)) == dict(zip(tokens[query_pos], targets[query_pos]))
+    gaps += list((query_pos - 2 * n) // 2)
+  reference = []
+  for i in range(b):
+    ex = mqar_example(i, seed=0, split="train", seq_len=seq_len, vocab_size=vocab, num_kv_pairs=n, power_a=0.01)
+    reference += list((np.flatnonzero(ex["loss_mask"]) - 2 * n) // 2)
+  space = (seq_len - 2 * n) // 2
+  hist = lambda g: np.bincount(g, minlength=space) / len(g)  # noqa: E731
+  assert np.abs(hist(np.array(gaps)) - hist(np.array(reference))).max() < 0.03

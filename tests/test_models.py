@@ -142,7 +142,7 @@ def _loss(m, x):
 
 def test_remat_policies_are_applied():
   x = tokens(4, 2, 12)
-  for policy in ("block", "matmuls", "matmuls_gsa", "matmuls_gsa_states"):
+  for policy in ("block", "matmuls", "matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states"):
     m = GSALM(tiny(remat=policy), rngs=nnx.Rngs(0))
     jaxpr = str(jax.make_jaxpr(lambda s: _loss(nnx.merge(nnx.graphdef(m), s), x))(nnx.state(m)))
     assert jaxpr.count("remat") + jaxpr.count("checkpoint") >= m.config.num_layers, policy
@@ -153,7 +153,8 @@ def test_remat_policies_are_applied():
 
 @pytest.mark.parametrize("policy,backend", [
     pytest.param("block", "chunked", marks=pytest.mark.slow), ("matmuls", "chunked"), ("matmuls_gsa", "chunked"),
-    ("matmuls_gsa_states", "pallas_gpu"),  # the kernels' named residuals kept (interpreted on CPU)
+    ("matmuls_gsa_keys", "pallas_gpu"),  # the kernels' named residuals kept (interpreted on CPU)
+    pytest.param("matmuls_gsa_states", "pallas_gpu", marks=pytest.mark.slow),
 ])
 def test_remat_gives_the_same_gradients(policy, backend):
   x = tokens(4, 2, 12)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
-from gsa_jax.ops.common import CHUNK_STATES_NAME, RESIDUALS_NAME, GSAState
+from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState
 from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_pallas_gpu
 from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
                                 make_inputs, rel_err)
@@ -211,12 +211,14 @@ def test_kernels_import_before_the_op():
 @pytest.mark.parametrize("names,expected", [
     ((), set()),
     ((RESIDUALS_NAME,), {"logits", "final"}),
-    ((RESIDUALS_NAME, CHUNK_STATES_NAME), {"logits", "final", "chunks"}),
+    ((RESIDUALS_NAME, KEY_STATES_NAME), {"logits", "final", "key_chunks"}),
+    ((RESIDUALS_NAME, KEY_STATES_NAME, VALUE_STATES_NAME), {"logits", "final", "key_chunks", "value_chunks"}),
 ])
 def test_remat_policy_keeps_named_residuals(names, expected, capsys):
   """The residuals a remat policy may keep by name (instead of rerunning the forward kernels in the backward):
-  the float32 slot logits and final states, and the chunk states. Traced only (nothing runs)."""
-  b, t, h, d, m = 1, 128, 2, 32, 16
+  the float32 slot logits and final states, and the chunk states of each pass. Traced only (nothing runs)."""
+  b, t, h, d, m = 1, 128, 2, 48, 16  # key states [.., d, m], value states [.., m, d]: d != m tells them apart
+  dp = 64  # d as the kernels pad it
   x = make_inputs(0, b=b, t=t, hq=2 * h, h=h, dk=d, dv=d, m=m)  # logits [b, t, hq, m] unlike s and g's shape
   policy = jax.checkpoint_policies.save_only_these_names(*names) if names else jax.checkpoint_policies.nothing_saveable
 
@@ -227,6 +229,6 @@ def test_remat_policy_keeps_named_residuals(names, expected, capsys):
   capsys.readouterr()
   jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=policy), *(x[n] for n in "qkvsg"))
   kept = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}  # e.g. "f32[1,2,32,16]"
-  shapes = {"logits": f"f32[{b},{t},{2 * h},{m}]", "final": f"f32[{b},{h},{d},{m}]",
-            "chunks": f"f32[{b},{h},{t // 32},{d},{m}]"}
+  shapes = {"logits": f"f32[{b},{t},{2 * h},{m}]", "final": f"f32[{b},{h},{dp},{m}]",
+            "key_chunks": f"f32[{b},{h},{t // 32},{dp},{m}]", "value_chunks": f"f32[{b},{h},{t // 32},{m},{dp}]"}
   assert {name for name, shape in shapes.items() if shape in kept} == expected

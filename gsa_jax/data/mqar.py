@@ -17,6 +17,8 @@ a seed stream disjoint from train's (split id 0).
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 SPLIT_IDS = {"train": 0, "eval": 1}
@@ -82,3 +84,39 @@ class MQARExample:
 
   def __call__(self, index) -> dict:
     return mqar_example(int(index), probs=self.probs, **self.kwargs)
+
+
+def mqar_batch(key, *, batch_size: int, seq_len: int, vocab_size: int, num_kv_pairs: int, power_a: float,
+               random_non_queries: bool = True) -> dict:
+  """A batch of fresh MQAR examples generated on the device (inside a jitted training loop, no host work).
+
+  The construction of `mqar_example` (the module docstring) drawn with `jax.random` instead of numpy: the same
+  distribution, not the same examples. Keys, values and gaps are Gumbel-top-k draws as in
+  `sample_without_replacement`. Returns tokens, targets, segment_ids int32 and loss_mask float32, each
+  [batch_size, seq_len].
+  """
+  n, half = num_kv_pairs, vocab_size // 2
+  context = 2 * n
+  space = (seq_len - context) // 2
+  log_probs = jnp.log(jnp.asarray(power_law_probs(space, power_a), jnp.float32))
+
+  def top_n(key, scores):  # the n largest of scores + Gumbel noise, in decreasing order
+    return jax.lax.top_k(scores + jax.random.gumbel(key, scores.shape), n)[1].astype(jnp.int32)
+
+  def row(key):
+    k_keys, k_values, k_gaps, k_noise = jax.random.split(key, 4)
+    keys = 1 + top_n(k_keys, jnp.zeros(half - 1))
+    values = half + top_n(k_values, jnp.zeros(vocab_size - half))
+    query_pos = context + 2 * top_n(k_gaps, log_probs)
+    if random_non_queries:
+      tokens = jax.random.randint(k_noise, (seq_len,), 0, vocab_size, jnp.int32)
+    else:
+      tokens = jnp.zeros(seq_len, jnp.int32)
+    tokens = tokens.at[0:context:2].set(keys).at[1:context:2].set(values).at[query_pos].set(keys)
+    targets = jnp.zeros(seq_len, jnp.int32).at[query_pos].set(values)
+    loss_mask = jnp.zeros(seq_len, jnp.float32).at[query_pos].set(1.0)
+    return tokens, targets, loss_mask
+
+  tokens, targets, loss_mask = jax.vmap(row)(jax.random.split(key, batch_size))
+  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+          "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from gsa_jax.layers.gsa import FEATURE_MAPS
 from gsa_jax.ops import BACKENDS
 
-REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa", "matmuls_gsa_states")
+REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,8 @@ class GSAConfig:
   param_dtype: str = "float32"
   # "none" | "block" (recompute each block) | "matmuls" (keep only matmul outputs) | "matmuls_gsa" (also keep the
   # GSA op's output and its kernels' small residuals: the backward then reruns only the GPU state kernels) |
-  # "matmuls_gsa_states" (also keep the GPU kernels' float32 chunk states: no kernel reruns, the most memory).
+  # "matmuls_gsa_keys" (also the GPU kernels' float32 key chunk states: only the value state kernel reruns) |
+  # "matmuls_gsa_states" (also the value chunk states: no kernel reruns, the most memory).
   remat: str = "none"
   embed_init_std: float = 0.02  # the reference's initializer_range.
 

@@ -16,20 +16,28 @@ from flax import nnx
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, RMSNorm, SwiGLU
 from gsa_jax.layers.common import scaled_fan_in_init
 from gsa_jax.layers.gsa import GSA_OUTPUT_NAME
-from gsa_jax.ops.common import CHUNK_STATES_NAME, RESIDUALS_NAME
+from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME
 from gsa_jax.models.config import GSAConfig
 
 _SAVE_MATMULS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def _save_matmuls_and(*names):
+  return jax.checkpoint_policies.save_from_both_policies(
+      _SAVE_MATMULS, jax.checkpoint_policies.save_only_these_names(*names))
+
+
+# A ladder of memory for speed (gsa_jax.ops.common says what each name is). At 1.3B, B4 x T4096 on the H100
+# (docs/benchmarks.md) each step down the list keeps more per layer and reruns fewer GSA kernels in the backward.
 _REMAT_POLICY = {
     "block": None,  # save nothing inside a block: recompute it all in the backward pass
     "matmuls": _SAVE_MATMULS,  # keep projection outputs only
-    # Also the op's output and the kernels' small residuals: the remat backward reruns only the GPU state kernels.
-    "matmuls_gsa": jax.checkpoint_policies.save_from_both_policies(
-        _SAVE_MATMULS, jax.checkpoint_policies.save_only_these_names(GSA_OUTPUT_NAME, RESIDUALS_NAME)),
-    # And the GPU kernels' chunk states: no kernel reruns (float32 [T / 64, K, M] + [T / 64, M, V] a head a layer).
-    "matmuls_gsa_states": jax.checkpoint_policies.save_from_both_policies(
-        _SAVE_MATMULS,
-        jax.checkpoint_policies.save_only_these_names(GSA_OUTPUT_NAME, RESIDUALS_NAME, CHUNK_STATES_NAME)),
+    # Also the op's output and the kernels' small residuals: the backward reruns only the GPU state kernels.
+    "matmuls_gsa": _save_matmuls_and(GSA_OUTPUT_NAME, RESIDUALS_NAME),
+    # Also the GPU kernels' key chunk states (float32 [T / 64, K, M] a head): only the value state kernel reruns.
+    "matmuls_gsa_keys": _save_matmuls_and(GSA_OUTPUT_NAME, RESIDUALS_NAME, KEY_STATES_NAME),
+    # Also the value chunk states: no GSA kernel reruns.
+    "matmuls_gsa_states": _save_matmuls_and(GSA_OUTPUT_NAME, RESIDUALS_NAME, KEY_STATES_NAME, VALUE_STATES_NAME),
 }
 
 

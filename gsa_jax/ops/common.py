@@ -14,13 +14,15 @@ import jax.numpy as jnp
 
 
 # Names the Pallas kernels give what their forward leaves for the backward, for remat policies (`jax.checkpoint`
-# with `save_only_these_names`; gsa_jax.models: remat="matmuls_gsa" / "matmuls_gsa_states"). RESIDUALS_NAME: the
-# float32 slot logits [b, t, hq, m] and final states, small; a policy that keeps them spares the remat backward a
-# rerun of the logits (GPU) or of the whole forward kernel (TPU). CHUNK_STATES_NAME: the GPU kernels' float32
-# states entering every chunk ([b, h, t / c, dk, m] and [b, h, t / c, m, dv]), large; keeping them as well spares
-# the rerun of the two state kernels. The inputs are left to the caller's policy (cheap functions of its matmuls).
+# with `save_only_these_names`; gsa_jax.models: remat="matmuls_gsa" / "matmuls_gsa_keys" / "matmuls_gsa_states").
+# RESIDUALS_NAME: the float32 slot logits [b, t, hq, m] and final states, small; a policy that keeps them spares
+# the remat backward a rerun of the logits kernel (GPU) or of the whole forward kernel (TPU). KEY_STATES_NAME /
+# VALUE_STATES_NAME: the GPU kernels' float32 states entering every chunk, [b, h, t / c, dk, m] / [b, h, t / c, m,
+# dv], large; keeping one spares the rerun of the state kernel that makes it. The inputs are left to the caller's
+# policy (cheap functions of its matmuls).
 RESIDUALS_NAME = "gsa_residuals"
-CHUNK_STATES_NAME = "gsa_chunk_states"
+KEY_STATES_NAME = "gsa_key_states"
+VALUE_STATES_NAME = "gsa_value_states"
 
 
 class GSAState(NamedTuple):
