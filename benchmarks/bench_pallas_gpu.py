@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.compare_backends import torch_cuda_times_ms  # noqa: E402
 from benchmarks.profiling import print_profile_summary  # noqa: E402
 from gsa_jax.ops import gated_slot_attention  # noqa: E402
 from gsa_jax.ops.common import GSAState  # noqa: E402
@@ -89,24 +90,8 @@ def time_reference_library(xs, do, repeats):
     o, _ = chunk_gsa(*args, scale=1.0)
     return torch.autograd.grad(o, args, cotangent)
 
-  def timed_torch(fn):
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      fn()
-      torch.cuda.synchronize()
-      times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(repeats):
-      fn()
-    torch.cuda.synchronize()
-    return float(np.median(times)) * 1e3, (time.perf_counter() - start) / repeats * 1e3
-
-  f_ms, f_loop = timed_torch(fwd)
-  fb_ms, fb_loop = timed_torch(fwd_bwd)
+  f_ms, f_loop = torch_cuda_times_ms(fwd, repeats)
+  fb_ms, fb_loop = torch_cuda_times_ms(fwd_bwd, repeats)
   torch.cuda.synchronize()
   base = torch.cuda.memory_allocated()
   torch.cuda.reset_peak_memory_stats()

@@ -26,21 +26,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gsa_jax.ops import check  # noqa: E402
 
 
+def torch_cuda_times_ms(fn, repeats: int) -> tuple[float, float]:
+  """(median of host-synchronized calls, mean of back-to-back calls), in ms, of a torch CUDA function after two
+  warm-up calls."""
+  import torch  # noqa: PLC0415  (optional: only the reference library's modes need it)
+
+  fn()
+  fn()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    times.append((time.perf_counter() - start) * 1e3)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    fn()
+  torch.cuda.synchronize()
+  return float(np.median(times)), (time.perf_counter() - start) / repeats * 1e3
+
+
 def reference_library_runner(scale: float):
   """fn(dtype_name, inputs, segment_ids, cotangent, repeats) running fla's chunk_gsa, for `check.compare`."""
   import torch  # noqa: PLC0415  (optional: only this mode needs it)
   from fla.ops.gsa import chunk_gsa  # noqa: PLC0415
-
-  def median_ms(fn, repeats):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      fn()
-      torch.cuda.synchronize()
-      times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
 
   def run(dtype_name, x, segment_ids, cotangent, repeats):
     if segment_ids is not None:
@@ -60,7 +70,8 @@ def reference_library_runner(scale: float):
 
     o, grads = fwd_bwd()
     numpy = lambda t: t.detach().float().cpu().numpy()
-    return (numpy(o), [numpy(g) for g in grads], median_ms(fwd, repeats), median_ms(fwd_bwd, repeats))
+    return (numpy(o), [numpy(g) for g in grads], torch_cuda_times_ms(fwd, repeats)[0],
+            torch_cuda_times_ms(fwd_bwd, repeats)[0])
 
   return run
 

@@ -17,6 +17,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
+from gsa_jax.ops.common import RESIDUALS_NAME
 from pallas_kernels import gsa_tpu
 from pallas_kernels.gsa_common import chunk_gate_sums
 from pallas_kernels.gsa_tpu import BlockSizes, gsa_pallas_tpu
@@ -187,3 +188,17 @@ def test_vmem_budget_at_paper_sizes_fits_default_scoped_limit():
   """K = V = 512, M = 64 (padded to 128), chunk 64, bf16: every pass under 16 MiB (docs/tpu_kernels.md)."""
   for name in ("forward", "backward_1", "backward_2"):
     assert gsa_tpu.vmem_bytes(name, chunk=64, kp=512, vp=512, mp=128) < 16 * 2**20
+
+
+def test_forward_names_its_residuals_for_remat_policies():
+  """The slot logits and both final states leave the forward named RESIDUALS_NAME, so a remat policy that keeps the
+  name spares the backward a rerun of the forward kernel. (Read from the jaxpr: in TPU interpret mode the kernels
+  are callbacks, which `jax.checkpoint` cannot differentiate, so a policy cannot be run here.)"""
+  x = make_inputs(0, b=1, t=64, hq=2, h=1, dk=32, dv=48, m=16)
+
+  def loss(q, k, v, s, g):
+    o, _ = gsa_pallas_tpu(q, k, v, s, g, scale=1.0)
+    return jnp.sum(o ** 2)
+
+  jaxpr = str(jax.make_jaxpr(lambda *a: jax.vjp(loss, *a)[1](1.0))(*(jnp.asarray(x[n]) for n in "qkvsg")))
+  assert jaxpr.count(f"name={RESIDUALS_NAME}") == 3
