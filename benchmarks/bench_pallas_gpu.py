@@ -6,10 +6,10 @@
 
 Inputs as in docs/anchors.md: bf16, q/k = swish(randn), v = randn, g = logsigmoid(randn)/8, s = 1 - exp(g),
 scale 1. Times: median of single host-synchronized calls after warm-up ("sync"), and the mean of a loop of
-back-to-back calls ("loop"). Memory: XLA's compiled memory analysis (temporaries + outputs) of each program. `--reference` also times the
-reference library's `chunk_gsa` (flash-linear-attention, torch) on the same inputs; its memory is the peak of
-torch's allocator above the inputs during fwd+bwd. Ratios: fwd+bwd time of the chunked reference / of the reference
-library over this row's.
+back-to-back calls ("loop"). Memory: XLA's compiled memory analysis (temporaries + outputs) of each program.
+`--reference` also times the reference library's `chunk_gsa` (flash-linear-attention, torch) on the same inputs;
+its memory is the peak of torch's allocator above the inputs during fwd+bwd. Ratios: fwd+bwd time of the chunked
+reference / of the reference library over this row's.
 """
 
 from __future__ import annotations
@@ -140,7 +140,8 @@ def precision_table(block_sizes=None):
         else:
           got = _forward_and_grads_with(cast(x, dtype), block_sizes)
       errs = {k: rel_err(got[k], ref[k]) for k in ref}
-      print(f"precision {block_sizes or 'default'} {jnp.dtype(dtype).name} B2 T512 H4 K=V=64 M32: worst {max(errs.values()):.2e}  " +
+      print(f"precision {block_sizes or 'default'} {jnp.dtype(dtype).name} B2 T512 H4 K=V=64 M32: "
+            f"worst {max(errs.values()):.2e}  " +
             " ".join(f"{k} {e:.1e}" for k, e in errs.items()), flush=True)
 
 
@@ -196,27 +197,32 @@ def main(argv=None):
              for name, bs in configs.items()}
     if not args.no_chunked:
       impls["chunked"] = lambda q, k, v, s, g: gated_slot_attention(q, k, v, s, g, scale=1.0, backend="chunked")[0]
+    label = f"B{b} T{t} H{h} K=V{d} M{m}"
     shape_rows = []
+
+    def add_row(name, f_ms, f_loop, fb_ms, fb_loop, mem):
+      shape_rows.append([name, f_ms, f_loop, fb_ms, fb_loop, mem])
+      print(f"{label:<28} {name:<18} fwd {f_ms:7.3f} ms (loop {f_loop:7.3f})  fwd+bwd {fb_ms:7.3f} ms "
+            f"(loop {fb_loop:7.3f})  mem {mem:8.1f} MiB", flush=True)
+
     for name, impl in impls.items():
       fwd, fwd_bwd = programs(impl)
       try:
         f_ms, f_loop = timed(fwd, xs, args.repeats)
         fb_ms, fb_loop = timed(fwd_bwd, xs + [do], args.repeats)
-        mem = mem_mb(fwd_bwd, xs + [do])
+        add_row(name, f_ms, f_loop, fb_ms, fb_loop, mem_mb(fwd_bwd, xs + [do]))
       except Exception as e:  # noqa: BLE001  (the chunked reference may run out of memory)
-        print(f"{name} {shape}: failed: {type(e).__name__}: {str(e)[:200]}")
-        continue
-      shape_rows.append([name, f_ms, f_loop, fb_ms, fb_loop, mem])
+        print(f"{name} {shape}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     if args.reference:
-      shape_rows.append(["reference (fla)", *time_reference_library(xs, do, args.repeats)])
+      try:
+        add_row("reference (fla)", *time_reference_library(xs, do, args.repeats))
+      except Exception as e:  # noqa: BLE001  (missing package, out of memory: the rows above still count)
+        print(f"reference (fla) {shape}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     times = {r[0]: r[3] for r in shape_rows}
     for r in shape_rows:
-      label = f"B{b} T{t} H{h} K=V{d} M{m}"
       ratios = [f"{times[base] / r[3]:.2f}x" if base in times and r[0] != base else ""
                 for base in ("chunked", "reference (fla)")]
       rows.append([label, *r, *ratios])
-      print(f"{label:<28} {r[0]:<18} fwd {r[1]:7.3f} ms (loop {r[2]:7.3f})  fwd+bwd {r[3]:7.3f} ms "
-            f"(loop {r[4]:7.3f})  mem {r[5]:8.1f} MiB", flush=True)
   print(f"peak_bytes_in_use (process): {(dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30:.2f} GiB")
 
   if args.decode:
@@ -233,10 +239,12 @@ def main(argv=None):
                          args.repeats)
         print(f"decode step B{bsz} H4 K=V512 M64 ({name}): {ms:.3f} ms sync, {loop:.3f} ms loop")
 
-  print("\n| shape | backend | fwd ms | fwd+bwd ms | fwd+bwd loop ms | mem MiB | chunked / this | reference / this |")
+  print("\n| shape | backend | fwd ms | fwd+bwd ms | fwd+bwd loop ms | mem MiB | chunked / this | "
+        "reference / this |")
   print("|---|---|---|---|---|---|---|---|")
   for label, name, f_ms, _, fb_ms, fb_loop, mem, vs_chunked, vs_reference in rows:
-    print(f"| {label} | {name} | {f_ms:.3f} | {fb_ms:.3f} | {fb_loop:.3f} | {mem:.0f} | {vs_chunked} | {vs_reference} |")
+    print(f"| {label} | {name} | {f_ms:.3f} | {fb_ms:.3f} | {fb_loop:.3f} | {mem:.0f} | {vs_chunked} | "
+          f"{vs_reference} |")
 
 
 if __name__ == "__main__":

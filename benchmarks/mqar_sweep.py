@@ -16,8 +16,9 @@ Every run is the MQAR preset `configs/mqar.py` with the swept fields replaced: 2
 2 x hidden, short convolutions, vocabulary 256. Training uses the project's own pieces (config validation,
 `gsa_jax.train.trainer.make_train_step` / `make_eval_step`, the optimizer), in one process. Training batches are
 fresh examples generated on the device (`gsa_jax.data.mqar.mqar_batch`, the MQAR pipeline's construction) inside
-one jitted scan over all the steps, so a run never waits on the host. The score is the accuracy on the query
-positions of the grain pipeline's held-out split (`eval_batches` x `batch_size` examples).
+one jitted scan over all the steps, so a run never waits on the host: every step sees new examples
+(`data.mqar_num_train_examples`, the pipeline's fixed training set, is not used). The score is the accuracy on the
+query positions of the grain pipeline's held-out split (`eval_batches` x `batch_size` examples).
 
 Learning rates and seeds (`--learning-rates`, `--seeds`): every (model, length, kv, width) cell is trained at each
 learning rate with each seed. A cell's score is the mean accuracy over seeds at its best learning rate (Zoology
@@ -49,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import mqar  # noqa: E402  (the repository root is put on the path above)
 from gsa_jax.data import make_iterator  # noqa: E402
-from gsa_jax.data.mqar import mqar_batch  # noqa: E402
+from gsa_jax.data.mqar import SPLIT_IDS, mqar_batch  # noqa: E402
 from gsa_jax.models import GSALM, GSAConfig  # noqa: E402
 from gsa_jax.train.config import validate_config  # noqa: E402
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -141,7 +142,7 @@ def state_size(config) -> int:
 
 
 class Compiled:
-  """Jitted init/train/eval functions for one run's shapes (model, width, length, kv count, lr, seed)."""
+  """Jitted init/train/eval functions of one run (its model, shapes, learning rate and seed are constants)."""
 
   def __init__(self, config):
     model_cfg = validate_config(config)
@@ -184,7 +185,8 @@ def train_and_score(config, compiled: Compiled) -> dict:
   """Trains from scratch for config.train.steps, then scores the held-out split. Returns the metrics."""
   t, d = config.train, config.data
   start = time.perf_counter()
-  state, losses = compiled.train(compiled.init(), jax.random.PRNGKey(t.seed))
+  key = jax.random.fold_in(jax.random.PRNGKey(t.seed), SPLIT_IDS["train"])  # apart from the init's stream
+  state, losses = compiled.train(compiled.init(), key)
   train_loss = float(np.mean(jax.device_get(losses)[-20:]))  # the mean of the last 20 steps' loss
   train_s = time.perf_counter() - start
   eval_it = make_iterator(d, split="eval", batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
@@ -224,7 +226,7 @@ def run_key(row) -> tuple:
 def settings(a: argparse.Namespace) -> dict:
   """The training settings shared by every row: a rerun reuses a finished row only when they are all the same."""
   return {"steps": a.steps, "batch_size": a.batch_size, "warmup_steps": a.warmup_steps, "vocab_size": a.vocab_size,
-          "eval_batches": a.eval_batches}
+          "eval_batches": a.eval_batches, "train_data": "device"}  # "device": mqar_batch (rows without: the pipeline)
 
 
 def sweep(a: argparse.Namespace) -> list[dict]:
@@ -243,7 +245,6 @@ def sweep(a: argparse.Namespace) -> list[dict]:
   print(f"{len(runs)} runs ({len(done)} already in {results_path}); device: {jax.devices()[0].device_kind}; "
         f"no-gate option: {'GSAConfig.forget_gate' if nogate else 'not available'}", flush=True)
   sweep_start = time.perf_counter()
-  cache: dict[tuple, Compiled] = {}
   rows = []
   for n, run in enumerate(runs, 1):
     base = {"model": run.model, "width": run.width, "seq_len": run.seq_len, "kv_pairs": run.kv, **settings(a),
@@ -257,13 +258,10 @@ def sweep(a: argparse.Namespace) -> list[dict]:
       row = {**base, "status": "not run", "reason": f"time budget of {a.time_budget_s:.0f} s spent"}
     else:
       config = run_config(run, a)
-      shape_key = (run.model, run.width, run.seq_len, run.kv, run.lr, run.seed)
       compile_start = time.perf_counter()
-      if shape_key not in cache:
-        cache.clear()  # one compiled model at a time keeps memory flat over a long sweep
-        cache[shape_key] = Compiled(config)
-      result = train_and_score(config, cache[shape_key])
-      row = {**base, "status": "ok", **result, "params": cache[shape_key].num_params,
+      compiled = Compiled(config)
+      result = train_and_score(config, compiled)
+      row = {**base, "status": "ok", **result, "params": compiled.num_params,
              "state_size": state_size(config), "wall_s": time.perf_counter() - compile_start}
     rows.append(row)
     with open(results_path, "a") as f:

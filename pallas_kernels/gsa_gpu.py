@@ -120,8 +120,8 @@ def _padded(d: int, block: int) -> tuple[int, int]:
 
 
 # The state kernels are latency-bound (one program walks every chunk in turn). Measured on the H100 (bf16, K=V=512
-# M64, fwd+bwd, docs/benchmarks.md), segments pay only where the passes have very few programs: B1 T16384 (32
-# programs of 64-wide slices) 4.28 -> 3.75 ms with 4; B2 T8192 (64) 3.48 -> 3.53 / 3.61 ms with 4 / 2; B4 T4096
+# M64, fwd+bwd, one call, docs/benchmarks.md), segments pay only where the passes have very few programs: B1 T16384
+# (32 programs of 64-wide slices) 4.28 -> 3.75 ms with 4; B2 T8192 (64) 3.48 -> 3.53 / 3.61 ms with 4 / 2; B4 T4096
 # (128) 3.10 -> 3.48 ms with 2 (the join rewrites every chunk state in XLA and keeps a second copy).
 _SEGMENT_BELOW = 64  # segment the state passes only when they have fewer programs than this
 _SEGMENTED_PROGRAMS = 128  # and then into enough segments for this many
@@ -708,8 +708,9 @@ def gsa_decode_step_pallas(q, k, v, s, g, state: GSAState, *, scale: float, inte
   """`gsa_decode_step` as one Pallas kernel (grid: batch x kv head; the state updated in place when donated).
 
   Shapes and results as `gsa_jax.ops.recurrent.gsa_step` with a float32 state. Widths are padded to powers of two
-  (at least 16) inside; `interpret=None` interprets the kernel on non-GPU platforms. Not yet timed on a GPU against the fused XLA step (`bench_pallas_gpu.py --decode`), so the
-  model's decoding path still uses `gsa_decode_step`.
+  (at least 16) inside; `interpret=None` interprets the kernel on non-GPU platforms. Slower than the fused XLA step
+  on the H100 (B1 / B64, H4 K=V=512 M64: 0.063 / 0.107 ms against 0.050 / 0.073 ms, `bench_pallas_gpu.py
+  --decode`, docs/benchmarks.md), so the model decodes with `gsa_decode_step`; kept as a tested alternative.
   """
   if interpret is None:
     interpret = jax.default_backend() != "gpu"

@@ -70,8 +70,8 @@ def x64():
 
 class TestPallasGPU:
   INTERPRET = False
-  # Every variant compiled on GPU; the interpreter (slow) runs the default and the segmented state passes (not yet
-  # compiled on a GPU: added after the session's last device call).
+  # Every variant compiled on GPU; the interpreter (slow) runs the default and the segmented state passes (the
+  # default's small test shapes never choose segments by themselves).
   VARIANTS = tuple(VARIANTS)
 
   @pytest.fixture(autouse=True)
@@ -204,7 +204,7 @@ def test_kernels_import_before_the_op():
   """`import pallas_kernels` first (the op imports the kernels lazily, the kernels import the op's references)."""
   for module in ("pallas_kernels", "pallas_kernels.gsa_tpu"):
     result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
-                            env={"JAX_PLATFORMS": "cpu", **os.environ})
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -106,6 +106,13 @@ def test_validate_config_names_model_fields():
     validate_config(c)
 
 
+def test_validate_config_rejects_negative_loss_chunk():
+  c = mqar.get_config()
+  c.train.loss_chunk = -1
+  with pytest.raises(ConfigError, match=r"config.train.loss_chunk: must be >= 0"):
+    validate_config(c)
+
+
 # ---- training ------------------------------------------------------------------------------------------------------
 
 def test_smoke_train_loss_falls_and_run_dir_is_complete(tmp_path):
@@ -164,14 +171,32 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, accum):
   np.testing.assert_allclose([l for _, l in losses(many.workdir)], [l for _, l in losses(one.workdir)], rtol=1e-5)
 
 
-def test_chunked_loss_matches_whole_logits(tmp_path):
-  """train.loss_chunk (12 of 32 positions: the last slice padded) trains as the whole-logits loss does."""
+def test_chunked_loss_matches_whole_logits(tmp_path, monkeypatch):
+  """train.loss_chunk (12 of 32 positions: the last slice padded) trains as the whole-logits loss does, and takes
+  the chunked path; a run saved before the key existed resumes with it."""
+  from gsa_jax.train import trainer as trainer_lib  # noqa: PLC0415
+  chunks = []
+  chunked_sums = trainer_lib.chunked_cross_entropy_sums
+  monkeypatch.setattr(trainer_lib, "chunked_cross_entropy_sums",
+                      lambda *a: chunks.append(a[-1]) or chunked_sums(*a))
   whole = tiny_config(tmp_path / "whole", train__steps=3)
   chunked = tiny_config(tmp_path / "chunked", train__steps=3, train__loss_chunk=12)
   train_and_evaluate(whole)
+  assert not chunks
   train_and_evaluate(chunked)
+  assert chunks and set(chunks) == {12}
   np.testing.assert_allclose([l for _, l in losses(chunked.workdir)], [l for _, l in losses(whole.workdir)],
                              rtol=1e-5)
+  # The run of `whole` as an older version saved it (no train.loss_chunk), resumed with the key: no refusal.
+  saved = os.path.join(whole.workdir, "config.json")
+  with open(saved) as f:
+    old = json.load(f)
+  del old["train"]["loss_chunk"]
+  with open(saved, "w") as f:
+    json.dump(old, f)
+  resumed = tiny_config(tmp_path / "whole", train__steps=5, train__loss_chunk=12)
+  train_and_evaluate(resumed)
+  assert [step for step, _ in losses(resumed.workdir)][-1] == 5
 
 
 SHARDED_SCRIPT = """

@@ -26,10 +26,10 @@ except ImportError:  # a JAX without it: initialization compiles slower on GPU, 
 from gsa_jax.data import make_iterator
 from gsa_jax.models import GSALM, GSAConfig
 from gsa_jax.train import sharding as shd
-from gsa_jax.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from gsa_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from gsa_jax.train.config import (ConfigError, check_mesh, describe_differences, differing_keys,
                                   model_flops_per_token, to_json, validate_config)
+from gsa_jax.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from gsa_jax.train.metrics import MetricsWriter, console_line, peak_flops
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
