@@ -163,16 +163,19 @@ class Compiled:
         mqar_batch, batch_size=config.train.batch_size, seq_len=config.train.seq_len, vocab_size=d.mqar_vocab_size,
         num_kv_pairs=d.mqar_num_kv_pairs, power_a=float(d.mqar_power_a), random_non_queries=d.mqar_random_non_queries)
 
-    def train(state, key):
-      """Every step in one program: (state, key) -> (state, loss of each step [steps])."""
+    def train(state, keys):
+      """A block of steps in one program: (state, keys [n, 2]) -> (state, loss of each step [n])."""
       def step(state, key):
         state, metrics = train_step(state, make_batch(key))
         return state, metrics["loss"]
-      return jax.lax.scan(step, state, jax.random.split(key, steps))
+      return jax.lax.scan(step, state, keys)
 
     self.init = jax.jit(init)
     self.train = jax.jit(train, donate_argnums=0)
     self.eval_step = jax.jit(make_eval_step(self.graphdef))
+
+
+TRAIN_BLOCK = 500  # training steps per jitted call (at most two programs a run: this and the remainder)
 
 
 def as_batch(batch) -> dict:
@@ -185,9 +188,15 @@ def train_and_score(config, compiled: Compiled) -> dict:
   """Trains from scratch for config.train.steps, then scores the held-out split. Returns the metrics."""
   t, d = config.train, config.data
   start = time.perf_counter()
-  key = jax.random.fold_in(jax.random.PRNGKey(t.seed), SPLIT_IDS["train"])  # apart from the init's stream
-  state, losses = compiled.train(compiled.init(), key)
-  train_loss = float(np.mean(jax.device_get(losses)[-20:]))  # the mean of the last 20 steps' loss
+  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(t.seed), SPLIT_IDS["train"]), t.steps)
+  state, losses = compiled.init(), []
+  for begin in range(0, t.steps, TRAIN_BLOCK):  # blocks of steps, so that a slow run (CPU) can show progress
+    state, block = compiled.train(state, keys[begin:begin + TRAIN_BLOCK])
+    losses.append(block)
+    if time.perf_counter() - start > 30 and begin + TRAIN_BLOCK < t.steps:
+      print(f"    step {begin + len(block)}/{t.steps}: loss {float(block[-1]):.3f} "
+            f"({time.perf_counter() - start:.0f} s)", flush=True)
+  train_loss = float(np.mean(np.concatenate(jax.device_get(losses))[-20:]))  # the mean of the last 20 steps' loss
   train_s = time.perf_counter() - start
   eval_it = make_iterator(d, split="eval", batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
   sums = np.zeros(3)
