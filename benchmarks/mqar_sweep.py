@@ -56,8 +56,6 @@ from gsa_jax.train.config import validate_config  # noqa: E402
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from gsa_jax.train.trainer import make_eval_step, make_train_step  # noqa: E402
 
-# Grids. "gpu" is the issue's grid cut to what one 10-minute device call can train (see docs/results.md):
-# one key-value count per length (kv = L/8, as Zoology scales them), all widths and slot counts.
 GRIDS = {
     # About 10 minutes on 2 shared CPU cores: short training, a small vocabulary (faster to learn), one length.
     "cpu": dict(seq_lens=[64], kv_pairs=[4, 8], widths=[64, 128], models=["attention", "gsa:8", "gsa:32", "nogate:8",
@@ -66,11 +64,12 @@ GRIDS = {
                 backend="chunked", chunk_size=8, time_budget_s=560.0),
     # The issue's grid cut to what one 10-minute device call can train: one key-value count per length
     # (kv = L/16, Zoology's scaling), every width, GSA at 16..128 slots; runs go length by length, and the time
-    # budget leaves the rest "not run".
+    # budget leaves the rest "not run". 3000 steps: with 1000, even attention stayed on the plateau at L = 128
+    # (docs/results.md); on an H100 a run of 3000 steps takes 25-100 s with its compilation.
     "gpu": dict(seq_lens=[128, 256, 512], kv_pairs=[8, 16, 32], widths=[64, 128, 256],
-                models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:64"], steps=1000,
-                batch_size=64, learning_rates=[3e-3], warmup_steps=100, eval_batches=8, vocab_size=256,
-                backend="chunked", chunk_size=64, pair_kv_with_len=True, time_budget_s=420.0),
+                models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:64"], steps=3000,
+                batch_size=64, learning_rates=[3e-3], warmup_steps=150, eval_batches=8, vocab_size=256,
+                backend="chunked", chunk_size=64, pair_kv_with_len=True, time_budget_s=480.0),
     # The full grid of the issue: every (length, kv) pair with room for the queries (L >= 4 kv). Hours of GPU.
     "full": dict(seq_lens=[128, 256, 512], kv_pairs=[8, 16, 32, 64], widths=[64, 128, 256],
                  models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:32",
