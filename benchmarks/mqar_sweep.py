@@ -16,7 +16,7 @@ Every run is the MQAR preset `configs/mqar.py` with the swept fields replaced: 2
 2 x hidden, short convolutions, vocabulary 256. Training uses the project's own pieces (config validation,
 `gsa_jax.train.trainer.make_train_step` / `make_eval_step`, the optimizer), in one process. Training batches are
 fresh examples generated on the device (`gsa_jax.data.mqar.mqar_batch`, the MQAR pipeline's construction) inside
-one jitted scan over all the steps, so a run never waits on the host: every step sees new examples
+jitted scans over blocks of `TRAIN_BLOCK` steps, so a run never waits on the host: every step sees new examples
 (`data.mqar_num_train_examples`, the pipeline's fixed training set, is not used). The score is the accuracy on the
 query positions of the grain pipeline's held-out split (`eval_batches` x `batch_size` examples).
 
