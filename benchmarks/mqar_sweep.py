@@ -9,8 +9,8 @@ Models (`--models`, comma-separated):
   attention  every layer is causal softmax attention (`model.attn_layers` = all layers): the recall ceiling.
   gsa:M      GSA with M slots per head (the paper's layer: forget gate g = logsigmoid(x W_f) / normalizer, s = 1 - e^g).
   nogate:M   GSA with the forget gate disabled (`GSAConfig.forget_gate=False`: g = 0, s = sigmoid(x W_f)), the
-             ablation towards GSA's ungated ancestor ABC (see `nogate_available`); reported as "not available"
-             (nothing trained) on a model without that option.
+             ablation towards GSA's ungated ancestor ABC (the spec: "GSA with no gate is ABC"; ABC as published
+             also normalizes its writes by their running sum, which this ablation does not).
 
 Every run is the MQAR preset `configs/mqar.py` with the swept fields replaced: 2 layers, 2 heads, SwiGLU width
 2 x hidden, short convolutions, vocabulary 256. Training uses the project's own pieces (config validation,
@@ -18,14 +18,15 @@ Every run is the MQAR preset `configs/mqar.py` with the swept fields replaced: 2
 fresh examples generated on the device (`gsa_jax.data.mqar.mqar_batch`, the MQAR pipeline's construction) inside
 jitted scans over blocks of `TRAIN_BLOCK` steps, so a run never waits on the host: every step sees new examples
 (`data.mqar_num_train_examples`, the pipeline's fixed training set, is not used). The score is the accuracy on the
-query positions of the grain pipeline's held-out split (`eval_batches` x `batch_size` examples).
+query positions of the grain pipeline's held-out split (`eval_batches` x `batch_size` examples, the same ones for
+every run).
 
 Learning rates and seeds (`--learning-rates`, `--seeds`): every (model, length, kv, width) cell is trained at each
-learning rate with each seed. A cell's score is the mean accuracy over seeds at its best learning rate (Zoology
+learning rate with each seed, all of them at once in one vmapped program (`CellTrainer`). A cell's score is the mean accuracy over seeds at its best learning rate (Zoology
 sweeps the learning rate per model and reports the best); the tables name the winning rate, and a second table
 lists every rate.
 
-Writes into --out: results.jsonl (one row per run, appended as each run ends; a rerun skips the runs already there),
+Writes into --out: results.jsonl (one row per run, appended as each cell ends; a rerun skips the runs already there),
 results.md (tables) and mqar_sweep.png (best-lr accuracy vs width, one panel per sequence length and key-value
 count).
 """
@@ -44,6 +45,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,16 +78,6 @@ GRIDS = {
                          "nogate:64", "nogate:128"], steps=3000, batch_size=64, learning_rates=[3e-3], warmup_steps=300, eval_batches=16,
                  vocab_size=256, backend="auto", chunk_size=64, time_budget_s=0.0),
 }
-
-
-def nogate_available() -> bool:
-  """Whether the model has the no-forgetting option (`GSAConfig.forget_gate=False`: g = 0, s = sigmoid(x W_f)).
-
-  That is GSA with its gate disabled, the ablation towards ABC (Peng et al. 2022), which has no learned forgetting.
-  ABC proper also normalizes the writes by their running sum (z_t = logcumsumexp(s~_t), g_t = z_{t-1} - z_t,
-  s_t = exp(s~_t - z_t); fla `naive_recurrent_abc`); the model has no option for that variant.
-  """
-  return "forget_gate" in {f.name for f in dataclasses.fields(GSAConfig)}
 
 
 def parse_model(spec: str) -> tuple[str, int | None]:
@@ -140,22 +132,44 @@ def state_size(config) -> int:
   return m.num_slots * int(m.hidden_size * (m.expand_k + m.expand_v))
 
 
-class Compiled:
-  """Jitted init/train/eval functions of one run (its model, shapes, learning rate and seed are constants)."""
+def member_optimizer(config) -> optax.GradientTransformation:
+  """The config's optimizer with its peak learning rate moved into the optimizer state.
 
-  def __init__(self, config):
+  `make_optimizer` at peak 1, then `optax.scale` by the run's rate (an injected hyperparameter, so a traced value):
+  AdamW's update is -lr_t (adam + wd p) with lr_t = peak x schedule shape, so this is the same update, and runs at
+  several learning rates can share one program under `jax.vmap`.
+  """
+  unit = config.optim.copy_and_resolve_references()
+  unit.learning_rate = 1.0
+  return optax.chain(make_optimizer(unit, config.train.steps), optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+class CellTrainer:
+  """One sweep cell's jitted programs, training all its runs (learning rate x seed) at once under `jax.vmap`.
+
+  A cell's runs share the model's shapes, so one program trains them together: the tiny MQAR models are bound by
+  kernel launches on a GPU, and a batch of runs costs about what one run does. Each run keeps its own parameters,
+  optimizer state, learning rate and seed (init and data); runs with the same seed see the same training batches.
+  """
+
+  def __init__(self, config, members: list[tuple[float, int]]):
     model_cfg = validate_config(config)
     self.num_params = model_cfg.num_params()
-    seed, steps = config.train.seed, config.train.steps
-    tx = make_optimizer(config.optim, steps)
-    self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: GSALM(model_cfg, rngs=nnx.Rngs(seed))))
+    self.members = members
+    self.lrs = jnp.asarray([lr for lr, _ in members], jnp.float32)
+    self.seeds = jnp.asarray([seed for _, seed in members], jnp.uint32)
+    steps = config.train.steps
+    tx = member_optimizer(config)
+    self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: GSALM(model_cfg, rngs=nnx.Rngs(0))))
 
-    def init():
-      params = nnx.state(GSALM(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+    def init(lr, seed):
+      params = nnx.state(GSALM(model_cfg, rngs=nnx.Rngs(jax.random.key(seed))), nnx.Param)
+      inner, scale = tx.init(params)
       zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (separate buffers: the state is donated)
-      return {"step": zero(), "params": params, "opt_state": tx.init(params), "nonfinite_in_a_row": zero(),
-              "nonfinite_total": zero()}
+      return {"step": zero(), "params": params, "opt_state": (inner, scale._replace(hyperparams={"step_size": lr})),
+              "nonfinite_in_a_row": zero(), "nonfinite_total": zero()}
 
+    # The logged learning rate is not used here; the schedule only has to be a function of the step.
     train_step = make_train_step(self.graphdef, tx, learning_rate_schedule(config.optim, steps), 1)
     d = config.data
     make_batch = functools.partial(
@@ -163,18 +177,18 @@ class Compiled:
         num_kv_pairs=d.mqar_num_kv_pairs, power_a=float(d.mqar_power_a), random_non_queries=d.mqar_random_non_queries)
 
     def train(state, keys):
-      """A block of steps in one program: (state, keys [n, 2]) -> (state, loss of each step [n])."""
+      """A block of steps of one run in one program: (state, keys [n, 2]) -> (state, loss of each step [n])."""
       def step(state, key):
         state, metrics = train_step(state, make_batch(key))
         return state, metrics["loss"]
       return jax.lax.scan(step, state, keys)
 
-    self.init = jax.jit(init)
-    self.train = jax.jit(train, donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.graphdef))
+    self.init = jax.jit(jax.vmap(init))
+    self.train = jax.jit(jax.vmap(train), donate_argnums=0)
+    self.eval_step = jax.jit(jax.vmap(make_eval_step(self.graphdef), in_axes=(0, None)))
 
 
-TRAIN_BLOCK = 500  # training steps per jitted call (at most two programs a run: this and the remainder)
+TRAIN_BLOCK = 500  # training steps per jitted call (at most two programs a cell: this and the remainder)
 
 
 def as_batch(batch) -> dict:
@@ -183,27 +197,35 @@ def as_batch(batch) -> dict:
           "loss_mask": jnp.asarray(batch["loss_mask"], jnp.float32)}
 
 
-def train_and_score(config, compiled: Compiled) -> dict:
-  """Trains from scratch for config.train.steps, then scores the held-out split. Returns the metrics."""
+def train_keys(seed: int, steps: int) -> jax.Array:
+  """The PRNG keys of a run's training batches [steps, 2] (a stream apart from the init's)."""
+  return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), SPLIT_IDS["train"]), steps)
+
+
+def train_and_score(config, trainer: CellTrainer) -> list[dict]:
+  """Trains the cell's runs from scratch for config.train.steps, then scores the held-out split (the same examples
+  for every run). Returns each run's metrics, in the order of trainer.members."""
   t, d = config.train, config.data
   start = time.perf_counter()
-  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(t.seed), SPLIT_IDS["train"]), t.steps)
-  state, losses = compiled.init(), []
-  for begin in range(0, t.steps, TRAIN_BLOCK):  # blocks of steps, so that a slow run (CPU) can show progress
-    state, block = compiled.train(state, keys[begin:begin + TRAIN_BLOCK])
+  keys = jnp.stack([train_keys(seed, t.steps) for _, seed in trainer.members])  # [runs, steps, 2]
+  state, losses = trainer.init(trainer.lrs, trainer.seeds), []
+  for begin in range(0, t.steps, TRAIN_BLOCK):  # blocks of steps, so that a slow cell (CPU) can show progress
+    state, block = trainer.train(state, keys[:, begin:begin + TRAIN_BLOCK])
     losses.append(block)
     if time.perf_counter() - start > 30 and begin + TRAIN_BLOCK < t.steps:
-      print(f"    step {begin + len(block)}/{t.steps}: loss {float(block[-1]):.3f} "
-            f"({time.perf_counter() - start:.0f} s)", flush=True)
-  train_loss = float(np.mean(np.concatenate(jax.device_get(losses))[-20:]))  # the mean of the last 20 steps' loss
+      print(f"    step {begin + block.shape[1]}/{t.steps}: loss {np.array2string(np.asarray(block[:, -1]), precision=3)}"
+            f" ({time.perf_counter() - start:.0f} s)", flush=True)
+  losses = np.concatenate(jax.device_get(losses), axis=1)
   train_s = time.perf_counter() - start
-  eval_it = make_iterator(d, split="eval", batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
-  sums = np.zeros(3)
+  eval_it = make_iterator(d, split="eval", batch_size=t.batch_size, seq_len=t.seq_len, seed=0)
+  sums = np.zeros((len(trainer.members), 3))
   for _ in range(t.eval_batches):
-    out = jax.device_get(compiled.eval_step(state["params"], as_batch(next(eval_it))))
-    sums += [float(out["total"]), float(out["count"]), float(out["correct"])]
-  return {"accuracy": sums[2] / sums[1], "eval_loss": sums[0] / sums[1], "train_loss": train_loss,
-          "train_s": train_s, "nonfinite_steps": int(state["nonfinite_total"])}
+    out = jax.device_get(trainer.eval_step(state["params"], as_batch(next(eval_it))))
+    sums += np.stack([out["total"], out["count"], out["correct"]], axis=1)
+  nonfinite = jax.device_get(state["nonfinite_total"])
+  return [{"accuracy": float(s[2] / s[1]), "eval_loss": float(s[0] / s[1]),
+           "train_loss": float(np.mean(loss[-20:])),  # the mean of the last 20 steps' loss
+           "train_s": train_s, "nonfinite_steps": int(n)} for s, loss, n in zip(sums, losses, nonfinite)]
 
 
 def plan(a: argparse.Namespace) -> list[Run]:
@@ -248,38 +270,50 @@ def sweep(a: argparse.Namespace) -> list[dict]:
         same = all(row.get(k) == v for k, v in settings(a).items())
         if same and row["status"] == "ok":
           done[run_key(row)] = row
-  nogate = nogate_available()
   runs = plan(a)
-  print(f"{len(runs)} runs ({len(done)} already in {results_path}); device: {jax.devices()[0].device_kind}; "
-        f"no-gate option: {'GSAConfig.forget_gate' if nogate else 'not available'}", flush=True)
+  device = jax.devices()[0].device_kind
+  print(f"{len(runs)} runs ({len(done)} already in {results_path}); device: {device}", flush=True)
   sweep_start = time.perf_counter()
-  rows = []
-  for n, run in enumerate(runs, 1):
-    base = {"model": run.model, "width": run.width, "seq_len": run.seq_len, "kv_pairs": run.kv, **settings(a),
-            "learning_rate": run.lr, "seed": run.seed, "device": jax.devices()[0].device_kind}
-    if run_key(base) in done:
-      rows.append(done[run_key(base)])
-      continue
-    if run.model.startswith("nogate") and not nogate:
-      row = {**base, "status": "not available", "reason": "the model has no option to disable the forget gate"}
-    elif a.time_budget_s and time.perf_counter() - sweep_start > a.time_budget_s:
-      row = {**base, "status": "not run", "reason": f"time budget of {a.time_budget_s:.0f} s spent"}
-    else:
-      config = run_config(run, a)
+  rows, n = [], 0
+  for cell_runs in cells_of(runs):
+    first = cell_runs[0]
+    base = [{"model": r.model, "width": r.width, "seq_len": r.seq_len, "kv_pairs": r.kv, **settings(a),
+             "learning_rate": r.lr, "seed": r.seed, "device": device} for r in cell_runs]
+    todo = [i for i, b in enumerate(base) if run_key(b) not in done]
+    cell_rows = [done.get(run_key(b)) for b in base]
+    if todo and a.time_budget_s and time.perf_counter() - sweep_start > a.time_budget_s:
+      for i in todo:
+        cell_rows[i] = {**base[i], "status": "not run", "reason": f"time budget of {a.time_budget_s:.0f} s spent"}
+    elif todo:
+      config = run_config(first, a)
       compile_start = time.perf_counter()
-      compiled = Compiled(config)
-      result = train_and_score(config, compiled)
-      row = {**base, "status": "ok", **result, "params": compiled.num_params,
-             "state_size": state_size(config), "wall_s": time.perf_counter() - compile_start}
-    rows.append(row)
+      trainer = CellTrainer(config, [(cell_runs[i].lr, cell_runs[i].seed) for i in todo])
+      results = train_and_score(config, trainer)
+      wall_s = time.perf_counter() - compile_start
+      for i, result in zip(todo, results):
+        cell_rows[i] = {**base[i], "status": "ok", **result, "params": trainer.num_params,
+                        "state_size": state_size(config), "wall_s": wall_s, "runs_together": len(todo)}
     with open(results_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    acc = f"acc {row['accuracy']:.3f} (train loss {row['train_loss']:.3f}, {row['wall_s']:.0f} s)" \
-        if row["status"] == "ok" else row["status"]
-    print(f"[{n}/{len(runs)}] L={run.seq_len} kv={run.kv} d={run.width} {run.model} lr={run.lr:g} "
-          f"seed={run.seed}: {acc}; "
-          f"{time.perf_counter() - sweep_start:.0f} s elapsed", flush=True)
+      for i in todo:
+        f.write(json.dumps(cell_rows[i]) + "\n")
+    rows += cell_rows
+    for r, row in zip(cell_runs, cell_rows):
+      n += 1
+      if row is done.get(run_key(row)):
+        continue
+      acc = f"acc {row['accuracy']:.3f} (train loss {row['train_loss']:.3f}, {row['wall_s']:.0f} s for " \
+          f"{row['runs_together']} runs)" if row["status"] == "ok" else row["status"]
+      print(f"[{n}/{len(runs)}] L={r.seq_len} kv={r.kv} d={r.width} {r.model} lr={r.lr:g} seed={r.seed}: {acc}; "
+            f"{time.perf_counter() - sweep_start:.0f} s elapsed", flush=True)
   return rows
+
+
+def cells_of(runs: list[Run]) -> list[list[Run]]:
+  """The runs grouped by table cell (every learning rate and seed of a (length, kv, width, model)), in plan order."""
+  cells: dict[tuple, list[Run]] = {}
+  for r in runs:
+    cells.setdefault((r.seq_len, r.kv, r.width, r.model), []).append(r)
+  return list(cells.values())
 
 
 def group(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -313,7 +347,7 @@ def score(accs: list[float]) -> str:
 
 def unfinished(rows: list[dict]) -> str:
   """The text of a cell with no finished run."""
-  return {"not available": "n/a", "not run": "not run"}[rows[0]["status"]] if rows else ""
+  return rows[0]["status"] if rows else ""
 
 
 def best_cell(rows: list[dict], show_lr: bool) -> str:
@@ -363,7 +397,7 @@ def tables(rows: list[dict]) -> str:
   if missing:
     reasons = sorted({f"{r['status']}: {r['reason']}" for r in missing})
     partial = " (*: only some of the cell's learning rates / seeds ran)" if len(lrs) > 1 or several_seeds else ""
-    out.append(f"n/a / not run{partial}: " + "; ".join(reasons) + "\n")
+    out.append(f"not run{partial}: " + "; ".join(reasons) + "\n")
   return "\n".join(out)
 
 

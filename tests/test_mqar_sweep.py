@@ -62,3 +62,51 @@ def test_tiny_sweep_trains_each_learning_rate_and_a_rerun_skips_them(tmp_path):
   assert [(r["learning_rate"], r["status"]) for r in rows] == [(1e-3, "ok"), (1e-2, "ok")]
   mqar_sweep.main(args)  # everything is done: nothing is trained or appended
   assert len(open(tmp_path / "results.jsonl").readlines()) == 2
+
+
+def test_cell_trainer_matches_separate_runs_of_the_plain_train_step():
+  """The vmapped runs of a cell (their own lr, seed, init and data) follow what the trainer's step does alone."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from gsa_jax.data.mqar import mqar_batch
+  from gsa_jax.models import GSALM
+  from gsa_jax.train.config import validate_config
+  from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
+  from gsa_jax.train.trainer import make_train_step
+
+  a = mqar_sweep.argparse.Namespace(out="unused", batch_size=4, steps=3, warmup_steps=1, vocab_size=32,
+                                    eval_batches=1, backend="chunked", chunk_size=8)
+  members = [(1e-3, 0), (3e-2, 0), (1e-2, 1)]
+  runs = [mqar_sweep.Run(16, 16, 2, "gsa:4", lr, seed) for lr, seed in members]
+  trainer = mqar_sweep.CellTrainer(mqar_sweep.run_config(runs[0], a), members)
+  state = trainer.init(trainer.lrs, trainer.seeds)
+  keys = jnp.stack([mqar_sweep.train_keys(seed, a.steps) for _, seed in members])
+  state, losses = trainer.train(state, keys)
+  assert losses.shape == (3, a.steps) and np.all(np.isfinite(losses))
+
+  for i, run in enumerate(runs):
+    config = mqar_sweep.run_config(run, a)
+    model_cfg = validate_config(config)
+    model = GSALM(model_cfg, rngs=nnx.Rngs(run.seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(config.optim, a.steps)
+    step = jax.jit(make_train_step(graphdef, tx, learning_rate_schedule(config.optim, a.steps), 1))
+    alone = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "nonfinite_in_a_row": jnp.zeros((), jnp.int32), "nonfinite_total": jnp.zeros((), jnp.int32)}
+    d = config.data
+    make_batch = functools.partial(mqar_batch, batch_size=4, seq_len=16, vocab_size=32, num_kv_pairs=2,
+                                   power_a=float(d.mqar_power_a), random_non_queries=d.mqar_random_non_queries)
+    for t, key in enumerate(mqar_sweep.train_keys(run.seed, a.steps)):
+      alone, metrics = step(alone, make_batch(key))
+      np.testing.assert_allclose(losses[i, t], metrics["loss"], rtol=1e-5)
+    mine = jax.tree.map(lambda x: x[i], state["params"])
+    for got, want in zip(jax.tree.leaves(mine), jax.tree.leaves(alone["params"])):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # The learning rates differ, so the runs' parameters do too.
+  emb = jax.tree.leaves(state["params"])[0]
+  assert not np.allclose(emb[0], emb[1])
