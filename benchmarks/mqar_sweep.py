@@ -34,7 +34,6 @@ count).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -53,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import mqar  # noqa: E402  (the repository root is put on the path above)
 from gsa_jax.data import make_iterator  # noqa: E402
 from gsa_jax.data.mqar import SPLIT_IDS, mqar_batch  # noqa: E402
-from gsa_jax.models import GSALM, GSAConfig  # noqa: E402
+from gsa_jax.models import GSALM  # noqa: E402
 from gsa_jax.train.config import validate_config  # noqa: E402
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from gsa_jax.train.trainer import make_eval_step, make_train_step  # noqa: E402
