@@ -112,7 +112,7 @@ def run_config(run: Run, a: argparse.Namespace):
   c.data.mqar_num_eval_examples = a.eval_batches * a.batch_size
   m = c.model
   m.hidden_size, m.intermediate_size = run.width, 2 * run.width
-  m.backend, m.chunk_size = a.backend, a.chunk_size
+  m.backend, m.chunk_size, m.dtype = a.backend, a.chunk_size, a.dtype
   if kind == "attention":
     m.attn_layers = tuple(range(m.num_layers))
   else:
@@ -254,8 +254,9 @@ def run_key(row) -> tuple:
 
 def settings(a: argparse.Namespace) -> dict:
   """The training settings shared by every row: a rerun reuses a finished row only when they are all the same."""
+  # "train_data": "device" is mqar_batch (rows without it trained on the pipeline); rows without "dtype" are float32.
   return {"steps": a.steps, "batch_size": a.batch_size, "warmup_steps": a.warmup_steps, "vocab_size": a.vocab_size,
-          "eval_batches": a.eval_batches, "train_data": "device"}  # "device": mqar_batch (rows without: the pipeline)
+          "eval_batches": a.eval_batches, "train_data": "device", "dtype": a.dtype}
 
 
 def sweep(a: argparse.Namespace) -> list[dict]:
@@ -277,7 +278,7 @@ def sweep(a: argparse.Namespace) -> list[dict]:
   for cell_runs in cells_of(runs):
     first = cell_runs[0]
     base = [{"model": r.model, "width": r.width, "seq_len": r.seq_len, "kv_pairs": r.kv, **settings(a),
-             "learning_rate": r.lr, "seed": r.seed, "device": device} for r in cell_runs]
+             "learning_rate": r.lr, "seed": r.seed, "device": device, "backend": a.backend} for r in cell_runs]
     todo = [i for i, b in enumerate(base) if run_key(b) not in done]
     cell_rows = [done.get(run_key(b)) for b in base]
     if todo and a.time_budget_s and time.perf_counter() - sweep_start > a.time_budget_s:
@@ -466,13 +467,15 @@ def main(argv=None) -> None:
   for name, kind in (("steps", int), ("batch-size", int), ("warmup-steps", int),
                      ("eval-batches", int), ("backend", str), ("chunk-size", int), ("vocab-size", int)):
     p.add_argument(f"--{name}", type=kind)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                 help="the models' compute dtype (parameters stay float32; default float32)")
   p.add_argument("--report-only", action="store_true",
                  help="train nothing: rewrite results.md and the plot from --out's results.jsonl")
   p.add_argument("--time-budget-s", type=float, default=None,
                  help="start no new run after this many seconds; the rest are reported as 'not run' (0: no limit; "
                  "default: the grid's)")
   a = p.parse_args(argv)
-  for key, value in {"pair_kv_with_len": False, "seeds": [0], **GRIDS[a.grid]}.items():
+  for key, value in {"pair_kv_with_len": False, "seeds": [0], "dtype": "float32", **GRIDS[a.grid]}.items():
     if getattr(a, key, None) is None:
       setattr(a, key, value)
   if a.pair_kv_with_len and len(a.kv_pairs) != len(a.seq_lens):
@@ -495,7 +498,7 @@ def main(argv=None) -> None:
     rows = sweep(a)
     header = (f"MQAR sweep, grid {a.grid!r}: vocab {a.vocab_size}, {a.steps} steps x batch {a.batch_size}, "
               f"{sweep_text(a.learning_rates, a.seeds)} (warm-up {a.warmup_steps}), "
-              f"backend {a.backend} (chunk {a.chunk_size}), {jax.devices()[0].device_kind}, "
+              f"backend {a.backend} (chunk {a.chunk_size}), {a.dtype}, {jax.devices()[0].device_kind}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime(start))}, {time.time() - start:.0f} s\n\n")
   text = tables(rows)
   with open(os.path.join(a.out, "results.md"), "w") as f:

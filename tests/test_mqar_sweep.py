@@ -56,10 +56,11 @@ def test_report_only_rewrites_tables_and_plot(tmp_path):
 def test_tiny_sweep_trains_each_learning_rate_and_a_rerun_skips_them(tmp_path):
   args = ["--out", str(tmp_path), "--models", "gsa:4", "--seq-lens", "16", "--kv-pairs", "2", "--widths", "16",
           "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--eval-batches", "1", "--chunk-size", "8",
-          "--time-budget-s", "0", "--learning-rates", "1e-3,1e-2"]
+          "--time-budget-s", "0", "--learning-rates", "1e-3,1e-2", "--dtype", "bfloat16"]
   mqar_sweep.main(args)
   rows = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
-  assert [(r["learning_rate"], r["status"]) for r in rows] == [(1e-3, "ok"), (1e-2, "ok")]
+  assert [(r["learning_rate"], r["status"], r["dtype"]) for r in rows] == [(1e-3, "ok", "bfloat16"),
+                                                                           (1e-2, "ok", "bfloat16")]
   mqar_sweep.main(args)  # everything is done: nothing is trained or appended
   assert len(open(tmp_path / "results.jsonl").readlines()) == 2
 
@@ -80,7 +81,7 @@ def test_cell_trainer_matches_separate_runs_of_the_plain_train_step():
   from gsa_jax.train.trainer import make_train_step
 
   a = mqar_sweep.argparse.Namespace(out="unused", batch_size=4, steps=3, warmup_steps=1, vocab_size=32,
-                                    eval_batches=1, backend="chunked", chunk_size=8)
+                                    eval_batches=1, backend="chunked", chunk_size=8, dtype="float32")
   members = [(1e-3, 0), (3e-2, 0), (1e-2, 1)]
   runs = [mqar_sweep.Run(16, 16, 2, "gsa:4", lr, seed) for lr, seed in members]
   trainer = mqar_sweep.CellTrainer(mqar_sweep.run_config(runs[0], a), members)
