@@ -1,7 +1,8 @@
 """MQAR recall sweep (Zoology-style): accuracy of GSA, softmax attention and ungated GSA against model width.
 
     python benchmarks/mqar_sweep.py --grid cpu --out runs/mqar_sweep_cpu          # reduced grid, ~10 CPU minutes
-    python benchmarks/mqar_sweep.py --grid gpu --out $OUT/mqar                   # the GPU grid (one device call)
+    python benchmarks/mqar_sweep.py --grid gpu --out $OUT/mqar     # L = 128 on an H100: two 10-minute calls, the
+                                                                   # second rerun on the first's results.jsonl
     python benchmarks/mqar_sweep.py --models attention,gsa:32 --seq-lens 64 --kv-pairs 4 --widths 64 --steps 300
     python benchmarks/mqar_sweep.py ... --learning-rates 1e-3,3e-3,1e-2 --seeds 0,1   # best lr per model, as Zoology
 
@@ -63,19 +64,22 @@ GRIDS = {
                                                                            "nogate:32"],
                 steps=300, batch_size=16, learning_rates=[1e-2], warmup_steps=20, eval_batches=16, vocab_size=64,
                 backend="chunked", chunk_size=8, time_budget_s=560.0),
-    # The issue's grid cut to what one 10-minute device call can train: one key-value count per length
-    # (kv = L/16, Zoology's scaling), every width, GSA at 16..128 slots; runs go length by length, and the time
-    # budget leaves the rest "not run". 3000 steps: with 1000, even attention stayed on the plateau at L = 128
-    # (docs/results.md); on an H100 a run of 3000 steps takes 25-100 s with its compilation.
-    "gpu": dict(seq_lens=[128, 256, 512], kv_pairs=[8, 16, 32], widths=[64, 128, 256],
+    # What one 10-minute H100 call trains (docs/results.md, session 4): the shortest length, two widths, every model,
+    # 3 learning rates x 2 seeds vmapped per cell. A cell of 6 runs takes 24-102 s there, mostly compilation; the
+    # time budget leaves the rest "not run", and a rerun on the same --out continues where it stopped.
+    # bfloat16 compute and the Pallas kernels (parameters stay float32). lr 1e-3 left nothing but attention
+    # off the plateau in 3000 steps, and 3e-2 was GSA's best rate at width 64.
+    "gpu": dict(seq_lens=[128], kv_pairs=[8], widths=[64, 128],
                 models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:64"], steps=3000,
-                batch_size=64, learning_rates=[3e-3], warmup_steps=150, eval_batches=8, vocab_size=256,
-                backend="chunked", chunk_size=64, pair_kv_with_len=True, time_budget_s=480.0),
-    # The full grid of the issue: every (length, kv) pair with room for the queries (L >= 4 kv). Hours of GPU.
+                batch_size=64, learning_rates=[3e-3, 1e-2, 3e-2], seeds=[0, 1], warmup_steps=150, eval_batches=8,
+                vocab_size=256, backend="pallas_gpu", dtype="bfloat16", chunk_size=64, time_budget_s=480.0),
+    # The issue's whole grid: every (length, kv) pair with room for the queries (L >= 4 kv), every width; 231 cells,
+    # hours of H100 time (a cell at L = 512 costs several times one at L = 128): run it as many 10-minute calls
+    # continuing one --out (copy results.jsonl back in before each).
     "full": dict(seq_lens=[128, 256, 512], kv_pairs=[8, 16, 32, 64], widths=[64, 128, 256],
-                 models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:32",
-                         "nogate:64", "nogate:128"], steps=3000, batch_size=64, learning_rates=[3e-3], warmup_steps=300, eval_batches=16,
-                 vocab_size=256, backend="auto", chunk_size=64, time_budget_s=0.0),
+                 models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:64"], steps=3000,
+                 batch_size=64, learning_rates=[3e-3, 1e-2, 3e-2], seeds=[0, 1], warmup_steps=150, eval_batches=8,
+                 vocab_size=256, backend="pallas_gpu", dtype="bfloat16", chunk_size=64, time_budget_s=480.0),
 }
 
 
@@ -492,8 +496,10 @@ def main(argv=None) -> None:
       rows = [json.loads(line) for line in f if line.strip()]
     first = next(r for r in rows if r["status"] == "ok")
     lrs, seeds = sorted({r["learning_rate"] for r in rows}), sorted({r["seed"] for r in rows})
+    kinds = lambda key, default: ", ".join(sorted({str(r.get(key, default)) for r in rows}))  # noqa: E731
     header = (f"MQAR sweep from {a.out}: {first['steps']} steps x batch {first['batch_size']}, "
-              f"{sweep_text(lrs, seeds)}, {first['device']}\n\n")
+              f"{sweep_text(lrs, seeds)}, {kinds('dtype', 'float32')}, backend {kinds('backend', 'not recorded')}, "
+              f"{first['device']}\n\n")
   else:
     rows = sweep(a)
     header = (f"MQAR sweep, grid {a.grid!r}: vocab {a.vocab_size}, {a.steps} steps x batch {a.batch_size}, "
