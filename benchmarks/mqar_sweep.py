@@ -23,9 +23,9 @@ query positions of the grain pipeline's held-out split (`eval_batches` x `batch_
 every run).
 
 Learning rates and seeds (`--learning-rates`, `--seeds`): every (model, length, kv, width) cell is trained at each
-learning rate with each seed, all of them at once in one vmapped program (`CellTrainer`). A cell's score is the mean accuracy over seeds at its best learning rate (Zoology
-sweeps the learning rate per model and reports the best); the tables name the winning rate, and a second table
-lists every rate.
+learning rate with each seed, all of them at once in one vmapped program (`CellTrainer`). A cell's score is the
+mean accuracy over seeds at its best learning rate (Zoology sweeps the learning rate per model and reports the
+best); the tables name the winning rate, and a second table lists every rate.
 
 Writes into --out: results.jsonl (one row per run, appended as each cell ends; a rerun skips the runs already there),
 results.md (tables) and mqar_sweep.png (best-lr accuracy vs width, one panel per sequence length and key-value
@@ -150,8 +150,9 @@ def member_optimizer(config) -> optax.GradientTransformation:
 class CellTrainer:
   """One sweep cell's jitted programs, training all its runs (learning rate x seed) at once under `jax.vmap`.
 
-  A cell's runs share the model's shapes, so one program trains them together: the tiny MQAR models are bound by
-  kernel launches on a GPU, and a batch of runs costs about what one run does. Each run keeps its own parameters,
+  A cell's runs share the model's shapes, so one program trains them together: the tiny MQAR models leave a GPU
+  mostly idle, and a batch of runs costs little more than one (H100, attention at L = 128: 6 runs of 3000 steps in
+  28 s with compilation, one run in 24 s; docs/results.md). Each run keeps its own parameters,
   optimizer state, learning rate and seed (init and data); runs with the same seed see the same training batches.
   """
 
@@ -216,8 +217,8 @@ def train_and_score(config, trainer: CellTrainer) -> list[dict]:
     state, block = trainer.train(state, keys[:, begin:begin + TRAIN_BLOCK])
     losses.append(block)
     if time.perf_counter() - start > 30 and begin + TRAIN_BLOCK < t.steps:
-      print(f"    step {begin + block.shape[1]}/{t.steps}: loss {np.array2string(np.asarray(block[:, -1]), precision=3)}"
-            f" ({time.perf_counter() - start:.0f} s)", flush=True)
+      last = np.array2string(np.asarray(block[:, -1]), precision=3)  # each run's loss
+      print(f"    step {begin + block.shape[1]}/{t.steps}: loss {last} ({time.perf_counter() - start:.0f} s)", flush=True)
   losses = np.concatenate(jax.device_get(losses), axis=1)
   train_s = time.perf_counter() - start
   eval_it = make_iterator(d, split="eval", batch_size=t.batch_size, seq_len=t.seq_len, seed=0)
