@@ -30,6 +30,13 @@ best); the tables name the winning rate, and a second table lists every rate.
 Writes into --out: results.jsonl (one row per run, appended as each cell ends; a rerun skips the runs already there),
 results.md (tables) and mqar_sweep.png (best-lr accuracy vs width, one panel per sequence length and key-value
 count).
+
+A cell's time on a GPU is mostly compilation (a CPU job), so several processes can share one GPU, each training
+every N-th cell (`--shard I/N`, its own results.shardIofN.jsonl); `--report-only` then merges them:
+
+    for i in 0 1 2 3; do XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 python benchmarks/mqar_sweep.py --grid full \
+        --out $OUT/mqar --shard $i/4 > $OUT/shard$i.log 2>&1 & done; wait
+    python benchmarks/mqar_sweep.py --report-only --out $OUT/mqar
 """
 
 from __future__ import annotations
@@ -218,7 +225,8 @@ def train_and_score(config, trainer: CellTrainer) -> list[dict]:
     losses.append(block)
     if time.perf_counter() - start > 30 and begin + TRAIN_BLOCK < t.steps:
       last = np.array2string(np.asarray(block[:, -1]), precision=3)  # each run's loss
-      print(f"    step {begin + block.shape[1]}/{t.steps}: loss {last} ({time.perf_counter() - start:.0f} s)", flush=True)
+      print(f"    step {begin + block.shape[1]}/{t.steps}: loss {last} ({time.perf_counter() - start:.0f} s)",
+            flush=True)
   losses = np.concatenate(jax.device_get(losses), axis=1)
   train_s = time.perf_counter() - start
   eval_it = make_iterator(d, split="eval", batch_size=t.batch_size, seq_len=t.seq_len, seed=0)
@@ -264,23 +272,35 @@ def settings(a: argparse.Namespace) -> dict:
           "eval_batches": a.eval_batches, "train_data": "device", "dtype": a.dtype}
 
 
+def read_rows(out: str) -> list[dict]:
+  """Every row in out's results*.jsonl (results.jsonl and the shards' files), one per run: a finished row wins over
+  a "not run" one, and a later row over an earlier one."""
+  rows: dict[tuple, dict] = {}
+  for name in sorted(f for f in os.listdir(out) if f.startswith("results") and f.endswith(".jsonl")):
+    with open(os.path.join(out, name)) as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          if row["status"] == "ok" or rows.get(run_key(row), {}).get("status") != "ok":
+            rows[run_key(row)] = row
+  return list(rows.values())
+
+
 def sweep(a: argparse.Namespace) -> list[dict]:
   os.makedirs(a.out, exist_ok=True)
-  results_path = os.path.join(a.out, "results.jsonl")
-  done = {}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      for line in f:
-        row = json.loads(line)
-        same = all(row.get(k) == v for k, v in settings(a).items())
-        if same and row["status"] == "ok":
-          done[run_key(row)] = row
+  index, count = a.shard
+  results_path = os.path.join(a.out, "results.jsonl" if count == 1 else f"results.shard{index}of{count}.jsonl")
+  done = {run_key(row): row for row in read_rows(a.out)
+          if row["status"] == "ok" and all(row.get(k) == v for k, v in settings(a).items())}
   runs = plan(a)
+  cells = cells_of(runs)[index::count]
   device = jax.devices()[0].device_kind
-  print(f"{len(runs)} runs ({len(done)} already in {results_path}); device: {device}", flush=True)
+  print(f"{len(runs)} runs, {len(cells)} cells in this shard ({len(done)} runs already in {a.out}); "
+        f"device: {device}", flush=True)
+  runs = [r for cell in cells for r in cell]
   sweep_start = time.perf_counter()
   rows, n = [], 0
-  for cell_runs in cells_of(runs):
+  for cell_runs in cells:
     first = cell_runs[0]
     base = [{"model": r.model, "width": r.width, "seq_len": r.seq_len, "kv_pairs": r.kv, **settings(a),
              "learning_rate": r.lr, "seed": r.seed, "device": device, "backend": a.backend} for r in cell_runs]
@@ -453,6 +473,14 @@ def sweep_text(lrs: list[float], seeds: list[int]) -> str:
       f", seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else "")
 
 
+def shard(text: str) -> tuple[int, int]:
+  """'I/N' -> (I, N), with 0 <= I < N."""
+  index, _, count = text.partition("/")
+  if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+    raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N (e.g. 0/4)")
+  return int(index), int(count)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--grid", choices=sorted(GRIDS), default="cpu", help="preset; the flags below override its fields")
@@ -474,8 +502,11 @@ def main(argv=None) -> None:
     p.add_argument(f"--{name}", type=kind)
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="the models' compute dtype (parameters stay float32; default float32)")
+  p.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
+                 help="train only every N-th cell, from the I-th (0-based), into results.shardIofN.jsonl: N "
+                 "processes sharing one GPU overlap their compilations; then --report-only merges them")
   p.add_argument("--report-only", action="store_true",
-                 help="train nothing: rewrite results.md and the plot from --out's results.jsonl")
+                 help="train nothing: rewrite results.md and the plot from --out's results*.jsonl")
   p.add_argument("--time-budget-s", type=float, default=None,
                  help="start no new run after this many seconds; the rest are reported as 'not run' (0: no limit; "
                  "default: the grid's)")
@@ -493,8 +524,7 @@ def main(argv=None) -> None:
   a.out = a.out or os.path.join("runs", f"mqar_sweep_{a.grid}")
   start = time.time()
   if a.report_only:
-    with open(os.path.join(a.out, "results.jsonl")) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_rows(a.out)
     first = next(r for r in rows if r["status"] == "ok")
     lrs, seeds = sorted({r["learning_rate"] for r in rows}), sorted({r["seed"] for r in rows})
     kinds = lambda key, default: ", ".join(sorted({str(r.get(key, default)) for r in rows}))  # noqa: E731

@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("mqar_sweep", os.path.join(ROOT, "benchmarks", "mqar_sweep.py"))
 mqar_sweep = importlib.util.module_from_spec(_spec)
@@ -111,3 +113,34 @@ def test_cell_trainer_matches_separate_runs_of_the_plain_train_step():
   # The learning rates differ, so the runs' parameters do too.
   emb = jax.tree.leaves(state["params"])[0]
   assert not np.allclose(emb[0], emb[1])
+
+
+def test_shards_split_the_cells_and_report_only_merges_their_files(tmp_path):
+  args = ["--out", str(tmp_path), "--models", "gsa:4,attention", "--seq-lens", "16", "--kv-pairs", "2",
+          "--widths", "16", "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--eval-batches", "1",
+          "--chunk-size", "8", "--time-budget-s", "0"]
+  mqar_sweep.main(args + ["--shard", "0/2"])
+  mqar_sweep.main(args + ["--shard", "1/2"])
+  shard_rows = [[json.loads(line)["model"] for line in open(tmp_path / f"results.shard{i}of2.jsonl")] for i in (0, 1)]
+  assert shard_rows == [["gsa:4"], ["attention"]]
+  mqar_sweep.main(["--report-only", "--out", str(tmp_path)])
+  text = (tmp_path / "results.md").read_text()
+  assert "| gsa:4 |" in text and "| attention |" in text
+  mqar_sweep.main(args)  # unsharded: both cells are already done in the shards' files
+  assert not (tmp_path / "results.jsonl").exists() or not open(tmp_path / "results.jsonl").read().strip()
+
+
+def test_read_rows_prefers_a_finished_row_over_a_not_run_one(tmp_path):
+  with open(tmp_path / "results.jsonl", "w") as f:
+    f.write(json.dumps(row("gsa:8", 64, 1e-2, None, status="not run")) + "\n")
+  with open(tmp_path / "results.shard0of2.jsonl", "w") as f:
+    f.write(json.dumps(row("gsa:8", 64, 1e-2, 0.9)) + "\n")
+  with open(tmp_path / "results.shard1of2.jsonl", "w") as f:
+    f.write(json.dumps(row("gsa:8", 64, 1e-2, None, status="not run")) + "\n")
+  rows = mqar_sweep.read_rows(str(tmp_path))
+  assert [(r["status"], r["accuracy"]) for r in rows] == [("ok", 0.9)]
+
+
+def test_shard_argument_is_checked():
+  with pytest.raises(SystemExit):
+    mqar_sweep.main(["--shard", "2/2", "--report-only", "--out", "unused"])
