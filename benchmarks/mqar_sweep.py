@@ -71,18 +71,18 @@ GRIDS = {
                                                                            "nogate:32"],
                 steps=300, batch_size=16, learning_rates=[1e-2], warmup_steps=20, eval_batches=16, vocab_size=64,
                 backend="chunked", chunk_size=8, time_budget_s=560.0),
-    # What one 10-minute H100 call trains (docs/results.md, session 4): the shortest length, two widths, every model,
-    # 3 learning rates x 2 seeds vmapped per cell. A cell of 6 runs takes 24-102 s there, mostly compilation; the
-    # time budget leaves the rest "not run", and a rerun on the same --out continues where it stopped.
-    # bfloat16 compute and the Pallas kernels (parameters stay float32). lr 1e-3 left nothing but attention
-    # off the plateau in 3000 steps, and 3e-2 was GSA's best rate at width 64.
+    # What two 10-minute H100 calls train (docs/results.md, session 4): the shortest length, two widths, every
+    # model, 3 learning rates x 2 seeds vmapped per cell. A cell of 6 runs takes 24-102 s there, mostly compilation;
+    # the time budget leaves the rest "not run", and a rerun on the same --out continues where it stopped.
+    # bfloat16 compute and the Pallas kernels (parameters stay float32). lr 1e-3 left every model on the plateau in
+    # 3000 steps (a float32 call), and 3e-2 was GSA's best rate at width 64.
     "gpu": dict(seq_lens=[128], kv_pairs=[8], widths=[64, 128],
                 models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:64"], steps=3000,
                 batch_size=64, learning_rates=[3e-3, 1e-2, 3e-2], seeds=[0, 1], warmup_steps=150, eval_batches=8,
                 vocab_size=256, backend="pallas_gpu", dtype="bfloat16", chunk_size=64, time_budget_s=480.0),
     # The issue's whole grid: every (length, kv) pair with room for the queries (L >= 4 kv), every width; 231 cells,
-    # hours of H100 time (a cell at L = 512 costs several times one at L = 128): run it as many 10-minute calls
-    # continuing one --out (copy results.jsonl back in before each).
+    # hours of H100 time: run it as many 10-minute calls continuing one --out (copy the results*.jsonl back in before
+    # each). A cell at L = 512 may not fit in one call (600 steps of 6 runs at width 256 took 156-217 s in float32).
     "full": dict(seq_lens=[128, 256, 512], kv_pairs=[8, 16, 32, 64], widths=[64, 128, 256],
                  models=["attention", "gsa:16", "gsa:32", "gsa:64", "gsa:128", "nogate:16", "nogate:64"], steps=3000,
                  batch_size=64, learning_rates=[3e-3, 1e-2, 3e-2], seeds=[0, 1], warmup_steps=150, eval_batches=8,
@@ -157,10 +157,10 @@ def member_optimizer(config) -> optax.GradientTransformation:
 class CellTrainer:
   """One sweep cell's jitted programs, training all its runs (learning rate x seed) at once under `jax.vmap`.
 
-  A cell's runs share the model's shapes, so one program trains them together: the tiny MQAR models leave a GPU
-  mostly idle, and a batch of runs costs little more than one (H100, attention at L = 128: 6 runs of 3000 steps in
-  28 s with compilation, one run in 24 s; docs/results.md). Each run keeps its own parameters,
-  optimizer state, learning rate and seed (init and data); runs with the same seed see the same training batches.
+  A cell's runs share the model's shapes, so one program trains them together and compiles once: the tiny MQAR
+  models leave a GPU mostly idle (H100, L = 128, width 64: 500 steps of 6 runs in 2.5 s, after a compilation of
+  tens of seconds; docs/results.md). Each run keeps its own parameters, optimizer state, learning rate and seed
+  (init and data); runs with the same seed see the same training batches.
   """
 
   def __init__(self, config, members: list[tuple[float, int]]):
@@ -266,23 +266,41 @@ def run_key(row) -> tuple:
 
 
 def settings(a: argparse.Namespace) -> dict:
-  """The training settings shared by every row: a rerun reuses a finished row only when they are all the same."""
-  # "train_data": "device" is mqar_batch (rows without it trained on the pipeline); rows without "dtype" are float32.
+  """The training settings shared by every row: a rerun reuses a finished row only when they are all the same. (The
+  backend is recorded but not compared: every backend computes the same op.)"""
   return {"steps": a.steps, "batch_size": a.batch_size, "warmup_steps": a.warmup_steps, "vocab_size": a.vocab_size,
           "eval_batches": a.eval_batches, "train_data": "device", "dtype": a.dtype}
 
 
-def read_rows(out: str) -> list[dict]:
-  """Every row in out's results*.jsonl (results.jsonl and the shards' files), one per run: a finished row wins over
-  a "not run" one, and a later row over an earlier one."""
+# What a row written before a setting existed means: "train_data" absent = the grain pipeline, "dtype" absent = float32.
+SETTING_DEFAULTS = {"train_data": "pipeline", "dtype": "float32"}
+
+
+def row_settings(row: dict) -> dict:
+  return {k: row.get(k, SETTING_DEFAULTS.get(k)) for k in ("steps", "batch_size", "warmup_steps", "vocab_size",
+                                                           "eval_batches", "train_data", "dtype")}
+
+
+def read_rows(out: str, match: dict | None = None) -> list[dict]:
+  """The rows in out's results*.jsonl (results.jsonl and the shards' files), one per run and settings: a finished
+  row wins over a "not run" one, otherwise the last one read (files in name order). match: keep only rows with these settings
+  (`settings`). A line cut short by a killed process is skipped with a warning."""
   rows: dict[tuple, dict] = {}
   for name in sorted(f for f in os.listdir(out) if f.startswith("results") and f.endswith(".jsonl")):
     with open(os.path.join(out, name)) as f:
-      for line in f:
-        if line.strip():
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
           row = json.loads(line)
-          if row["status"] == "ok" or rows.get(run_key(row), {}).get("status") != "ok":
-            rows[run_key(row)] = row
+        except json.JSONDecodeError:
+          print(f"warning: {name}:{number} is not a JSON row (a run killed while writing?); skipped", flush=True)
+          continue
+        if match is not None and row_settings(row) != match:
+          continue
+        key = (run_key(row), json.dumps(row_settings(row), sort_keys=True))
+        if row["status"] == "ok" or rows.get(key, {}).get("status") != "ok":
+          rows[key] = row
   return list(rows.values())
 
 
@@ -290,15 +308,15 @@ def sweep(a: argparse.Namespace) -> list[dict]:
   os.makedirs(a.out, exist_ok=True)
   index, count = a.shard
   results_path = os.path.join(a.out, "results.jsonl" if count == 1 else f"results.shard{index}of{count}.jsonl")
-  done = {run_key(row): row for row in read_rows(a.out)
-          if row["status"] == "ok" and all(row.get(k) == v for k, v in settings(a).items())}
-  runs = plan(a)
-  cells = cells_of(runs)[index::count]
-  device = jax.devices()[0].device_kind
-  print(f"{len(runs)} runs, {len(cells)} cells in this shard ({len(done)} runs already in {a.out}); "
-        f"device: {device}", flush=True)
+  done = {run_key(row): row for row in read_rows(a.out, settings(a)) if row["status"] == "ok"}
+  cells = cells_of(plan(a))[index::count]
   runs = [r for cell in cells for r in cell]
-  sweep_start = time.perf_counter()
+  device = jax.devices()[0].device_kind
+  shard_text = f" in shard {index}/{count}" if count > 1 else ""
+  print(f"{len(runs)} runs in {len(cells)} cells{shard_text}, "
+        f"{sum(1 for r in runs if run_key(planned_row(r)) in done)} of them already in {a.out}; device: {device}",
+        flush=True)
+  sweep_start, longest_cell = time.perf_counter(), 0.0
   rows, n = [], 0
   for cell_runs in cells:
     first = cell_runs[0]
@@ -306,7 +324,9 @@ def sweep(a: argparse.Namespace) -> list[dict]:
              "learning_rate": r.lr, "seed": r.seed, "device": device, "backend": a.backend} for r in cell_runs]
     todo = [i for i, b in enumerate(base) if run_key(b) not in done]
     cell_rows = [done.get(run_key(b)) for b in base]
-    if todo and a.time_budget_s and time.perf_counter() - sweep_start > a.time_budget_s:
+    # Start a cell only if it should end within the budget (as long as the longest so far): a cell cut by the
+    # caller's time limit loses all its runs.
+    if todo and a.time_budget_s and time.perf_counter() - sweep_start + longest_cell > a.time_budget_s:
       for i in todo:
         cell_rows[i] = {**base[i], "status": "not run", "reason": f"time budget of {a.time_budget_s:.0f} s spent"}
     elif todo:
@@ -315,12 +335,13 @@ def sweep(a: argparse.Namespace) -> list[dict]:
       trainer = CellTrainer(config, [(cell_runs[i].lr, cell_runs[i].seed) for i in todo])
       results = train_and_score(config, trainer)
       wall_s = time.perf_counter() - compile_start
+      longest_cell = max(longest_cell, wall_s)
       for i, result in zip(todo, results):
         cell_rows[i] = {**base[i], "status": "ok", **result, "params": trainer.num_params,
                         "state_size": state_size(config), "wall_s": wall_s, "runs_together": len(todo)}
-    with open(results_path, "a") as f:
-      for i in todo:
-        f.write(json.dumps(cell_rows[i]) + "\n")
+    if todo:
+      with open(results_path, "a") as f:
+        f.write("".join(json.dumps(cell_rows[i]) + "\n" for i in todo))
     rows += cell_rows
     for r, row in zip(cell_runs, cell_rows):
       n += 1
@@ -331,6 +352,12 @@ def sweep(a: argparse.Namespace) -> list[dict]:
       print(f"[{n}/{len(runs)}] L={r.seq_len} kv={r.kv} d={r.width} {r.model} lr={r.lr:g} seed={r.seed}: {acc}; "
             f"{time.perf_counter() - sweep_start:.0f} s elapsed", flush=True)
   return rows
+
+
+def planned_row(r: Run) -> dict:
+  """The fields of a run's row that `run_key` reads."""
+  return {"model": r.model, "width": r.width, "seq_len": r.seq_len, "kv_pairs": r.kv, "learning_rate": r.lr,
+          "seed": r.seed}
 
 
 def cells_of(runs: list[Run]) -> list[list[Run]]:
@@ -400,6 +427,8 @@ def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 def tables(rows: list[dict]) -> str:
   """Per (length, kv): the best-lr table (models down, widths across; accuracy in %) and, when several learning
   rates were swept, every rate's accuracy."""
+  if not rows:
+    return "No runs.\n"
   cells = group(rows)
   models = list(dict.fromkeys(r["model"] for r in rows))
   widths = sorted({r["width"] for r in rows})
@@ -524,8 +553,16 @@ def main(argv=None) -> None:
   a.out = a.out or os.path.join("runs", f"mqar_sweep_{a.grid}")
   start = time.time()
   if a.report_only:
+    if not os.path.isdir(a.out):
+      p.error(f"--out {a.out}: no such directory (it should hold a sweep's results*.jsonl)")
     rows = read_rows(a.out)
-    first = next(r for r in rows if r["status"] == "ok")
+    kinds_of_settings = {json.dumps(row_settings(r), sort_keys=True) for r in rows}
+    if len(kinds_of_settings) > 1:
+      p.error(f"{a.out} holds rows trained with different settings; report them from separate directories:\n  "
+              + "\n  ".join(sorted(kinds_of_settings)))
+    first = next((r for r in rows if r["status"] == "ok"), None)
+    if first is None:
+      p.error(f"{a.out} holds no finished run")
     lrs, seeds = sorted({r["learning_rate"] for r in rows}), sorted({r["seed"] for r in rows})
     kinds = lambda key, default: ", ".join(sorted({str(r.get(key, default)) for r in rows}))  # noqa: E731
     header = (f"MQAR sweep from {a.out}: {first['steps']} steps x batch {first['batch_size']}, "
@@ -538,9 +575,12 @@ def main(argv=None) -> None:
               f"backend {a.backend} (chunk {a.chunk_size}), {a.dtype}, {jax.devices()[0].device_kind}, "
               f"{time.strftime('%Y-%m-%d', time.gmtime(start))}, {time.time() - start:.0f} s\n\n")
   text = tables(rows)
-  with open(os.path.join(a.out, "results.md"), "w") as f:
-    f.write(header + text)
-  plot(rows, os.path.join(a.out, "mqar_sweep.png"))
+  if a.shard[1] > 1 and not a.report_only:  # one shard's cells: the merged tables come from --report-only
+    print(f"\nshard {a.shard[0]}/{a.shard[1]} only; merge the shards with --report-only --out {a.out}", flush=True)
+  else:
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+      f.write(header + text)
+    plot(rows, os.path.join(a.out, "mqar_sweep.png"))
   print("\n" + header + text, flush=True)
 
 

@@ -126,8 +126,10 @@ def test_shards_split_the_cells_and_report_only_merges_their_files(tmp_path):
   mqar_sweep.main(["--report-only", "--out", str(tmp_path)])
   text = (tmp_path / "results.md").read_text()
   assert "| gsa:4 |" in text and "| attention |" in text
+  assert not (tmp_path / "results.md").exists() or "| attention |" in (tmp_path / "results.md").read_text()
   mqar_sweep.main(args)  # unsharded: both cells are already done in the shards' files
-  assert not (tmp_path / "results.jsonl").exists() or not open(tmp_path / "results.jsonl").read().strip()
+  assert not (tmp_path / "results.jsonl").exists()
+  mqar_sweep.main(args + ["--shard", "3/4"])  # a shard with no cell trains nothing and reports so
 
 
 def test_read_rows_prefers_a_finished_row_over_a_not_run_one(tmp_path):
@@ -144,3 +146,17 @@ def test_read_rows_prefers_a_finished_row_over_a_not_run_one(tmp_path):
 def test_shard_argument_is_checked():
   with pytest.raises(SystemExit):
     mqar_sweep.main(["--shard", "2/2", "--report-only", "--out", "unused"])
+
+
+def test_read_rows_keeps_the_matching_settings_and_skips_a_cut_line(tmp_path):
+  old = {**row("gsa:8", 64, 1e-2, 0.5), "warmup_steps": 1, "vocab_size": 32, "eval_batches": 1,
+         "train_data": "device"}  # no "dtype": written before the flag, float32
+  bf16 = {**old, "dtype": "bfloat16", "accuracy": 0.9}
+  with open(tmp_path / "results.jsonl", "w") as f:
+    f.write(json.dumps(old) + "\n" + json.dumps(bf16) + "\n" + '{"model": "gsa:8", "wid')
+  settings = mqar_sweep.row_settings(old)
+  assert settings["dtype"] == "float32"
+  assert [r["accuracy"] for r in mqar_sweep.read_rows(str(tmp_path), settings)] == [0.5]
+  assert [r["accuracy"] for r in mqar_sweep.read_rows(str(tmp_path), {**settings, "dtype": "bfloat16"})] == [0.9]
+  with pytest.raises(SystemExit):  # report-only refuses to put the two settings in one table
+    mqar_sweep.main(["--report-only", "--out", str(tmp_path)])
