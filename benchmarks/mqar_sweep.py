@@ -231,9 +231,12 @@ def train_and_score(config, trainer: CellTrainer) -> list[dict]:
   train_s = time.perf_counter() - start
   eval_it = make_iterator(d, split="eval", batch_size=t.batch_size, seq_len=t.seq_len, seed=0)
   sums = np.zeros((len(trainer.members), 3))
-  for _ in range(t.eval_batches):
-    out = jax.device_get(trainer.eval_step(state["params"], as_batch(next(eval_it))))
-    sums += np.stack([out["total"], out["count"], out["correct"]], axis=1)
+  try:
+    for _ in range(t.eval_batches):
+      out = jax.device_get(trainer.eval_step(state["params"], as_batch(next(eval_it))))
+      sums += np.stack([out["total"], out["count"], out["correct"]], axis=1)
+  finally:
+    eval_it.close()  # stops its read-ahead threads (a sweep builds one per cell)
   nonfinite = jax.device_get(state["nonfinite_total"])
   return [{"accuracy": float(s[2] / s[1]), "eval_loss": float(s[0] / s[1]),
            "train_loss": float(np.mean(loss[-20:])),  # the mean of the last 20 steps' loss
