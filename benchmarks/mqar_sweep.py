@@ -268,26 +268,27 @@ def run_key(row) -> tuple:
   return (*cell_key(row), row["learning_rate"], row["seed"])
 
 
-def settings(a: argparse.Namespace) -> dict:
-  """The training settings shared by every row: a rerun reuses a finished row only when they are all the same. (The
-  backend is recorded but not compared: every backend computes the same op.)"""
-  return {"steps": a.steps, "batch_size": a.batch_size, "warmup_steps": a.warmup_steps, "vocab_size": a.vocab_size,
-          "eval_batches": a.eval_batches, "train_data": "device", "dtype": a.dtype}
-
-
+# The training settings shared by every row: a rerun reuses a finished row only when they are all the same. (The
+# backend is recorded but not compared: every backend computes the same op.)
+SETTING_KEYS = ("steps", "batch_size", "warmup_steps", "vocab_size", "eval_batches", "train_data", "dtype")
 # What a row written before a setting existed means: "train_data" absent = the grain pipeline, "dtype" absent = float32.
 SETTING_DEFAULTS = {"train_data": "pipeline", "dtype": "float32"}
 
 
+def settings(a: argparse.Namespace) -> dict:
+  """This sweep's settings (training batches always come from `mqar_batch`: "device")."""
+  current = {**vars(a), "train_data": "device"}
+  return {k: current[k] for k in SETTING_KEYS}
+
+
 def row_settings(row: dict) -> dict:
-  return {k: row.get(k, SETTING_DEFAULTS.get(k)) for k in ("steps", "batch_size", "warmup_steps", "vocab_size",
-                                                           "eval_batches", "train_data", "dtype")}
+  return {k: row.get(k, SETTING_DEFAULTS.get(k)) for k in SETTING_KEYS}
 
 
 def read_rows(out: str, match: dict | None = None) -> list[dict]:
   """The rows in out's results*.jsonl (results.jsonl and the shards' files), one per run and settings: a finished
-  row wins over a "not run" one, otherwise the last one read (files in name order). match: keep only rows with these settings
-  (`settings`). A line cut short by a killed process is skipped with a warning."""
+  row wins over a "not run" one, otherwise the last one read (files in name order). match: keep only rows with
+  these settings (`settings`). A line cut short by a killed process is skipped with a warning."""
   rows: dict[tuple, dict] = {}
   for name in sorted(f for f in os.listdir(out) if f.startswith("results") and f.endswith(".jsonl")):
     with open(os.path.join(out, name)) as f:
@@ -323,8 +324,7 @@ def sweep(a: argparse.Namespace) -> list[dict]:
   rows, n = [], 0
   for cell_runs in cells:
     first = cell_runs[0]
-    base = [{"model": r.model, "width": r.width, "seq_len": r.seq_len, "kv_pairs": r.kv, **settings(a),
-             "learning_rate": r.lr, "seed": r.seed, "device": device, "backend": a.backend} for r in cell_runs]
+    base = [{**planned_row(r), **settings(a), "device": device, "backend": a.backend} for r in cell_runs]
     todo = [i for i, b in enumerate(base) if run_key(b) not in done]
     cell_rows = [done.get(run_key(b)) for b in base]
     # Start a cell only if it should end within the budget (as long as the longest so far): a cell cut by the
@@ -358,7 +358,7 @@ def sweep(a: argparse.Namespace) -> list[dict]:
 
 
 def planned_row(r: Run) -> dict:
-  """The fields of a run's row that `run_key` reads."""
+  """A run's identifying fields, as its row names them (what `run_key` reads)."""
   return {"model": r.model, "width": r.width, "seq_len": r.seq_len, "kv_pairs": r.kv, "learning_rate": r.lr,
           "seed": r.seed}
 
