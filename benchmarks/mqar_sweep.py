@@ -31,12 +31,11 @@ Writes into --out: results.jsonl (one row per run, appended as each cell ends; a
 results.md (tables) and mqar_sweep.png (best-lr accuracy vs width, one panel per sequence length and key-value
 count).
 
-A cell's time on a GPU is mostly compilation (a CPU job), so several processes can share one GPU, each training
-every N-th cell (`--shard I/N`, its own results.shardIofN.jsonl); `--report-only` then merges them:
+A cell's time on a GPU is mostly compilation (a CPU job), so several processes can share one GPU: `--workers N`
+starts N processes of this script, each training every N-th cell (`--shard I/N`, its own results.shardIofN.jsonl),
+and merges their rows into the tables as `--report-only` does:
 
-    for i in 0 1 2 3; do XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 python benchmarks/mqar_sweep.py --grid full \
-        --out $OUT/mqar --shard $i/4 > $OUT/shard$i.log 2>&1 & done; wait
-    python benchmarks/mqar_sweep.py --report-only --out $OUT/mqar
+    python benchmarks/mqar_sweep.py --grid gpu --workers 8 --out $OUT/mqar     # docs/benchmarks.md: the speed-up
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ import argparse
 import functools
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import NamedTuple
@@ -98,6 +98,12 @@ def parse_model(spec: str) -> tuple[str, int | None]:
   if kind not in ("gsa", "nogate") or not slots.isdigit() or int(slots) < 1:
     raise ValueError(f"--models: {spec!r} is not 'attention', 'gsa:SLOTS' or 'nogate:SLOTS'")
   return kind, int(slots)
+
+
+def model_order(spec: str) -> tuple[int, int]:
+  """Sort key for tables and legends: attention, then GSA, then the ablation, each by slot count."""
+  kind, slots = parse_model(spec)
+  return ("attention", "gsa", "nogate").index(kind), slots or 0
 
 
 class Run(NamedTuple):
@@ -433,7 +439,7 @@ def tables(rows: list[dict]) -> str:
   if not rows:
     return "No runs.\n"
   cells = group(rows)
-  models = list(dict.fromkeys(r["model"] for r in rows))
+  models = sorted({r["model"] for r in rows}, key=model_order)
   widths = sorted({r["width"] for r in rows})
   lrs = sorted({r["learning_rate"] for r in rows})
   several_seeds = len({r["seed"] for r in rows}) > 1
@@ -442,14 +448,15 @@ def tables(rows: list[dict]) -> str:
   out = []
   for seq_len, kv in sorted({(r["seq_len"], r["kv_pairs"]) for r in rows}):
     out.append(f"**L = {seq_len}, {kv} key-value pairs** (query accuracy on held-out examples, %; {what})\n")
+    planned = [(m, w) for m in models for w in widths if (m, w, seq_len, kv) in cells]
     out += markdown_table(["model", *(f"d = {w}" for w in widths)],
-                          [[m, *(best_cell(cells.get((m, w, seq_len, kv), []), len(lrs) > 1) for w in widths)]
-                           for m in models])
+                          [[m, *(best_cell(cells.get((m, w, seq_len, kv), []), len(lrs) > 1) or "-" for w in widths)]
+                           for m in dict.fromkeys(m for m, _ in planned)])
     if len(lrs) > 1:
       out.append(f"Every learning rate, L = {seq_len}, {kv} key-value pairs:\n")
       out += markdown_table(["model", "width", *(f"lr {lr:g}" for lr in lrs)],
-                            [[m, str(w), *(lr_cell(cells.get((m, w, seq_len, kv), []), lr) for lr in lrs)]
-                             for m in models for w in widths])
+                            [[m, str(w), *(lr_cell(cells[(m, w, seq_len, kv)], lr) for lr in lrs)]
+                             for m, w in planned])
   missing = [r for r in rows if r["status"] != "ok"]
   if missing:
     reasons = sorted({f"{r['status']}: {r['reason']}" for r in missing})
@@ -473,7 +480,7 @@ def plot(rows: list[dict], path: str) -> None:
   panels = sorted({(seq_len, kv) for _, _, seq_len, kv in found})
   if not panels:
     return
-  models = list(dict.fromkeys(model for model, *_ in found))
+  models = sorted({model for model, *_ in found}, key=model_order)
   show_lr = len({r["learning_rate"] for r in rows}) > 1
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False, sharey=True)
   for ax, (seq_len, kv) in zip(axes[0], panels):
@@ -493,7 +500,12 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("MQAR accuracy")
-  axes[0][-1].legend(fontsize=8)
+  legend = {}  # every model once, whichever panel drew it (a model may be missing from the last panel)
+  for ax in axes[0]:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(label, handle)
+  ordered = sorted(legend, key=model_order)
+  axes[0][-1].legend([legend[m] for m in ordered], ordered, fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -511,6 +523,61 @@ def shard(text: str) -> tuple[int, int]:
   if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
     raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N (e.g. 0/4)")
   return int(index), int(count)
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+  """argv less `name VALUE` / `name=VALUE`."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg == name:
+      skip = True
+    elif not arg.startswith(name + "="):
+      out.append(arg)
+  return out
+
+
+def run_workers(count: int, argv: list[str], out: str, poll_s: float = 2.0) -> list[int]:
+  """Runs this sweep as `count` processes sharing the device, the i-th with `--shard i/count`, each given
+  0.9 / count of the GPU's memory (unless XLA_PYTHON_CLIENT_MEM_FRACTION is set) and logging to out/workerI.log.
+  Echoes every finished run's line as it is logged; returns the processes' exit codes."""
+  os.makedirs(out, exist_ok=True)
+  env = {**os.environ}
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / count:.3f}")
+  args = [sys.executable, os.path.abspath(__file__), *without_option(without_option(argv, "--workers"), "--out"),
+          "--out", out]
+  logs = [os.path.join(out, f"worker{i}.log") for i in range(count)]
+  procs = []
+  try:
+    for i, log in enumerate(logs):
+      with open(log, "w") as f:
+        procs.append(subprocess.Popen([*args, "--shard", f"{i}/{count}"], stdout=f, stderr=subprocess.STDOUT,
+                                      env=env))
+    print(f"{count} workers started; their logs: {os.path.join(out, 'worker*.log')}", flush=True)
+    seen = [0] * count
+    while True:
+      running = any(proc.poll() is None for proc in procs)
+      for i, log in enumerate(logs):
+        with open(log) as f:
+          lines = f.read().splitlines()
+        for line in lines[seen[i]:]:
+          if line.startswith("[") or "runs in" in line:
+            print(f"worker {i}: {line}", flush=True)
+        seen[i] = len(lines)
+      if not running:
+        break
+      time.sleep(poll_s)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.terminate()
+  for i, proc in enumerate(procs):
+    if proc.returncode:
+      with open(logs[i]) as f:
+        tail = f.read().splitlines()[-15:]
+      print(f"worker {i} failed (exit {proc.returncode}); the end of {logs[i]}:\n  " + "\n  ".join(tail), flush=True)
+  return [proc.returncode for proc in procs]
 
 
 def main(argv=None) -> None:
@@ -537,6 +604,9 @@ def main(argv=None) -> None:
   p.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
                  help="train only every N-th cell, from the I-th (0-based), into results.shardIofN.jsonl: N "
                  "processes sharing one GPU overlap their compilations; then --report-only merges them")
+  p.add_argument("--workers", type=int, default=1,
+                 help="run the sweep as this many processes sharing the GPU (each a --shard; their compilations "
+                 "overlap), then merge their results as --report-only does")
   p.add_argument("--report-only", action="store_true",
                  help="train nothing: rewrite results.md and the plot from --out's results*.jsonl")
   p.add_argument("--time-budget-s", type=float, default=None,
@@ -554,6 +624,16 @@ def main(argv=None) -> None:
     except ValueError as e:
       p.error(str(e))
   a.out = a.out or os.path.join("runs", f"mqar_sweep_{a.grid}")
+  failed = []
+  if a.workers < 1:
+    p.error(f"--workers {a.workers}: give 1 or more processes")
+  if a.workers > 1:
+    if a.report_only or a.shard != (0, 1):
+      p.error("--workers starts its own --shard processes: give it without --shard and --report-only")
+    codes = run_workers(a.workers, sys.argv[1:] if argv is None else list(argv), a.out)
+    failed = [i for i, code in enumerate(codes) if code]
+    a.report_only = True  # the merged tables, below
+  failed_text = f"workers {', '.join(map(str, failed))} failed (see {a.out}/worker*.log)"
   start = time.time()
   if a.report_only:
     if not os.path.isdir(a.out):
@@ -565,7 +645,7 @@ def main(argv=None) -> None:
               + "\n  ".join(sorted(kinds_of_settings)))
     first = next((r for r in rows if r["status"] == "ok"), None)
     if first is None:
-      p.error(f"{a.out} holds no finished run")
+      sys.exit(failed_text) if failed else p.error(f"{a.out} holds no finished run")
     lrs, seeds = sorted({r["learning_rate"] for r in rows}), sorted({r["seed"] for r in rows})
     kinds = lambda key, default: ", ".join(sorted({str(r.get(key, default)) for r in rows}))  # noqa: E731
     header = (f"MQAR sweep from {a.out}: {first['steps']} steps x batch {first['batch_size']}, "
@@ -585,6 +665,8 @@ def main(argv=None) -> None:
       f.write(header + text)
     plot(rows, os.path.join(a.out, "mqar_sweep.png"))
   print("\n" + header + text, flush=True)
+  if failed:
+    sys.exit(failed_text + "; the tables hold what finished")
 
 
 if __name__ == "__main__":

@@ -160,3 +160,40 @@ def test_read_rows_keeps_the_matching_settings_and_skips_a_cut_line(tmp_path):
   assert [r["accuracy"] for r in mqar_sweep.read_rows(str(tmp_path), {**settings, "dtype": "bfloat16"})] == [0.9]
   with pytest.raises(SystemExit):  # report-only refuses to put the two settings in one table
     mqar_sweep.main(["--report-only", "--out", str(tmp_path)])
+
+
+def test_tables_order_models_and_leave_out_cells_never_planned():
+  rows = [row("nogate:16", 64, 1e-3, 0.5), row("gsa:128", 64, 1e-3, 0.7), row("gsa:16", 128, 1e-3, 0.6),
+          row("attention", 128, 1e-3, 0.9), row("gsa:16", 64, 1e-2, 0.3)]
+  text = mqar_sweep.tables(rows)
+  best = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "d = " not in line
+          and line.count("|") == 4]
+  assert best == ["| attention", "| gsa:16", "| gsa:128", "| nogate:16"]
+  assert "| attention | - | 90.0 (lr 0.001) |" in text  # planned at one width only
+  every_lr = [line for line in text.splitlines() if line.count("|") == 5 and "lr " not in line and "---" not in line]
+  assert [line.split(" | ")[:2] for line in every_lr] == [["| attention", "128"], ["| gsa:16", "64"],
+                                                         ["| gsa:16", "128"], ["| gsa:128", "64"],
+                                                         ["| nogate:16", "64"]]
+
+
+def test_workers_run_the_shards_as_processes_and_merge_them(tmp_path, capsys):
+  args = ["--out", str(tmp_path), "--models", "gsa:4,attention", "--seq-lens", "16", "--kv-pairs", "2",
+          "--widths", "16", "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--eval-batches", "1",
+          "--chunk-size", "8", "--time-budget-s", "0", "--workers", "2"]
+  mqar_sweep.main(args)
+  shard_rows = [[json.loads(line)["model"] for line in open(tmp_path / f"results.shard{i}of2.jsonl")] for i in (0, 1)]
+  assert shard_rows == [["gsa:4"], ["attention"]]
+  text = (tmp_path / "results.md").read_text()
+  assert "| gsa:4 |" in text and "| attention |" in text
+  out = capsys.readouterr().out
+  assert "worker 0: [1/1] L=16 kv=2 d=16 gsa:4" in out and "worker 1: [1/1] L=16 kv=2 d=16 attention" in out
+  with pytest.raises(SystemExit):
+    mqar_sweep.main(args + ["--shard", "0/2"])
+
+
+def test_a_failing_worker_is_reported_and_fails_the_sweep(tmp_path, capsys):
+  with pytest.raises(SystemExit, match="workers 0 failed"):  # --backend nonsense: the worker with the cell fails
+    mqar_sweep.main(["--out", str(tmp_path), "--models", "gsa:4", "--seq-lens", "16", "--kv-pairs", "2",
+                     "--widths", "16", "--steps", "2", "--batch-size", "2", "--eval-batches", "1",
+                     "--backend", "nonsense", "--workers", "2"])
+  assert "worker 0 failed" in capsys.readouterr().out
