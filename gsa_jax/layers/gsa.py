@@ -156,8 +156,16 @@ class GatedSlotAttention(nnx.Module):
       if step:
         q, k = q[:, 0], k[:, 0]
     q, k, v = self._phi(q), self._phi(k), jax.nn.silu(v)
+    s, g = self.gates(f)
+    # s in [0, 1] only scales the keys and values it writes: it goes to the op in their dtype. (A float32 s would
+    # promote the whole op to float32; on GPU that made the kernels 25x slower in bf16 training.)
+    return q, k, v, s.astype(v.dtype), g
+
+  def gates(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The gate projection's output f = x W_f [..., num_kv_heads * num_slots] -> (s, g), each float32
+    [..., num_kv_heads, num_slots]: the write strength and the log retention of every slot."""
     # Gates in float32: their cumulative sums set every decay, and bf16 would round small log gates to 0.
-    f = jax.nn.log_sigmoid(f.astype(jnp.float32)).reshape(lead + (self.num_kv_heads, self.num_slots))
+    f = jax.nn.log_sigmoid(f.astype(jnp.float32)).reshape(f.shape[:-1] + (self.num_kv_heads, self.num_slots))
     g = f / self.gate_logit_normalizer
     s = 1.0 - jnp.exp(g)
     if not self.forget_gate:
@@ -166,9 +174,7 @@ class GatedSlotAttention(nnx.Module):
       # g from being a compile-time constant: XLA on GPU would otherwise constant-fold every gate prefix sum of the
       # op, 4 minutes of compilation for a 2-layer MQAR model (the op's arithmetic on zeros costs microseconds).
       s, g = jnp.exp(f), jax.lax.optimization_barrier(jnp.zeros_like(g))
-    # s in [0, 1] only scales the keys and values it writes: it goes to the op in their dtype. (A float32 s would
-    # promote the whole op to float32; on GPU that made the kernels 25x slower in bf16 training.)
-    return q, k, v, s.astype(v.dtype), g
+    return s, g
 
   def _out(self, o: jax.Array, dtype) -> jax.Array:
     o = jax.nn.silu(o.astype(self.dtype or dtype))
