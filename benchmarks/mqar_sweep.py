@@ -1,8 +1,10 @@
 """MQAR recall sweep (Zoology-style): accuracy of GSA, softmax attention and ungated GSA against model width.
 
     python benchmarks/mqar_sweep.py --grid cpu --out runs/mqar_sweep_cpu          # reduced grid, ~10 CPU minutes
-    python benchmarks/mqar_sweep.py --grid gpu --out $OUT/mqar     # L = 128 on an H100: two 10-minute calls, the
-                                                                   # second rerun on the first's results.jsonl
+    python benchmarks/mqar_sweep.py --grid gpu --out $OUT/mqar     # L = 128 on an H100: two 10-minute calls in one
+                                                                   # process, the second continuing the first's rows
+    python benchmarks/mqar_sweep.py --grid gpu --workers 8 --out $OUT/mqar   # 8 processes share the GPU (overlapping
+                                                                             # compilations: docs/benchmarks.md)
     python benchmarks/mqar_sweep.py --models attention,gsa:32 --seq-lens 64 --kv-pairs 4 --widths 64 --steps 300
     python benchmarks/mqar_sweep.py ... --learning-rates 1e-3,3e-3,1e-2 --seeds 0,1   # best lr per model, as Zoology
 
