@@ -562,7 +562,7 @@ def run_workers(count: int, argv: list[str], out: str, poll_s: float = 2.0) -> l
       running = any(proc.poll() is None for proc in procs)
       for i, log in enumerate(logs):
         with open(log) as f:
-          lines = f.read().splitlines()
+          lines = f.read().split("\n")[:-1]  # whole lines only: the last may still be being written
         for line in lines[seen[i]:]:
           if line.startswith("[") or "runs in" in line:
             print(f"worker {i}: {line}", flush=True)
