@@ -647,7 +647,9 @@ def main(argv=None) -> None:
               + "\n  ".join(sorted(kinds_of_settings)))
     first = next((r for r in rows if r["status"] == "ok"), None)
     if first is None:
-      sys.exit(failed_text) if failed else p.error(f"{a.out} holds no finished run")
+      if failed:
+        sys.exit(failed_text)
+      p.error(f"{a.out} holds no finished run")
     lrs, seeds = sorted({r["learning_rate"] for r in rows}), sorted({r["seed"] for r in rows})
     kinds = lambda key, default: ", ".join(sorted({str(r.get(key, default)) for r in rows}))  # noqa: E731
     header = (f"MQAR sweep from {a.out}: {first['steps']} steps x batch {first['batch_size']}, "
