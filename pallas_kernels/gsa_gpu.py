@@ -58,7 +58,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState
+from gsa_jax.ops.common import (KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState, kernel_output,
+                                to_varying, varying_axes)
 from gsa_jax.ops.recurrent import gsa_step
 from pallas_kernels.gsa_common import SUB as _SUB
 from pallas_kernels.gsa_common import chunk_gate_sums as _chunk_gate_sums
@@ -415,8 +416,8 @@ def _state_pass(cfg, kind, reverse, gk, k, v, gates, doc, h0, name):
   ]
   out_specs = [pl.BlockSpec((None, None, n, ba, bb), lambda i, j, bi, hi: (bi, hi, 0, i, j)),
                pl.BlockSpec((None, None, ba, bb), lambda i, j, bi, hi: (bi, hi, i, j))]
-  out_shape = [jax.ShapeDtypeStruct((b, nh, n, da, db), jnp.float32),
-               jax.ShapeDtypeStruct((b, nh, da, db), jnp.float32)]
+  out_shape = [kernel_output((b, nh, n, da, db), jnp.float32, cfg.vary),
+               kernel_output((b, nh, da, db), jnp.float32, cfg.vary)]
   kernel = functools.partial(_state_kernel, kind=kind, reverse=reverse, n_chunks=n, chunk=cfg.chunk, gk=gk,
                              low_precision=cfg.low_precision)
   return pl.pallas_call(
@@ -453,7 +454,7 @@ def _cp_outputs(cfg, kind, reverse, transposed, gq, gk, q, k, v, gates, doc, hs,
   return pl.pallas_call(
       kernel, grid=(n, b, nh), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, c, gq, dv), lambda ci, bi, hi: (bi, ci, hi, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, tp, hq_all, dv), out_dtype),
+      out_shape=kernel_output((b, tp, hq_all, dv), out_dtype, cfg.vary),
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=cfg.interpret, name=name,
   )(q, k, v, *gates, doc, hs)
@@ -561,6 +562,7 @@ class _Config:
   state_num_stages: int = 2
   recompute_states: bool = False
   state_segments: int = 1
+  vary: frozenset = frozenset()  # shard_map mesh axes the inputs vary over (gsa_jax.ops.common.varying_axes)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -625,6 +627,13 @@ def gsa_pallas_gpu(
                      chunk_size=chunk_size)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
+  if interpret and varying_axes(q, k, v, s, g, segment_ids):
+    # Pallas' HLO interpreter (jax 0.11.2) runs the kernel body on values typed with shard_map's varying axes
+    # while its buffers carry none, and its loops then reject the mismatch; compiled kernels are not affected.
+    _log_once("gated_slot_attention: backend 'pallas_gpu' is interpreted (no GPU) inside shard_map, which "
+              "Pallas' interpreter does not support; using 'chunked'.")
+    return chunk_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                     chunk_size=chunk_size)
   bs = block_sizes or BlockSizes()
   b, t, hq, dk = q.shape
   h, dv, m = k.shape[2], v.shape[3], s.shape[3]
@@ -646,7 +655,8 @@ def gsa_pallas_gpu(
                 chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
                 split_all=bs.split_all, interpret=bool(interpret), state_block=bs.state_block,
                 state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages,
-                recompute_states=bs.recompute_states, state_segments=segments)
+                recompute_states=bs.recompute_states, state_segments=segments,
+                vary=varying_axes(q, k, v, s, g, segment_ids))
 
   s, g, _, valid, doc = _documents(s, g, segment_ids)
   if initial_state is None:
@@ -654,6 +664,7 @@ def gsa_pallas_gpu(
     hv0 = jnp.zeros((b, h, m, dv), jnp.float32)
   else:
     hk0, hv0 = (x.astype(jnp.float32) for x in initial_state)
+  hk0, hv0 = to_varying(hk0, cfg.vary), to_varying(hv0, cfg.vary)
   o, hkt, hvt = _gsa_core(cfg, q.astype(cd), k.astype(cd), v.astype(cd), s.astype(cd), g.astype(jnp.float32),
                           hk0, hv0, doc)
   if valid is not None:
@@ -717,6 +728,7 @@ def gsa_decode_step_pallas(q, k, v, s, g, state: GSAState, *, scale: float, inte
   b, hq, dk = q.shape
   h, dv, m = k.shape[1], v.shape[2], s.shape[2]
   grp = hq // h
+  vary = varying_axes(q, k, v, s, g, *state)
   dkp, dvp, mp = (max(16, _next_pow2(d)) for d in (dk, dv, m))
   block = min(64, dkp, dvp)
   hk0 = _pad_to(state.hk.astype(jnp.float32), (b, h, dkp, mp))
@@ -731,8 +743,8 @@ def gsa_decode_step_pallas(q, k, v, s, g, state: GSAState, *, scale: float, inte
       in_specs=[pl.BlockSpec((None, grp, dkp), lambda bi, hi: (bi, hi, 0)), vec(dkp), vec(dvp), vec(mp), vec(mp),
                 hk_spec, hv_spec],
       out_specs=[pl.BlockSpec((None, grp, dvp), lambda bi, hi: (bi, hi, 0)), hk_spec, hv_spec],
-      out_shape=[jax.ShapeDtypeStruct((b, hq, dvp), jnp.float32), jax.ShapeDtypeStruct(hk0.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(hv0.shape, jnp.float32)],
+      out_shape=[kernel_output((b, hq, dvp), jnp.float32, vary), kernel_output(hk0.shape, jnp.float32, vary),
+                 kernel_output(hv0.shape, jnp.float32, vary)],
       input_output_aliases={5: 1, 6: 2}, interpret=interpret, name="gsa_decode_step",
   )(_pad_to(q, (b, hq, dkp)), _pad_to(k, (b, h, dkp)), _pad_to(v, (b, h, dvp)), _pad_to(s, (b, h, mp)),
     _pad_to(g.astype(jnp.float32), (b, h, mp)), hk0, hv0)

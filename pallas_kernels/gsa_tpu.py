@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import RESIDUALS_NAME, GSAState
+from gsa_jax.ops.common import RESIDUALS_NAME, GSAState, kernel_output, to_varying, varying_axes
 from pallas_kernels.gsa_common import SUB, documents, gate_grad, pad_to
 
 _log = logging.getLogger(__name__)
@@ -367,6 +367,7 @@ class _Config:
   scale: float
   chunk: int
   interpret: object  # False, True, or a hashable InterpretParams
+  vary: frozenset = frozenset()  # shard_map mesh axes the inputs vary over (gsa_jax.ops.common.varying_axes)
 
   @property
   def n(self):
@@ -428,10 +429,10 @@ def _forward_call(cfg: _Config, q, k, v, s, g, hk0, hv0):
       in_specs=[group(cfg.kp), rows(cfg.kp), rows(cfg.vp), rows(cfg.mp), rows(cfg.mp), state(cfg.kp, cfg.mp),
                 state(cfg.mp, cfg.vp)],
       out_specs=[group(cfg.vp), group(cfg.mp), state(cfg.kp, cfg.mp), state(cfg.mp, cfg.vp)],
-      out_shape=[jax.ShapeDtypeStruct((b, h, cfg.grp, cfg.tp, cfg.vp), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, cfg.grp, cfg.tp, cfg.mp), _F32),
-                 jax.ShapeDtypeStruct((b, h, cfg.kp, cfg.mp), _F32),
-                 jax.ShapeDtypeStruct((b, h, cfg.mp, cfg.vp), _F32)],
+      out_shape=[kernel_output((b, h, cfg.grp, cfg.tp, cfg.vp), q.dtype, cfg.vary),
+                 kernel_output((b, h, cfg.grp, cfg.tp, cfg.mp), _F32, cfg.vary),
+                 kernel_output((b, h, cfg.kp, cfg.mp), _F32, cfg.vary),
+                 kernel_output((b, h, cfg.mp, cfg.vp), _F32, cfg.vary)],
       scratch_shapes=[pltpu.VMEM((cfg.kp, cfg.mp), _F32), pltpu.VMEM((cfg.mp, cfg.vp), _F32)],
       compiler_params=_compiler_params(cfg, "forward", q.dtype.itemsize),
       interpret=cfg.interpret,
@@ -449,9 +450,9 @@ def _backward_calls(cfg: _Config, q, k, v, s, g, hk0, hv0, do, z, dhkt, dhvt):
       in_specs=[group(cfg.kp), rows(cfg.kp), rows(cfg.vp), rows(cfg.mp), rows(cfg.mp), state(cfg.kp, cfg.mp),
                 state(cfg.mp, cfg.vp), group(cfg.vp), group(cfg.mp)],
       out_specs=[group(cfg.kp), group(cfg.mp), rows(cfg.mp)],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, cd),
-                 jax.ShapeDtypeStruct((b, h, cfg.grp, cfg.tp, cfg.mp), _F32),
-                 jax.ShapeDtypeStruct((b, h, cfg.tp, cfg.mp), _F32)],
+      out_shape=[kernel_output(q.shape, cd, cfg.vary),
+                 kernel_output((b, h, cfg.grp, cfg.tp, cfg.mp), _F32, cfg.vary),
+                 kernel_output((b, h, cfg.tp, cfg.mp), _F32, cfg.vary)],
       scratch_shapes=[pltpu.VMEM((cfg.kp, cfg.mp), _F32), pltpu.VMEM((cfg.mp, cfg.vp), _F32)],
       compiler_params=_compiler_params(cfg, "backward_1", cd.itemsize),
       interpret=cfg.interpret,
@@ -464,9 +465,9 @@ def _backward_calls(cfg: _Config, q, k, v, s, g, hk0, hv0, do, z, dhkt, dhvt):
       in_specs=[group(cfg.kp), rows(cfg.kp), rows(cfg.vp), rows(cfg.mp), rows(cfg.mp), group(cfg.vp),
                 group(cfg.mp), group(cfg.mp), state(cfg.kp, cfg.mp), state(cfg.mp, cfg.vp)],
       out_specs=[rows(cfg.kp), rows(cfg.vp), rows(cfg.mp), state(cfg.kp, cfg.mp), state(cfg.mp, cfg.vp)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, cd), jax.ShapeDtypeStruct(v.shape, cd),
-                 jax.ShapeDtypeStruct(s.shape, _F32), jax.ShapeDtypeStruct(hk0.shape, _F32),
-                 jax.ShapeDtypeStruct(hv0.shape, _F32)],
+      out_shape=[kernel_output(k.shape, cd, cfg.vary), kernel_output(v.shape, cd, cfg.vary),
+                 kernel_output(s.shape, _F32, cfg.vary), kernel_output(hk0.shape, _F32, cfg.vary),
+                 kernel_output(hv0.shape, _F32, cfg.vary)],
       scratch_shapes=[pltpu.VMEM((cfg.kp, cfg.mp), _F32), pltpu.VMEM((cfg.mp, cfg.vp), _F32)],
       compiler_params=_compiler_params(cfg, "backward_2", cd.itemsize),
       interpret=cfg.interpret,
@@ -552,7 +553,7 @@ def gsa_pallas_tpu(
   kp, vp, mp = (_round_up(d, _LANES) for d in (dk, dv, m))
   cd = jnp.result_type(q.dtype, k.dtype, v.dtype, s.dtype)
   cfg = _Config(t=t, tp=tp, dk=dk, kp=kp, dv=dv, vp=vp, m=m, mp=mp, grp=grp, scale=float(scale), chunk=chunk,
-                interpret=interpret_params(interpret))
+                interpret=interpret_params(interpret), vary=varying_axes(q, k, v, s, g, segment_ids))
 
   # g = -inf is a forget gate of exactly 0: the same as -1e30 here (exp of either is 0, and so is the gradient),
   # and it keeps the 0/1-mask sums in the kernels free of 0 * inf.
@@ -565,6 +566,7 @@ def gsa_pallas_tpu(
   else:
     hk0 = pad_to(initial_state[0].astype(_F32), (b, h, kp, mp))
     hv0 = pad_to(initial_state[1].astype(_F32), (b, h, mp, vp))
+  hk0, hv0 = to_varying(hk0, cfg.vary), to_varying(hv0, cfg.vary)
 
   def head_major(x, width):  # [b, t, h, d] -> [b, h, tp, width]
     return pad_to(jnp.swapaxes(x, 1, 2), (b, h, tp, width))

@@ -8,9 +8,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState
+from gsa_jax.ops.common import GSAState, to_varying, varying_axes
 from gsa_jax.ops.recurrent import recurrent_gsa
 
 BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_tpu")
@@ -111,6 +112,59 @@ def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chun
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive power of two.")
 
 
+def _explicit_axes(spec_entry) -> tuple:
+  """Mesh axis names of one PartitionSpec entry (None, a name, or a tuple of names)."""
+  if spec_entry is None:
+    return ()
+  return tuple(spec_entry) if isinstance(spec_entry, tuple) else (spec_entry,)
+
+
+def _split_over_batch_and_heads(fn, q, k, v, s, g, initial_state, segment_ids):
+  """Runs `fn` (an implementation) per shard when the inputs are sharded over Explicit mesh axes, else None.
+
+  GSA is independent across batch rows and kv heads, so under an Explicit mesh the op runs in a `shard_map` over
+  the axes that split q's batch and k's heads; every input is resharded to those two axes first (a no-op when it
+  already is). Time and feature axes must not be sharded: the op would need the whole row (context parallelism
+  is a separate op).
+  """
+  inputs = {"q": q, "k": k, "v": v, "s": s, "g": g, "segment_ids": segment_ids}
+  if initial_state is not None:
+    inputs.update({"initial_state[0] (hk)": initial_state[0], "initial_state[1] (hv)": initial_state[1]})
+  sharding = jax.typeof(q).sharding
+  mesh = sharding.mesh
+  if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+    return None
+  spec_q, spec_k = tuple(sharding.spec) + (None,) * 4, tuple(jax.typeof(k).sharding.spec) + (None,) * 4
+  batch, heads = spec_q[0], spec_k[2]
+  time_axis = {"q": 1, "k": 1, "v": 1, "s": 1, "g": 1, "segment_ids": 1}
+  for name, x in inputs.items():
+    if x is None:
+      continue
+    spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+    if name in time_axis and spec[1] is not None:
+      raise ValueError(f"{name} is sharded along T ({jax.typeof(x).sharding.spec}); gated_slot_attention splits "
+                       "only batch and heads over a mesh. Reshard T to None (jax.sharding.reshard) or split the "
+                       "sequence with the context-parallel op.")
+  used = set(_explicit_axes(batch)) | set(_explicit_axes(heads))
+  if not used:
+    return None
+  row, heads4 = P(batch, None, heads, None), P(batch, heads, None, None)
+  specs = {"q": row, "k": row, "v": row, "s": row, "g": row, "segment_ids": P(batch, None),
+           "initial_state[0] (hk)": heads4, "initial_state[1] (hv)": heads4}
+  args = {name: (None if x is None else jax.sharding.reshard(x, specs[name])) for name, x in inputs.items()}
+  state_in = None if initial_state is None else (args["initial_state[0] (hk)"], args["initial_state[1] (hv)"])
+
+  def per_shard(q, k, v, s, g, state, seg):
+    return fn(q, k, v, s, g, GSAState(*state) if state is not None else None, seg)
+
+  in_specs = (row,) * 5 + ((None if state_in is None else (heads4, heads4)), (None if segment_ids is None else
+                                                                             P(batch, None)))
+  # Manual over every mesh axis (the others replicate these arrays anyway): Pallas' TPU interpreter, for one,
+  # runs only in fully manual computations.
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=in_specs, out_specs=(row, GSAState(heads4, heads4)))(args["q"], args["k"], args["v"], args["s"], args["g"], state_in,
+                                        args["segment_ids"])
+
+
 def gated_slot_attention(
     q: jax.Array,
     k: jax.Array,
@@ -153,9 +207,21 @@ def gated_slot_attention(
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   if initial_state is not None:
     initial_state = GSAState(*initial_state)
+  # Under shard_map, inputs that vary over different mesh axes (say q sharded by heads, a replicated initial
+  # state) are typed alike here, so that every backend sees one set of axes; autodiff sums the gradient of a
+  # replicated input over the axes it was cast to.
+  axes = varying_axes(q, k, v, s, g, segment_ids, *(initial_state or ()))
+  if axes:
+    q, k, v, s, g = (to_varying(x, axes) for x in (q, k, v, s, g))
+    if segment_ids is not None:
+      segment_ids = to_varying(segment_ids, axes)
+    if initial_state is not None:
+      initial_state = GSAState(*(to_varying(x, axes) for x in initial_state))
   if name not in _IMPLEMENTATIONS:
     raise NotImplementedError(f"backend={name!r} is not implemented yet; use backend='chunked' (exact, any "
                               "platform), 'recurrent' or 'auto'.")
-  o, state = _IMPLEMENTATIONS[name](q, k, v, s, g, scale=scale, initial_state=initial_state,
-                                    segment_ids=segment_ids, chunk_size=chunk_size)
+  impl = functools.partial(_IMPLEMENTATIONS[name], scale=scale, chunk_size=chunk_size)
+  fn = lambda q, k, v, s, g, state, seg: impl(q, k, v, s, g, initial_state=state, segment_ids=seg)
+  split = _split_over_batch_and_heads(fn, q, k, v, s, g, initial_state, segment_ids)
+  o, state = split if split is not None else fn(q, k, v, s, g, initial_state, segment_ids)
   return o, (state if output_final_state else None)

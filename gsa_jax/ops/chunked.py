@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gsa_jax.ops.common import GSAState, accumulation_dtype, segment_masks
+from gsa_jax.ops.common import GSAState, accumulation_dtype, segment_masks, to_varying, varying_axes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -106,6 +106,8 @@ def chunk_gsa(
     hv0 = jnp.zeros((b, h, m, dv), acc)
   else:
     hk0, hv0 = (x.astype(acc) for x in initial_state)
+  axes = varying_axes(q, k, v, s, g)  # the scan carries must vary over the mesh axes their updates do
+  hk0, hv0 = to_varying(hk0, axes), to_varying(hv0, axes)
 
   # Pass 1: key memory hk [dk, m], slot logits; the gate acts on the slot (value) side.
   qk = _einsum("bntHgk,bnjHk->bnHgtj", q, k)

@@ -68,3 +68,31 @@ def segment_masks(segment_ids: jax.Array) -> SegmentMasks:
 def accumulation_dtype(*dtypes) -> jnp.dtype:
   """float32, or float64 when any input is float64 (x64 references)."""
   return jnp.result_type(jnp.float32, *dtypes)
+
+
+# Inside `jax.shard_map` (with its default check_vma=True) every value is typed with the mesh axes it varies over.
+# A scan carry must keep that type from step to step and a Pallas kernel must declare it for its outputs, so a
+# zero state made inside the op, or an input that is replicated while the others are sharded, would not match the
+# state the first step returns. Outside shard_map these sets are empty and everything below is the identity.
+
+
+def varying_axes(*xs) -> frozenset:
+  """The shard_map mesh axes that any of the arrays `xs` varies over (None entries are skipped)."""
+  axes = frozenset()
+  for x in xs:
+    if x is not None:
+      axes |= jax.typeof(x).manual_axis_type.varying
+  return axes
+
+
+def to_varying(x: jax.Array, axes: frozenset) -> jax.Array:
+  """`x` typed as varying over `axes` (it must not vary over others); a no-op when it already does."""
+  missing = axes - jax.typeof(x).manual_axis_type.varying
+  return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
+def kernel_output(shape, dtype, axes: frozenset) -> jax.ShapeDtypeStruct:
+  """A Pallas kernel's `out_shape` entry that varies over `axes` like the kernel's inputs."""
+  if not axes:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gsa_jax.ops.common import GSAState, accumulation_dtype, segment_masks
+from gsa_jax.ops.common import GSAState, accumulation_dtype, segment_masks, to_varying, varying_axes
 
 
 def gsa_step(
@@ -72,6 +72,8 @@ def recurrent_gsa(
     state = zero_state(b, h, dk, dv, m, acc)
   else:
     state = GSAState(*(x.astype(acc) for x in initial_state))
+  axes = varying_axes(q, k, v, s, g, segment_ids)  # the scan carry must vary over the mesh axes its updates do
+  state = GSAState(*(to_varying(x, axes) for x in state))
   if segment_ids is None:
     reset = jnp.zeros((b, t), bool)
     valid = jnp.ones((b, t), bool)
