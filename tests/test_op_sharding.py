@@ -42,3 +42,28 @@ def test_kernels_under_every_mesh():
 @pytest.mark.slow
 def test_kernels_under_every_mesh_every_layout():
   check(run_cases(3, "pallas_gpu", "pallas_tpu"), ("pallas_gpu", "pallas_tpu"), 3)
+
+
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in __import__("jax").devices()), reason="needs a GPU")
+def test_compiled_gpu_kernels_inside_shard_map():
+  """The compiled Pallas GPU kernels declare their outputs' varying mesh axes (a one-device mesh keeps them in the
+  type), forward and backward, against the same kernels outside shard_map."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec as P
+  from gsa_jax.ops import gated_slot_attention
+
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  import sharded_op_cases as cases  # noqa: PLC0415
+
+  args, state, seg = cases.inputs()
+  args = tuple(x.astype(jnp.bfloat16) for x in args)
+  op = lambda *a, **kw: gated_slot_attention(*a, backend="pallas_gpu", output_final_state=True, **kw)
+  expected = jax.jit(lambda a, st, sg: cases.loss_and_grads(op, a, st, sg))(args, state, seg)
+  mesh = jax.make_mesh((1,), ("data",))
+  row = P("data")
+  sharded = jax.shard_map(lambda a, st, sg: cases.loss_and_grads(op, a, st, sg), mesh=mesh,
+                          in_specs=((row,) * 5, row, row), out_specs=((row,) * 3, ((row,) * 5, row)))
+  with jax.set_mesh(mesh):
+    got = jax.jit(sharded)(args, state, seg)
+  assert cases.rel_err(got, expected) <= 1e-6
