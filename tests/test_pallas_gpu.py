@@ -145,6 +145,7 @@ def test_decode_steps_equal_full_sequence():
     o_t, state = gsa_decode_step(*(x[n][:, t] for n in "qkvsg"), state, scale=0.5)
     np.testing.assert_allclose(o_t, o_full[:, t], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(state.hk, final.hk, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(state.hv, final.hv, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,hq,h,dk,dv,m", [("float32", 2, 1, 20, 36, 12), ("bfloat16", 4, 2, 64, 32, 64)])
