@@ -139,21 +139,73 @@ def _poison_loss(monkeypatch, predicate):
   monkeypatch.setattr(trainer_lib, "_loss_sums", poisoned)
 
 
+def _poison_gradients(monkeypatch, leaves, predicate=lambda tokens: True):
+  """Makes the gradients of the parameters at flat indices `leaves` NaN where predicate(tokens) holds, the loss
+  staying finite: sqrt(0 * |p|) adds 0 to the loss and has the derivative inf * 0 = NaN."""
+  original = trainer_lib._loss_sums
+
+  def poisoned(graphdef, params, batch, *args):
+    total, aux = original(graphdef, params, batch, *args)
+    flat = jax.tree.leaves(params)
+    nan_grad = sum(jnp.sum(jnp.sqrt(0.0 * jnp.abs(flat[i]))) for i in leaves)
+    return total + jnp.where(predicate(batch["tokens"]), nan_grad, 0.0), aux
+
+  monkeypatch.setattr(trainer_lib, "_loss_sums", poisoned)
+
+
+def _param_paths(config):
+  """The parameter paths in the order of the train state's leaves (the order the trainer names them in)."""
+  from flax import nnx
+
+  from gsa_jax.models import GSALM
+  from gsa_jax.train.config import validate_config
+
+  params = nnx.state(nnx.eval_shape(lambda: GSALM(validate_config(config), rngs=nnx.Rngs(0))), nnx.Param)
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
 def test_nonfinite_abort_names_the_step_and_keeps_checkpoints(tmp_path, monkeypatch):
   config = tiny_config(tmp_path / "run", train__steps=12)
   train_and_evaluate(config)
   before = final_state(config.workdir)
-  _poison_loss(monkeypatch, lambda tokens: True)
+  paths = _param_paths(config)
+  _poison_gradients(monkeypatch, leaves=[5, 2])  # two bad parameters: the first in the state's order is named
   config.train.steps = 20
-  with pytest.raises(NonFiniteError, match=r"step 13: non-finite loss or gradient"):
+  with pytest.raises(NonFiniteError, match=r"step 13: non-finite loss or gradient \(first parameter with a "
+                                           rf"non-finite gradient: {re.escape(paths[2])};"):
     train_and_evaluate(config)
   step, state = final_state(config.workdir)
   assert step == 12
   jax.tree.map(np.testing.assert_array_equal, state, before[1])
 
 
-def test_nonfinite_skip_leaves_params_unchanged_and_stops_after_n_in_a_row(tmp_path, monkeypatch):
-  # Skip bad batches: the run finishes and counts them; parameters move only on good steps.
+def test_nonfinite_skip_leaves_params_and_optimizer_unchanged(tmp_path, monkeypatch, caplog):
+  """Steps 5..8 have NaN gradients (finite loss): the state saved at step 8 holds step 4's params and optimizer
+  state exactly, each skipped step is logged naming the parameter, and the counters count them."""
+  config = tiny_config(tmp_path / "run", train__steps=4, train__nonfinite="skip")
+  train_and_evaluate(config)
+  _, good = final_state(config.workdir)
+  paths = _param_paths(config)
+  _poison_gradients(monkeypatch, leaves=[3])
+  config.train.steps = 8
+  with caplog.at_level("WARNING"):
+    train_and_evaluate(config)
+  step, skipped = final_state(config.workdir)
+  assert step == 8
+  for part in ("params", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, skipped[part], good[part])
+  assert int(skipped["nonfinite_in_a_row"]) == int(skipped["nonfinite_total"]) == 4
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  for n, s in enumerate(range(5, 9), start=1):
+    assert any(w.startswith(f"step {s}: non-finite loss/gradient (first parameter with a non-finite gradient: "
+                            f"{paths[3]}); step skipped ({n} in a row)") for w in warnings), warnings
+  rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert [r["nonfinite_total"] for r in rows] == [0, 0, 0, 0, 1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) for r in rows)  # the loss itself stayed finite: the gradients were the cause
+
+
+def test_nonfinite_skip_counts_bad_steps_and_stops_after_n_in_a_row(tmp_path, monkeypatch):
+  # Skip bad batches: the run finishes and counts them.
   config = tiny_config(tmp_path / "skip", train__steps=12, train__nonfinite="skip")
   _poison_loss(monkeypatch, lambda tokens: jnp.sum(tokens) % 3 == 0)
   last = train_and_evaluate(config)
@@ -166,7 +218,7 @@ def test_nonfinite_skip_leaves_params_unchanged_and_stops_after_n_in_a_row(tmp_p
   # Always bad: stops after max_nonfinite_in_a_row consecutive bad steps.
   _poison_loss(monkeypatch, lambda tokens: True)
   config = tiny_config(tmp_path / "stop", train__steps=12, train__nonfinite="skip", train__max_nonfinite_in_a_row=3)
-  with pytest.raises(NonFiniteError, match=r"step 3: .* 3 bad step\(s\) in a row"):
+  with pytest.raises(NonFiniteError, match=r"step 3: .*the loss is not finite; .* 3 bad step\(s\) in a row"):
     train_and_evaluate(config)
 
 
