@@ -128,6 +128,29 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, d
   assert len(aside) == 1 and aside[0].startswith("8-")
 
 
+def _tree_snapshot(directory):
+  """{relative path: bytes} of every file under directory."""
+  return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
+          for d, _, fs in os.walk(directory) for f in fs}
+
+
+def test_no_restorable_checkpoint_stops_the_run_and_changes_nothing(tmp_path):
+  """Every checkpoint damaged: the run stops with an error naming each step, instead of starting from scratch;
+  no checkpoint is deleted or moved aside and metrics.jsonl is not rewritten."""
+  config = tiny_config(tmp_path / "run", train__steps=8)
+  train_and_evaluate(config)
+  ckpts = tmp_path / "run" / "checkpoints"
+  assert sorted(os.listdir(ckpts)) == ["4", "8"]
+  for step in ("4", "8"):
+    victim = _largest_file(ckpts / step / "state")
+    with open(victim, "r+b") as f:
+      f.truncate(os.path.getsize(victim) // 2)
+  before = _tree_snapshot(tmp_path / "run")
+  with pytest.raises(RuntimeError, match=r"no checkpoint could be restored: step 8: .+; step 4: .+"):
+    train_and_evaluate(config)
+  assert _tree_snapshot(tmp_path / "run") == before
+
+
 def _poison_loss(monkeypatch, predicate):
   """Makes the loss NaN on the batches where predicate(tokens) holds (a traced, per-batch condition)."""
   original = trainer_lib._loss_sums
