@@ -42,6 +42,27 @@ def _train_py(workdir, steps):
           f"--config.train.steps={steps}", *TINY_FLAGS]
 
 
+# train.py with the first checkpoint write of the process held open after its files are written and before orbax
+# renames its temporary directory into place: a file named by $GSA_TEST_SAVE_MARKER then holds that directory's
+# path, and the write never finishes, so a SIGKILL sent after the marker appears lands inside the save.
+HELD_SAVE_LAUNCHER = """
+import asyncio, os, runpy, sys
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def held_finalize(self):
+  marker = os.environ["GSA_TEST_SAVE_MARKER"]
+  if not os.path.exists(marker):
+    with open(marker + ".tmp", "w") as f:
+      f.write(str(self.get()))
+    os.replace(marker + ".tmp", marker)
+    await asyncio.sleep(3600)
+  await finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = held_finalize
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("seed", [0])
 def test_sigkill_three_times_then_resume_is_bit_identical(tmp_path, seed):
   """Kill -9 train.py at random steps, once while an async checkpoint is being written; the finished run's per-step
@@ -52,27 +73,33 @@ def test_sigkill_three_times_then_resume_is_bit_identical(tmp_path, seed):
   assert result.returncode == 0, result.stderr[-3000:]
 
   crashed = tmp_path / "crashed"
+  marker = tmp_path / "save_started"
   rng = random.Random(seed)
   kills = []
   for attempt in range(3):
-    proc = subprocess.Popen(_train_py(crashed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=ROOT)
+    during_save = attempt == 1
+    command = _train_py(crashed, steps)
+    if during_save:  # the second kill lands inside a checkpoint write, held open by HELD_SAVE_LAUNCHER
+      command = [sys.executable, "-c", HELD_SAVE_LAUNCHER, *command[1:]]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "GSA_TEST_SAVE_MARKER": str(marker)})
     done_before = len(read_jsonl(crashed / "metrics.jsonl"))
     target = done_before + rng.randint(1, 4)
-    during_save = attempt == 1
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
       rows = len(read_jsonl(crashed / "metrics.jsonl"))
-      saving = any("tmp" in d for d in _checkpoint_dirs(crashed))
-      # The second kill aims at an async checkpoint write (its temporary directory is visible); if the write is
-      # too quick to catch, it falls back to a random step (leftover partial writes are also tested directly).
-      if (during_save and saving and rows > done_before) or rows >= target + (4 if during_save else 0):
+      if (marker.exists() if during_save else rows >= target):
         proc.send_signal(signal.SIGKILL)
-        kills.append((rows, saving))
+        kills.append(rows)
         break
       time.sleep(0.002)
     proc.wait(timeout=60)
-  assert len(kills) >= 2, kills  # the run must not have finished before being killed
+    assert len(kills) == attempt + 1, f"attempt {attempt} ended (code {proc.returncode}) before it was killed"
+    if during_save:  # the killed write left its temporary directory, and its step is not a checkpoint
+      partial = marker.read_text()
+      step = os.path.basename(partial).split(".")[0]
+      assert os.path.isdir(partial) and "tmp" in os.path.basename(partial), partial
+      assert step not in _checkpoint_dirs(crashed)
   result = subprocess.run(_train_py(crashed, steps), capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
 
