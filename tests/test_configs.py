@@ -12,6 +12,7 @@ from flax import nnx
 
 from gsa_jax.models import GSALM, PRESETS, count_params
 from gsa_jax.train.config import check_mesh, validate_config
+from tests.test_convert import MISTRAL_7B_CONFIG
 from tests.test_train import ROOT
 
 CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
@@ -34,13 +35,6 @@ def test_every_config_file_is_listed():
   assert CONFIG_FILES == ["gsa_1p3b", "gsa_2p7b", "gsa_340m", "hybrid_340m", "lm_tiny", "mqar", "t2r_mistral"]
 
 
-# Mistral-7B-v0.1's config.json (the keys that shape the model), as `python -m gsa_jax.convert from-llama` reads it.
-MISTRAL_7B = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02,
-              "max_position_embeddings": 32768, "sliding_window": 4096}
-
-
 def _converted_mistral_run(tmp_path):
   """A run directory as from-llama writes it for Mistral-7B (config.json and a checkpoint step; no weights: only
   the config and the step are read when a config is validated)."""
@@ -49,7 +43,7 @@ def _converted_mistral_run(tmp_path):
 
   run = tmp_path / "mistral_gsa_init"
   (run / "checkpoints" / "0").mkdir(parents=True)
-  (run / "config.json").write_text(json.dumps({"model": config_to_json(config_from_llama(MISTRAL_7B))}))
+  (run / "config.json").write_text(json.dumps({"model": config_to_json(config_from_llama(MISTRAL_7B_CONFIG))}))
   return str(run)
 
 
