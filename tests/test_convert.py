@@ -160,6 +160,62 @@ def test_from_fla_refuses_unknown_keys_and_unsupported_options(tmp_path, change,
     from_fla(str(src), str(tmp_path / "out"))
 
 
+def test_from_fla_reads_sharded_safetensors_with_an_index(tmp_path, capsys):
+  """model.safetensors.index.json and its shards give the same run as the single file; an index naming a missing
+  shard, or a tensor in two shards, is an error naming it."""
+  from safetensors.numpy import save_file
+  src = _fla_dir(tmp_path)
+  convert("from-fla", src, tmp_path / "single")
+  tensors = read_safetensors_dir(src)
+  names = sorted(tensors)
+  shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+  sharded = tmp_path / "sharded"
+  sharded.mkdir()
+  (sharded / "config.json").write_text((src / "config.json").read_text())
+  for shard, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, str(sharded / shard))
+  index = {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+  (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+  assert sorted(read_safetensors_dir(sharded)) == names
+  convert("from-fla", sharded, tmp_path / "from_shards")
+  _, single, _, _ = read_run_params(str(tmp_path / "single"))
+  _, from_shards, _, _ = read_run_params(str(tmp_path / "from_shards"))
+  assert sorted(single) == sorted(from_shards)
+  assert all(np.array_equal(single[k], from_shards[k]) for k in single)
+
+  os.remove(sharded / "model-00002-of-00002.safetensors")
+  assert convert_main(["from-fla", str(sharded), str(tmp_path / "out")]) == 2
+  assert "model-00002-of-00002.safetensors is named by the index but does not exist" in capsys.readouterr().err
+  save_file({k: tensors[k] for k in names[1::2] + names[:1]}, str(sharded / "model-00002-of-00002.safetensors"))
+  with pytest.raises(ConversionError, match=rf"tensor '{names[0]}' appears in more than one file"):
+    read_safetensors_dir(sharded)
+
+
+def test_pytorch_bin_checkpoint_gets_a_hint(tmp_path, capsys):
+  src = _fla_dir(tmp_path)
+  os.remove(src / "model.safetensors")
+  (src / "pytorch_model.bin").write_bytes(b"not read")
+  assert convert_main(["from-fla", str(src), str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err
+  assert "has neither model.safetensors nor model.safetensors.index.json" in err
+  assert "It holds PyTorch pickles (*.bin): load it once with transformers and save_pretrained(" in err
+  os.remove(src / "pytorch_model.bin")
+  assert convert_main(["from-fla", str(src), str(tmp_path / "out")]) == 2
+  assert "PyTorch pickles" not in capsys.readouterr().err  # no hint without a *.bin file
+  assert not os.path.exists(tmp_path / "out")
+
+
+def test_ignore_config_keys_accepts_the_named_keys(tmp_path, capsys):
+  src = _fla_dir(tmp_path, mystery_option=3, another_option="x")
+  assert convert_main(["from-fla", str(src), str(tmp_path / "refused")]) == 2
+  assert "does not know: ['another_option', 'mystery_option']" in capsys.readouterr().err
+  assert convert_main(["from-fla", str(src), str(tmp_path / "partly"), "--ignore-config-keys", "mystery_option"]) == 2
+  assert "does not know: ['another_option']" in capsys.readouterr().err
+  convert("from-fla", src, tmp_path / "out", "--ignore-config-keys", "mystery_option,another_option")
+  cfg, params, _, _ = read_run_params(str(tmp_path / "out"))
+  assert cfg.replace(chunk_size=FULL.chunk_size, embed_init_std=FULL.embed_init_std) == FULL
+
+
 def test_from_fla_shape_mismatch_and_cli_errors(tmp_path, capsys):
   src = _fla_dir(tmp_path, num_slots=16)  # the tensors hold 8 slots
   assert convert_main(["from-fla", str(src), str(tmp_path / "out")]) == 2

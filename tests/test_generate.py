@@ -76,17 +76,32 @@ def test_ragged_batch_equals_each_prompt_alone(name):
   assert out.num_tokens.tolist() == [new] * len(lengths)
 
 
+# Packed prompts as (segment id, length) runs; the last document is the one decoding continues. Its length: 5, and
+# 1 and 2 (shorter than the short convolution's window of 4, so the window must not reach into the document
+# before); in "after_padding" it starts right after padding.
+PACKED_LAYOUTS = {
+    "last5": [(1, 6), (2, 5), (0, 3)],
+    "last1": [(1, 6), (2, 1), (0, 3)],
+    "last2": [(1, 6), (2, 2), (0, 3)],
+    "after_padding": [(1, 6), (0, 2), (2, 3), (0, 2)],
+}
+
+
+@pytest.mark.parametrize("layout", PACKED_LAYOUTS)
 @pytest.mark.parametrize("name", ["gsa_conv", "hybrid_rope_t2r"])
-def test_prefill_continues_the_last_document_of_a_packed_prompt(name):
+def test_prefill_continues_the_last_document_of_a_packed_prompt(name, layout):
   model = make_model(name, seed=5)
-  a, bdoc, cont = tokens(20, 1, 6)[0], tokens(21, 1, 5)[0], tokens(22, 1, 4)[0]
-  packed = jnp.concatenate([a, bdoc, jnp.zeros(3, jnp.int32)])[None]
-  seg = jnp.concatenate([jnp.full(6, 1), jnp.full(5, 2), jnp.zeros(3)]).astype(jnp.int32)[None]
+  runs = PACKED_LAYOUTS[layout]
+  docs = [tokens(20 + i, 1, n)[0] if sid else jnp.zeros(n, jnp.int32) for i, (sid, n) in enumerate(runs)]
+  packed = jnp.concatenate(docs)[None]
+  seg = jnp.concatenate([jnp.full(n, sid, jnp.int32) for sid, n in runs])[None]
+  last = [d for d, (sid, _) in zip(docs, runs) if sid][-1]
+  cont = tokens(30, 1, 4)[0]
   _, caches = prefill(model, packed, segment_ids=seg, max_len=packed.shape[1] + len(cont))
-  full = model(jnp.concatenate([bdoc, cont])[None])[0]
+  full = model(jnp.concatenate([last, cont])[None])[0]
   for i, tok in enumerate(cont):
     step, caches = decode_step(model, tok[None], caches)
-    assert rel_err(step[0], full[len(bdoc) + i]) < 1e-4, i
+    assert rel_err(step[0], full[len(last) + i]) < 1e-4, i
 
 
 def test_eos_stops_each_row():

@@ -25,9 +25,24 @@ def inputs(seed, b=2, t=19, dtype=jnp.float32):
   return jax.random.normal(jax.random.key(seed), (b, t, D), dtype)
 
 
+def reference_rope(x, theta):
+  """RoPE as in Llama (rotate-half): feature pairs (i, i + dh/2) of x [b, t, h, dh] at position p turned by the
+  angle p * theta^(-2i/dh); positions 0, 1, ... along t."""
+  b, t, h, dh = x.shape
+  out = np.empty_like(x)
+  for p in range(t):
+    for i in range(dh // 2):
+      angle = p * theta ** (-2.0 * i / dh)
+      c, s = np.cos(angle), np.sin(angle)
+      a, bb = x[:, p, :, i], x[:, p, :, i + dh // 2]
+      out[:, p, :, i], out[:, p, :, i + dh // 2] = a * c - bb * s, a * s + bb * c
+  return out
+
+
 def reference_gsa_layer(m: GatedSlotAttention, x):
   """Spec section 3 written out from the parameters, with the reference library's grouped-head handling (k, v,
-  s, g repeated to every query head) and the exact recurrence; no short conv, no RoPE."""
+  s, g repeated to every query head) and the exact recurrence; RoPE (ours) on q and k before the feature map; no
+  short conv."""
   w = lambda lin: np.asarray(lin.kernel[...], np.float64)
   x = np.asarray(x, np.float64)
   b, t, _ = x.shape
@@ -35,8 +50,9 @@ def reference_gsa_layer(m: GatedSlotAttention, x):
   silu = lambda a: a / (1 + np.exp(-a))
   phi = {"swish": silu, "relu": lambda a: np.maximum(a, 0),
          "t2r": lambda a: np.maximum(a @ w(m.t2r) if m.t2r is not None else a, 0)}[m.feature_map]
-  q = phi((x @ w(m.q_proj)).reshape(b, t, hq, dk))
-  k = phi((x @ w(m.k_proj)).reshape(b, t, h, dk))
+  rope = (lambda a: reference_rope(a, m.rope_theta)) if m.use_rope else (lambda a: a)
+  q = phi(rope((x @ w(m.q_proj)).reshape(b, t, hq, dk)))
+  k = phi(rope((x @ w(m.k_proj)).reshape(b, t, h, dk)))
   v = silu((x @ w(m.v_proj)).reshape(b, t, h, dv))
   f = -np.log1p(np.exp(-(x @ w(m.f_proj)))).reshape(b, t, h, mm) / m.gate_logit_normalizer
   s = 1 - np.exp(f)
@@ -57,6 +73,8 @@ def reference_gsa_layer(m: GatedSlotAttention, x):
     dict(num_heads=4, num_kv_heads=2, feature_map="relu", expand_k=0.5, elementwise_affine=False),
     dict(feature_map="t2r", expand_v=2.0, num_slots=5),
     dict(forget_gate=False),
+    dict(use_rope=True, num_heads=4, num_kv_heads=2, expand_k=2.0),  # head key width 16: 8 frequencies
+    dict(use_rope=True, rope_theta=100.0, feature_map="t2r"),
 ])
 def test_layer_matches_hand_written_spec(kw):
   m = layer(**kw)

@@ -140,15 +140,48 @@ def _loss(m, x):
   return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), x[:, 1:, None], axis=-1))
 
 
-def test_remat_policies_are_applied():
+def _saved_residuals(config, x, capsys):
+  """(shape, source) of every residual the model's loss keeps for its backward, as `print_saved_residuals` reports
+  them (traced only: nothing runs)."""
+  m = GSALM(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(m)
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(lambda s: _loss(nnx.merge(graphdef, s), x), state)
+  return [tuple(line.split(" ", 1)) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_remat_policies_save_what_they_name(capsys):
+  """What each policy keeps per layer (2 GSA layers, the Pallas GPU backend traced on CPU): "none" keeps even
+  elementwise outputs; "block" no projection output, no op output and no kernel residual; "matmuls" the projection
+  outputs only; "matmuls_gsa" also the op's output and the kernels' slot logits and final states (3 arrays);
+  "_keys" also the key chunk states [.., dk, m], "_states" also the value chunk states [.., m, dv]."""
   x = tokens(4, 2, 12)
-  for policy in ("block", "matmuls", "matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states"):
-    m = GSALM(tiny(remat=policy), rngs=nnx.Rngs(0))
-    jaxpr = str(jax.make_jaxpr(lambda s: _loss(nnx.merge(nnx.graphdef(m), s), x))(nnx.state(m)))
-    assert jaxpr.count("remat") + jaxpr.count("checkpoint") >= m.config.num_layers, policy
-  m = GSALM(tiny(), rngs=nnx.Rngs(0))
-  jaxpr = str(jax.make_jaxpr(lambda s: _loss(nnx.merge(nnx.graphdef(m), s), x))(nnx.state(m)))
-  assert "remat" not in jaxpr and "checkpoint" not in jaxpr
+  num_layers, dk, m = 2, 16, 32  # hidden 32 over 2 heads; dk != m tells key chunk states from value chunk states
+  saved = {policy: _saved_residuals(tiny(num_layers=num_layers, num_slots=m, backend="pallas_gpu", remat=policy), x,
+                                    capsys)
+           for policy in ("none", "block", "matmuls", "matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states")}
+
+  def count(policy, source, chunk_state_end=None):
+    """Residuals from `source`; with chunk_state_end, only rank-5 ones (chunk states [b, h, n, .., ..]) so shaped."""
+    return sum(source in src and (chunk_state_end is None or (shape.count(",") == 4 and shape.endswith(chunk_state_end)))
+               for shape, src in saved[policy])
+
+  kernel = "jitted function '_pallas_gpu'"
+  assert count("none", "jitted function 'silu'") > 0
+  matmul_outputs = count("matmuls", "output of dot_general")
+  assert matmul_outputs >= 4 * num_layers  # at least q, k, v and the MLP's gate per layer
+  expected = {  # policy: (projection outputs, op outputs, kernel residuals, key chunk states, value chunk states)
+      "block": (0, 0, 0, 0, 0),
+      "matmuls": (matmul_outputs, 0, 0, 0, 0),
+      "matmuls_gsa": (matmul_outputs, num_layers, 3 * num_layers, 0, 0),
+      "matmuls_gsa_keys": (matmul_outputs, num_layers, 4 * num_layers, num_layers, 0),
+      "matmuls_gsa_states": (matmul_outputs, num_layers, 5 * num_layers, num_layers, num_layers),
+  }
+  for policy, want in expected.items():
+    got = (count(policy, "output of dot_general"), count(policy, "named 'gsa_output'"), count(policy, kernel),
+           count(policy, kernel, f",{dk},{m}]"), count(policy, kernel, f",{m},{dk}]"))
+    assert got == want, (policy, got, want)
+    assert count(policy, "jitted function 'silu'") == 0, policy  # elementwise outputs are recomputed
 
 
 @pytest.mark.parametrize("policy,backend", [

@@ -114,24 +114,49 @@ SEGMENTS = np.array([
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("hq,h", [(1, 1), (4, 2)])
 def test_chunked_matches_recurrent_with_segments(x64, with_state, hq, h):
-  x = make_inputs(4, b=2, t=SEGMENTS.shape[1], hq=hq, h=h, dk=20, dv=12, m=24, normalizer=1.0,
+  x = make_inputs(4, b=4, t=SEGMENTS.shape[1], hq=hq, h=h, dk=20, dv=12, m=24, normalizer=1.0,
                   with_state=with_state)
-  _compare(x, jnp.float32, tol_fwd=1e-5, tol_grad=1e-5, chunk_size=16, segment_ids=jnp.asarray(SEGMENTS))
+  ids = jnp.asarray(np.concatenate([SEGMENTS, SEGMENTS_UNORDERED]))
+  _compare(x, jnp.float32, tol_fwd=1e-5, tol_grad=1e-5, chunk_size=16, segment_ids=ids)
 
 
+# Ids that are not increasing: decreasing ids, and an id used again after another document (a new document), next
+# to an id continued across padding (the same document).
+SEGMENTS_UNORDERED = np.array([
+    [9] * 11 + [4] * 20 + [0] * 2 + [4] * 3 + [2] * 17 + [1] + [3] * 20 + [0] * 6,
+    [2] * 8 + [5] * 6 + [2] * 9 + [0] * 5 + [2] * 4 + [5] + [2] * 30 + [0] * 17,
+], np.int32)
+
+
+def documents(ids):
+  """Index arrays of the documents of one row, by the definition: a non-padding token whose id differs from the
+  previous non-padding token's starts a new document; padding (0) belongs to none."""
+  docs, previous = [], None
+  for i in np.flatnonzero(ids > 0):
+    if ids[i] != previous:
+      docs.append([])
+    docs[-1].append(i)
+    previous = ids[i]
+  return [np.asarray(d) for d in docs]
+
+
+def test_documents_helper():
+  assert [d.tolist() for d in documents(np.array([0, 3, 3, 0, 3, 1, 3, 0]))] == [[1, 2, 4], [5], [6]]
+
+
+@pytest.mark.parametrize("segments", ["increasing", "unordered"])
 @pytest.mark.parametrize("backend", ["recurrent", "chunked"])
-def test_packed_documents_equal_separate_runs(x64, backend):
+def test_packed_documents_equal_separate_runs(x64, backend, segments):
   """Packing semantics checked against their definition, not against another backend."""
-  t = SEGMENTS.shape[1]
+  ids_batch = SEGMENTS if segments == "increasing" else SEGMENTS_UNORDERED
+  t = ids_batch.shape[1]
   x = cast(make_inputs(8, b=2, t=t, hq=2, h=1, dk=8, dv=8, m=6, normalizer=1.0, with_state=True), jnp.float64)
-  o, final = gated_slot_attention(**x, segment_ids=jnp.asarray(SEGMENTS), output_final_state=True,
+  o, final = gated_slot_attention(**x, segment_ids=jnp.asarray(ids_batch), output_final_state=True,
                                   backend=backend, chunk_size=16)
-  for row, ids in enumerate(SEGMENTS):
-    first_doc = ids[ids > 0][0]
-    for doc in np.unique(ids[ids > 0]):
-      idx = np.flatnonzero(ids == doc)
-      part = {n: x[n][row:row + 1, idx] for n in "qkvsg"}
-      state = tuple(a[row:row + 1] for a in x["initial_state"]) if doc == first_doc else None
+  for row, ids in enumerate(ids_batch):
+    for n, idx in enumerate(documents(ids)):
+      part = {name: x[name][row:row + 1, idx] for name in "qkvsg"}
+      state = tuple(a[row:row + 1] for a in x["initial_state"]) if n == 0 else None
       o_doc, final_doc = gated_slot_attention(**part, initial_state=state, output_final_state=True,
                                               backend="recurrent")
       np.testing.assert_allclose(o[row, idx], o_doc[0], rtol=1e-12, atol=1e-12)
@@ -146,15 +171,23 @@ def test_segment_masks():
   reset, valid = segment_masks(ids)
   np.testing.assert_array_equal(valid[0], ids[0] > 0)
   np.testing.assert_array_equal(reset[0], [0, 0, 0, 0, 0, 0, 1, 0, 0, 1, 0])
+  # Decreasing ids, an id used again after another document, an id continued across padding.
+  reset, _ = segment_masks(jnp.array([[4, 4, 2, 0, 2, 4, 0, 4, 1]]))
+  np.testing.assert_array_equal(reset[0], [0, 0, 1, 0, 0, 1, 0, 0, 1])
 
 
 @pytest.mark.parametrize("backend", ["recurrent", "chunked"])
-def test_long_sequence_with_extreme_gates_stays_finite(backend):
-  x = cast(make_inputs(9, b=1, t=1500, hq=2, h=1, dk=8, dv=8, m=8, gate="mixed", with_state=True), jnp.float32)
-  x["q"] = x["q"] * 50.0  # sharp softmax
-  o, final = gated_slot_attention(**x, output_final_state=True, backend=backend)
-  assert np.isfinite(np.asarray(o)).all()
-  assert np.isfinite(np.asarray(final.hk)).all() and np.isfinite(np.asarray(final.hv)).all()
+def test_long_sequence_with_extreme_gates_matches_float64(backend):
+  """T = 1500, gates of 0 and -1e3 mixed in, a sharp softmax (q x 50): finite and equal to the float64 recurrence
+  on the same inputs."""
+  x = make_inputs(9, b=1, t=1500, hq=2, h=1, dk=8, dv=8, m=8, gate="mixed", with_state=True)
+  x["q"] = x["q"] * 50.0
+  o, final = gated_slot_attention(**cast(x, jnp.float32), output_final_state=True, backend=backend)
+  with jax.enable_x64(True):
+    o_ref, final_ref = gated_slot_attention(**cast(x, jnp.float64), output_final_state=True, backend="recurrent")
+  for got, ref in ((o, o_ref), (final.hk, final_ref.hk), (final.hv, final_ref.hv)):
+    assert np.isfinite(np.asarray(got)).all()
+    assert rel_err(got, ref) < 1e-5
 
 
 def test_default_scale_and_no_final_state():

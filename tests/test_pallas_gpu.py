@@ -22,20 +22,21 @@ import pytest
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState
-from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_pallas_gpu
+from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_gpu, gsa_pallas_gpu
 from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
                                 make_inputs, rel_err)
 
 ON_GPU = jax.default_backend() == "gpu"
 
 # t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments. Together they cover T in {1, 63, 64, 65, 130},
-# widths that are not powers of two, GQA, initial state on/off, packed documents, extreme gates, f32 and bf16.
+# widths that are not powers of two, GQA, initial state on/off, packed documents, extreme gates, f32, bf16 and f16.
 CASES = {
     "t1": (1, 16, 16, 16, 1, 1, 64, "logsigmoid", False, "float32", False),
     "t63_gqa_state": (63, 20, 36, 12, 2, 1, 64, "logsigmoid", True, "float32", False),
     "t64_bf16_state": (64, 36, 20, 12, 1, 1, 32, "logsigmoid", True, "bfloat16", False),
     "t65_gqa": (65, 20, 20, 24, 4, 2, 32, "logsigmoid", False, "float32", False),
     "t130_bf16_gqa_state": (130, 32, 48, 16, 2, 1, 64, "logsigmoid", True, "bfloat16", False),
+    "t70_f16_gqa_state_segments": (70, 20, 36, 12, 2, 1, 32, "logsigmoid", True, "float16", True),
     "segments_gqa_state": (96, 20, 12, 12, 2, 1, 32, "logsigmoid", True, "float32", True),
     "segments_bf16": (96, 16, 16, 16, 1, 1, 16, "logsigmoid", False, "bfloat16", True),
     "gates_mixed": (70, 16, 12, 10, 2, 1, 32, "mixed", True, "float32", False),
@@ -60,6 +61,10 @@ VARIANTS = {
     "recompute_states": BlockSizes(recompute_states=True),
     "state_segments": BlockSizes(state_segments=3),
 }
+# Left out of the default suite (each interpreted case takes 10-60 s on a CPU); with -m slow every variant runs every
+# case, interpreted on CPU and compiled on GPU. The segmented state passes stay in the default suite: the default's
+# small test shapes never choose segments by themselves.
+SLOW_VARIANTS = ("no_split", "recompute_states")
 
 
 @pytest.fixture
@@ -70,26 +75,24 @@ def x64():
 
 class TestPallasGPU:
   INTERPRET = False
-  # Every variant compiled on GPU; the interpreter (slow) runs the default and the segmented state passes (the
-  # default's small test shapes never choose segments by themselves).
-  VARIANTS = tuple(VARIANTS)
 
   @pytest.fixture(autouse=True)
   def _need_gpu(self):
     if not self.INTERPRET and not ON_GPU:
       pytest.skip("compiled Triton kernels need a GPU (the interpreted class runs these cases on CPU)")
 
-  @pytest.mark.parametrize("variant", list(VARIANTS))
+  @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v
+                                       for v in VARIANTS])
   @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
-  def test_matches_float64_recurrence(self, x64, case, variant):
-    if variant not in self.VARIANTS:
-      pytest.skip(f"variant {variant!r} is not run by {type(self).__name__}")
+  def test_matches_float64_recurrence(self, x64, case, variant, monkeypatch):
     t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments = CASES[case]
     dtype = jnp.dtype(dtype)
     b = 2
     x = make_inputs(list(CASES).index(case) + 100, b=b, t=t, hq=hq, h=h, dk=dk, dv=dv, m=m, gate=gate, normalizer=8.0,
                     with_state=with_state, dtype=dtype)
     segment_ids = jnp.asarray(SEGMENTS[:, :t]) if segments else None
+    # The kernels must run, not the fallback to the chunked form (which would pass these comparisons too).
+    monkeypatch.setattr(gsa_gpu, "chunk_gsa", lambda *a, **k: pytest.fail(f"{case}: fell back to chunk_gsa"))
     with jax.enable_x64(False):
       got = kernel_forward_and_grads(gsa_pallas_gpu, cast(x, dtype), fast_cpu_compile=self.INTERPRET and not ON_GPU,
                                      scale=0.7, interpret=self.INTERPRET, segment_ids=segment_ids,
@@ -120,7 +123,6 @@ class TestPallasGPU:
 
 class TestPallasGPUInterpret(TestPallasGPU):
   INTERPRET = True
-  VARIANTS = ("default", "state_segments")
 
 
 def test_auto_picks_pallas_gpu_on_gpu():
@@ -137,6 +139,23 @@ def test_unsupported_shape_falls_back_to_chunked(caplog):
   assert any("M=130" in r.getMessage() for r in caplog.records)
 
 
+def test_unsupported_dtype_falls_back_to_chunked(caplog, x64):
+  """float64 inputs (not a kernel dtype) run the chunked form (float64 accuracy, which the float32 kernels could not
+  give) and say so once."""
+  x = cast(make_inputs(3, b=1, t=20, hq=2, h=1, dk=8, dv=8, m=6, with_state=True), jnp.float64)
+  gsa_gpu._log_once.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    o, final = gsa_pallas_gpu(**x, scale=0.5, interpret=True)
+    gsa_pallas_gpu(**x, scale=0.5, interpret=True)
+  o_ref, final_ref = gated_slot_attention(**x, scale=0.5, backend="chunked", output_final_state=True)
+  assert o.dtype == jnp.float64
+  np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(final.hv, final_ref.hv, rtol=1e-12, atol=1e-14)
+  messages = [r.getMessage() for r in caplog.records if "does not support" in r.getMessage()]
+  assert messages == ["gated_slot_attention: backend 'pallas_gpu' does not support dtypes ['float64'] (the kernels "
+                      "take float32, bfloat16 or float16); using 'chunked'."]
+
+
 def test_decode_steps_equal_full_sequence():
   x = cast(make_inputs(4, b=2, t=12, hq=2, h=1, dk=16, dv=16, m=8, with_state=True), jnp.float32)
   o_full, final = gated_slot_attention(**x, scale=0.5, output_final_state=True, backend="chunked")
@@ -145,6 +164,7 @@ def test_decode_steps_equal_full_sequence():
     o_t, state = gsa_decode_step(*(x[n][:, t] for n in "qkvsg"), state, scale=0.5)
     np.testing.assert_allclose(o_t, o_full[:, t], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(state.hk, final.hk, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(state.hv, final.hv, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,hq,h,dk,dv,m", [("float32", 2, 1, 20, 36, 12), ("bfloat16", 4, 2, 64, 32, 64)])

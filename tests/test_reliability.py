@@ -21,6 +21,7 @@ from gsa_jax.ops import gated_slot_attention
 from gsa_jax.train import NonFiniteError, train_and_evaluate
 from gsa_jax.train import trainer as trainer_lib
 from gsa_jax.train.metrics import read_jsonl
+from tests.gsa_testing import rel_err
 from tests.test_train import ROOT, final_state, losses, run_train_py, tiny_config
 
 # The same run as tests.test_train.tiny_config, as train.py flags.
@@ -42,6 +43,27 @@ def _train_py(workdir, steps):
           f"--config.train.steps={steps}", *TINY_FLAGS]
 
 
+# train.py with the first checkpoint write of the process held open after its files are written and before orbax
+# renames its temporary directory into place: a file named by $GSA_TEST_SAVE_MARKER then holds that directory's
+# path, and the write never finishes, so a SIGKILL sent after the marker appears lands inside the save.
+HELD_SAVE_LAUNCHER = """
+import asyncio, os, runpy, sys
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def held_finalize(self):
+  marker = os.environ["GSA_TEST_SAVE_MARKER"]
+  if not os.path.exists(marker):
+    with open(marker + ".tmp", "w") as f:
+      f.write(str(self.get()))
+    os.replace(marker + ".tmp", marker)
+    await asyncio.sleep(3600)
+  await finalize(self)
+atomicity.AtomicRenameTemporaryPath.finalize = held_finalize
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.parametrize("seed", [0])
 def test_sigkill_three_times_then_resume_is_bit_identical(tmp_path, seed):
   """Kill -9 train.py at random steps, once while an async checkpoint is being written; the finished run's per-step
@@ -52,27 +74,33 @@ def test_sigkill_three_times_then_resume_is_bit_identical(tmp_path, seed):
   assert result.returncode == 0, result.stderr[-3000:]
 
   crashed = tmp_path / "crashed"
+  marker = tmp_path / "save_started"
   rng = random.Random(seed)
   kills = []
   for attempt in range(3):
-    proc = subprocess.Popen(_train_py(crashed, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=ROOT)
+    during_save = attempt == 1
+    command = _train_py(crashed, steps)
+    if during_save:  # the second kill lands inside a checkpoint write, held open by HELD_SAVE_LAUNCHER
+      command = [sys.executable, "-c", HELD_SAVE_LAUNCHER, *command[1:]]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "GSA_TEST_SAVE_MARKER": str(marker)})
     done_before = len(read_jsonl(crashed / "metrics.jsonl"))
     target = done_before + rng.randint(1, 4)
-    during_save = attempt == 1
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
       rows = len(read_jsonl(crashed / "metrics.jsonl"))
-      saving = any("tmp" in d for d in _checkpoint_dirs(crashed))
-      # The second kill aims at an async checkpoint write (its temporary directory is visible); if the write is
-      # too quick to catch, it falls back to a random step (leftover partial writes are also tested directly).
-      if (during_save and saving and rows > done_before) or rows >= target + (4 if during_save else 0):
+      if (marker.exists() if during_save else rows >= target):
         proc.send_signal(signal.SIGKILL)
-        kills.append((rows, saving))
+        kills.append(rows)
         break
       time.sleep(0.002)
     proc.wait(timeout=60)
-  assert len(kills) >= 2, kills  # the run must not have finished before being killed
+    assert len(kills) == attempt + 1, f"attempt {attempt} ended (code {proc.returncode}) before it was killed"
+    if during_save:  # the killed write left its temporary directory, and its step is not a checkpoint
+      partial = marker.read_text()
+      step = os.path.basename(partial).split(".")[0]
+      assert os.path.isdir(partial) and "tmp" in os.path.basename(partial), partial
+      assert step not in _checkpoint_dirs(crashed)
   result = subprocess.run(_train_py(crashed, steps), capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -128,6 +156,29 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog, d
   assert len(aside) == 1 and aside[0].startswith("8-")
 
 
+def _tree_snapshot(directory):
+  """{relative path: bytes} of every file under directory."""
+  return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), "rb").read()
+          for d, _, fs in os.walk(directory) for f in fs}
+
+
+def test_no_restorable_checkpoint_stops_the_run_and_changes_nothing(tmp_path):
+  """Every checkpoint damaged: the run stops with an error naming each step, instead of starting from scratch;
+  no checkpoint is deleted or moved aside and metrics.jsonl is not rewritten."""
+  config = tiny_config(tmp_path / "run", train__steps=8)
+  train_and_evaluate(config)
+  ckpts = tmp_path / "run" / "checkpoints"
+  assert sorted(os.listdir(ckpts)) == ["4", "8"]
+  for step in ("4", "8"):
+    victim = _largest_file(ckpts / step / "state")
+    with open(victim, "r+b") as f:
+      f.truncate(os.path.getsize(victim) // 2)
+  before = _tree_snapshot(tmp_path / "run")
+  with pytest.raises(RuntimeError, match=r"no checkpoint could be restored: step 8: .+; step 4: .+"):
+    train_and_evaluate(config)
+  assert _tree_snapshot(tmp_path / "run") == before
+
+
 def _poison_loss(monkeypatch, predicate):
   """Makes the loss NaN on the batches where predicate(tokens) holds (a traced, per-batch condition)."""
   original = trainer_lib._loss_sums
@@ -139,21 +190,73 @@ def _poison_loss(monkeypatch, predicate):
   monkeypatch.setattr(trainer_lib, "_loss_sums", poisoned)
 
 
+def _poison_gradients(monkeypatch, leaves, predicate=lambda tokens: True):
+  """Makes the gradients of the parameters at flat indices `leaves` NaN where predicate(tokens) holds, the loss
+  staying finite: sqrt(0 * |p|) adds 0 to the loss and has the derivative inf * 0 = NaN."""
+  original = trainer_lib._loss_sums
+
+  def poisoned(graphdef, params, batch, *args):
+    total, aux = original(graphdef, params, batch, *args)
+    flat = jax.tree.leaves(params)
+    nan_grad = sum(jnp.sum(jnp.sqrt(0.0 * jnp.abs(flat[i]))) for i in leaves)
+    return total + jnp.where(predicate(batch["tokens"]), nan_grad, 0.0), aux
+
+  monkeypatch.setattr(trainer_lib, "_loss_sums", poisoned)
+
+
+def _param_paths(config):
+  """The parameter paths in the order of the train state's leaves (the order the trainer names them in)."""
+  from flax import nnx
+
+  from gsa_jax.models import GSALM
+  from gsa_jax.train.config import validate_config
+
+  params = nnx.state(nnx.eval_shape(lambda: GSALM(validate_config(config), rngs=nnx.Rngs(0))), nnx.Param)
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
 def test_nonfinite_abort_names_the_step_and_keeps_checkpoints(tmp_path, monkeypatch):
   config = tiny_config(tmp_path / "run", train__steps=12)
   train_and_evaluate(config)
   before = final_state(config.workdir)
-  _poison_loss(monkeypatch, lambda tokens: True)
+  paths = _param_paths(config)
+  _poison_gradients(monkeypatch, leaves=[5, 2])  # two bad parameters: the first in the state's order is named
   config.train.steps = 20
-  with pytest.raises(NonFiniteError, match=r"step 13: non-finite loss or gradient"):
+  with pytest.raises(NonFiniteError, match=r"step 13: non-finite loss or gradient \(first parameter with a "
+                                           rf"non-finite gradient: {re.escape(paths[2])};"):
     train_and_evaluate(config)
   step, state = final_state(config.workdir)
   assert step == 12
   jax.tree.map(np.testing.assert_array_equal, state, before[1])
 
 
-def test_nonfinite_skip_leaves_params_unchanged_and_stops_after_n_in_a_row(tmp_path, monkeypatch):
-  # Skip bad batches: the run finishes and counts them; parameters move only on good steps.
+def test_nonfinite_skip_leaves_params_and_optimizer_unchanged(tmp_path, monkeypatch, caplog):
+  """Steps 5..8 have NaN gradients (finite loss): the state saved at step 8 holds step 4's params and optimizer
+  state exactly, each skipped step is logged naming the parameter, and the counters count them."""
+  config = tiny_config(tmp_path / "run", train__steps=4, train__nonfinite="skip")
+  train_and_evaluate(config)
+  _, good = final_state(config.workdir)
+  paths = _param_paths(config)
+  _poison_gradients(monkeypatch, leaves=[3])
+  config.train.steps = 8
+  with caplog.at_level("WARNING"):
+    train_and_evaluate(config)
+  step, skipped = final_state(config.workdir)
+  assert step == 8
+  for part in ("params", "opt_state"):
+    jax.tree.map(np.testing.assert_array_equal, skipped[part], good[part])
+  assert int(skipped["nonfinite_in_a_row"]) == int(skipped["nonfinite_total"]) == 4
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  for n, s in enumerate(range(5, 9), start=1):
+    assert any(w.startswith(f"step {s}: non-finite loss/gradient (first parameter with a non-finite gradient: "
+                            f"{paths[3]}); step skipped ({n} in a row)") for w in warnings), warnings
+  rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert [r["nonfinite_total"] for r in rows] == [0, 0, 0, 0, 1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) for r in rows)  # the loss itself stayed finite: the gradients were the cause
+
+
+def test_nonfinite_skip_counts_bad_steps_and_stops_after_n_in_a_row(tmp_path, monkeypatch):
+  # Skip bad batches: the run finishes and counts them.
   config = tiny_config(tmp_path / "skip", train__steps=12, train__nonfinite="skip")
   _poison_loss(monkeypatch, lambda tokens: jnp.sum(tokens) % 3 == 0)
   last = train_and_evaluate(config)
@@ -166,7 +269,7 @@ def test_nonfinite_skip_leaves_params_unchanged_and_stops_after_n_in_a_row(tmp_p
   # Always bad: stops after max_nonfinite_in_a_row consecutive bad steps.
   _poison_loss(monkeypatch, lambda tokens: True)
   config = tiny_config(tmp_path / "stop", train__steps=12, train__nonfinite="skip", train__max_nonfinite_in_a_row=3)
-  with pytest.raises(NonFiniteError, match=r"step 3: .* 3 bad step\(s\) in a row"):
+  with pytest.raises(NonFiniteError, match=r"step 3: .*the loss is not finite; .* 3 bad step\(s\) in a row"):
     train_and_evaluate(config)
 
 
@@ -174,7 +277,7 @@ def test_nonfinite_skip_leaves_params_unchanged_and_stops_after_n_in_a_row(tmp_p
     (["--config.data.source=text", "--config.data.path=/nonexistent/corpus.txt"], r"data.path"),
     (["--config.data.source=text", "--config.data.path={empty}"], r"data.path"),
     (["--config.data.source=text", "--config.data.path={text}", "--config.data.tokenizer={bad_tokenizer}"],
-     r"data.tokenizer"),
+     r"data.tokenizer: cannot load '.*tokenizer.json' as a tokenizer.json"),
 ])
 def test_bad_data_fails_early_and_writes_nothing(tmp_path, args, message):
   (tmp_path / "empty.txt").write_text("")
@@ -191,8 +294,25 @@ def test_bad_data_fails_early_and_writes_nothing(tmp_path, args, message):
 
 # ---- numerics ------------------------------------------------------------------------------------------------------
 
+def _op_value_and_grads(backend, dtype, q, k, v, s, g, **kw):
+  """o, the final state and the gradients of sum(o) + sum(hk) + sum(hv) w.r.t. q, k, v, s, g (inputs cast to
+  dtype; the float64 recurrence is the reference)."""
+  def loss(q, k, v, s, g):
+    o, final = gated_slot_attention(q, k, v, s, g, output_final_state=True, backend=backend, **kw)
+    return jnp.sum(o.astype(jnp.float32 if dtype != jnp.float64 else dtype)) + jnp.sum(final.hk) + jnp.sum(final.hv), \
+        (o, final.hk, final.hv)
+
+  with jax.enable_x64(dtype == jnp.float64):
+    (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+        *(jnp.asarray(x, dtype) for x in (q, k, v, s, g)))
+    return {name: np.asarray(x, np.float64) for name, x in
+            zip(("o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"), (*outs, *grads))}
+
+
 @pytest.mark.parametrize("backend", ["chunked", "recurrent"])
-def test_op_is_finite_at_65536_tokens_with_extreme_gates(backend):
+def test_op_at_65536_tokens_with_extreme_gates_matches_float64(backend):
+  """Finite, and equal to the float64 recurrence: outputs and states to 1e-5; gradients to 1e-3 (q and k of size
+  30 make the slot softmax sharp, which amplifies float32 rounding in the backward)."""
   t, m = 65_536, 8
   key = jax.random.split(jax.random.key(0), 5)
   q = jax.random.normal(key[0], (1, t, 1, 16)) * 30
@@ -201,37 +321,40 @@ def test_op_is_finite_at_65536_tokens_with_extreme_gates(backend):
   g = -jnp.exp(jax.random.uniform(key[3], (1, t, 1, m), minval=-20, maxval=np.log(1e3)))  # in [-1e3, -2e-9]
   g = jnp.where(jax.random.uniform(key[4], g.shape) < 0.1, 0.0, g)  # and exact zeros
   s = jax.random.uniform(key[4], (1, t, 1, m))
-
-  def loss(q, k, v, s, g):
-    o, final = gated_slot_attention(q, k, v, s, g, output_final_state=True, backend=backend, chunk_size=16)
-    return jnp.sum(o) + jnp.sum(final.hk) + jnp.sum(final.hv)
-
-  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, s, g)
-  assert np.isfinite(float(value))
-  for grad in grads:
-    assert np.isfinite(np.asarray(grad)).all()
+  got = _op_value_and_grads(backend, jnp.float32, q, k, v, s, g, chunk_size=16)
+  ref = _op_value_and_grads("recurrent", jnp.float64, q, k, v, s, g)
+  for name, value in got.items():
+    assert np.isfinite(value).all(), name
+    err, tol = rel_err(value, ref[name]), 1e-5 if name in ("o", "hk", "hv") else 1e-3
+    assert err <= tol, f"{name}: relative L2 error {err:.2e} > {tol:.0e}"
 
 
-def test_op_fuzz_never_produces_nan():
-  """Seeded random shapes, scales and gates in [-1e3, 0], float32 and bfloat16, forward and backward."""
+def test_op_fuzz_matches_float64():
+  """Seeded random shapes, scales and gates in [-1e3, 0], packed segments, float32 and bfloat16, forward and
+  backward: both backends finite and equal to the float64 recurrence on the same (rounded) inputs. Tolerance:
+  float32 rounding of slot logits of size ~scale^2 is amplified by the softmax, so 1e-5 * scale^2 (at least 1e-5);
+  bfloat16 outputs and gradients are rounded to 8 bits, so 1.5e-2."""
   rng = np.random.default_rng(0)
   for _ in range(8):
     b, t, h, grp = int(rng.integers(1, 3)), int(rng.integers(1, 90)), int(rng.integers(1, 3)), int(rng.integers(1, 3))
     dk, dv, m = (int(x) for x in rng.integers(1, 24, 3))
     dtype = [jnp.float32, jnp.bfloat16][int(rng.integers(0, 2))]
     scale = float(10 ** rng.uniform(-1, 2))
-    x = {n: jnp.asarray(rng.standard_normal(shape) * scale, dtype) for n, shape in
+    x = {n: np.asarray(jnp.asarray(rng.standard_normal(shape) * scale, dtype), np.float64) for n, shape in
          (("q", (b, t, h * grp, dk)), ("k", (b, t, h, dk)), ("v", (b, t, h, dv)))}
     g = -(10 ** rng.uniform(-8, 3, (b, t, h, m))) * (rng.uniform(size=(b, t, h, m)) > 0.2)
-    x["g"] = jnp.asarray(g, dtype)
-    x["s"] = jnp.asarray(rng.uniform(0, 1, (b, t, h, m)), dtype)
+    x["g"] = np.asarray(jnp.asarray(g, dtype), np.float64)
+    x["s"] = np.asarray(jnp.asarray(rng.uniform(0, 1, (b, t, h, m)), dtype), np.float64)
     ids = jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1), jnp.int32)
+    args = [x[n] for n in "qkvsg"]
+    ref = _op_value_and_grads("recurrent", jnp.float64, *args, segment_ids=ids)
+    tol = 1.5e-2 if dtype == jnp.bfloat16 else 1e-5 * max(1.0, scale) ** 2
     for backend in ("chunked", "recurrent"):
-      fn = lambda q, k, v, s, g: jnp.sum(gated_slot_attention(
-          q, k, v, s, g, segment_ids=ids, backend=backend, chunk_size=16)[0].astype(jnp.float32))
-      value, grads = jax.value_and_grad(fn, argnums=(0, 1, 2, 3, 4))(*(x[n] for n in "qkvsg"))
-      assert np.isfinite(float(value)), (backend, b, t, h, grp, dk, dv, m, dtype, scale)
-      assert all(np.isfinite(np.asarray(gr, np.float32)).all() for gr in grads), (backend, dtype, scale)
+      got = _op_value_and_grads(backend, dtype, *args, segment_ids=ids, chunk_size=16)
+      for name, value in got.items():
+        case = (backend, name, b, t, h, grp, dk, dv, m, jnp.dtype(dtype).name, scale)
+        assert np.isfinite(value).all(), case
+        assert rel_err(value, ref[name]) <= tol, (rel_err(value, ref[name]), tol, case)
 
 
 def test_model_is_finite_in_bfloat16_with_large_activations():
