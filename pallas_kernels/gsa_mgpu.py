@@ -194,7 +194,7 @@ def _state_pass(kind, a_ops, b_ops, dec, h0, *, block, interpret):
     state_slice = (bi, hi_, sl) if gv else (bi, hi_, slice(None), sl)
     plgpu.copy_gmem_to_smem(h0_ref.at[state_slice], f_smem, bars[-2].at[0])
     plgpu.barrier_wait(bars[-2].at[0])
-    h = plgpu.load(f_smem, (), layout=plgpu.Layout.WGMMA)
+    h = plgpu.load(f_smem, layout=plgpu.Layout.WGMMA)
 
     def step(ci, h):
       slot = lax.rem(ci, 2)
@@ -214,7 +214,7 @@ def _state_pass(kind, a_ops, b_ops, dec, h0, *, block, interpret):
         plgpu.barrier_wait(bars[x].at[slot])
       plgpu.barrier_wait(bars[-1].at[slot])
       # The chunk's decay runs along the slot axis: columns of hk, rows of hv.
-      d = plgpu.load(dec_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0 if gv else 1))
+      d = plgpu.load(dec_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0 if gv else 1))
       h = h * lax.broadcast_in_dim(d, shape, [1 if gv else 0])
       products = [(a.at[slot].T, bb.at[slot]) for a in a_smem for bb in b_smem]
       h = h + _matmul(shape, products)
