@@ -35,9 +35,9 @@ def _rel(x, ref):
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def kernel_work(b, t, hq, h, dk, dv, m, out_block):
-  """{kernel: (wgmma FLOPs, TMA bytes)} at padded widths dk, dv (multiples of 64) and m = 64; C = 64."""
-  c, n, ns = 64, t // 64, 4
+def kernel_work(b, t, hq, h, dk, dv):
+  """{kernel: (wgmma FLOPs, TMA bytes)} at padded widths dk, dv (multiples of 64), M padded to 64; C = 64."""
+  c, n, m = 64, t // 64, 64
   bf = 2  # bytes of a bf16 element
   gv_programs, gk_programs = b * h * dk // 64, b * h * dv // 64
   return {
@@ -90,7 +90,8 @@ def kernel_calls(xs, interpret):
       "state values": (lambda *a: state("gk", a[0], (a[1],), a[2], a[3], block=sb, interpret=interpret),
                        (s_end, v, dec, hv0)),
       "logits": (lambda *a: logits(*a, interpret=interpret), (q, k, hk, s_key)),
-      "output": (lambda *a: output(*a, block=bs.out_block, interpret=interpret), (rows, rows, s_key, diag, v, hv)),
+      "output": (lambda *a: output(*a, block=gsa_mgpu._fit(bs.out_block, dp), interpret=interpret),
+                 (rows, rows, s_key, diag, v, hv)),
   }
 
 
@@ -125,7 +126,7 @@ def main(argv=None):
             f"hv {_rel(st.hv, st_ref.hv):.2e}")
     try:
       dp = -(-d // 64) * 64
-      work = kernel_work(b, t, h, h, dp, dp, m, gsa_mgpu.BlockSizes().out_block)
+      work = kernel_work(b, t, h, h, dp, dp)
       for kernel, (fn, kargs) in kernel_calls(xs, args.interpret).items():
         try:
           ms, _ = timed(fn, kargs, args.repeats)

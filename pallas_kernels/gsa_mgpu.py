@@ -118,8 +118,8 @@ def _smem(shape, dtype):
 
 
 def _matmul(shape, products):
-  """sum of a @ b over `products` ((a, b) pairs: shared-memory refs or, for a, registers) as a float32 [rows,
-  cols] array in the WGMMA layout."""
+  """sum of a @ b over `products` ((a, b) pairs of shared-memory refs) as a float32 [rows, cols] array in the
+  WGMMA layout."""
   def body(acc_ref):
     for a, b in products:
       plgpu.wgmma(acc_ref, a, b)
@@ -161,7 +161,7 @@ def _state_pass(kind, a_ops, b_ops, dec, h0, *, block, interpret):
   (hi, lo) [b, T, h, m]; the slice owns `block` rows of dk. kind "gk" (value state hv [m, dv]): a_ops = (hi, lo)
   of s * exp(B), b_ops = (v [b, T, h, dv],); the slice owns `block` columns of dv. dec [b, h, n, m] float32: each
   chunk's total decay exp(sum of g); h0 [b, h, R, S] float32.
-  Returns (hs_hi, hs_lo) [b, h, n, R, S] (state entering each chunk, bf16 hi + lo parts) and ht [b, h, R, S] f32.
+  Returns (hs_hi, hs_lo) [b, h, n, R, S] (state entering each chunk, 16-bit hi + lo parts) and ht [b, h, R, S] f32.
   """
   b, t, nh = a_ops[0].shape[:3]
   n = t // _CHUNK
@@ -362,7 +362,8 @@ def _output_pass(pq, pf, sk, bd, v, hv, *, block, interpret):
     plgpu.wait_smem_to_gmem(0)
 
   scratch = [_smem((4, _CHUNK, m), cd), _smem((2, _NS - 1, _CHUNK, m), cd), _smem((2, _CHUNK, _CHUNK), cd),
-             _smem((2, _CHUNK, _CHUNK), cd), _smem((_CHUNK, block), cd), plgpu.Barrier(num_barriers=4 + 2 * (_NS - 1) + 2)]
+             _smem((2, _CHUNK, _CHUNK), cd), _smem((_CHUNK, block), cd),
+             plgpu.Barrier(num_barriers=4 + 2 * (_NS - 1) + 2)]  # one per copy
   return plgpu.kernel(
       body, out_type=jax.ShapeDtypeStruct((b, t, hq, dv), cd), scratch_types=scratch, grid=(t // _CHUNK, hq, b),
       grid_names=("chunk", "head", "batch"), interpret=_interpret_params(interpret),
