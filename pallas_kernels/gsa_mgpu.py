@@ -274,6 +274,9 @@ def _logits_pass(q, k, hk, sk, *, interpret):
         plgpu.wgmma(scores_ref, q_s, k_s.T)
         plgpu.wgmma(zi_acc, q_s, hh_s)
         plgpu.wgmma(zi_acc, q_s, hl_s)
+        # delay_release=1: the next fetch overwrites the previous step's buffers, so its products must be done;
+        # this step's last product may still run.
+        plgpu.wgmma_wait(1)
 
       plgpu.emit_pipeline(kstep, grid=(dk // _TILE,),
                           in_specs=[block_spec((_CHUNK, _TILE)), block_spec((_CHUNK, _TILE)), state_spec,

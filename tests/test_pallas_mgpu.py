@@ -11,6 +11,7 @@ barriers and wgmma there; it checks the kernels' math and indexing, not the comp
 from __future__ import annotations
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,18 @@ class TestPallasMGPU:
 
 class TestPallasMGPUInterpret(TestPallasMGPU):
   INTERPRET = True
+
+
+def test_kernels_lower_for_cuda():
+  """Pallas' Mosaic GPU lowering (tilings and swizzles, wgmma operand shapes and transposes, layouts) runs without
+  a GPU: the forward at the anchor widths (K = V = 512, M = 64, grouped heads) lowers for CUDA into its four
+  Mosaic GPU kernels. Compiling them to machine code needs the GPU (`TestPallasMGPU`)."""
+  q = jax.ShapeDtypeStruct((1, 128, 4, 512), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 128, 2, 512), jnp.bfloat16)
+  sg = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+  fwd = jax.jit(lambda *x: gsa_pallas_mgpu(*x, scale=1.0, interpret=False))
+  text = fwd.trace(q, kv, kv, sg, sg).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @(\w+)", text) == ["mosaic_gpu_v2"] * 4
 
 
 def test_unsupported_reason():
