@@ -394,13 +394,13 @@ def _key_decays(f16, b16):
   return jnp.stack(kf, axis=-2).reshape(b, t, h, _NS - 1, m)
 
 
-def _diag_decays(f16):
-  """f16 [b, T, h, m] -> [b, T / SUB, SUB (i), SUB (j), h, m]: exp(F_i - F_j) inside each sub-chunk for j <= i,
-  else 0 (a difference of prefix sums inside 16 rows: the one place where a decay is not a sum of one sign)."""
-  b, t, h, m = f16.shape
-  f = f16.reshape(b, t // _SUB, _SUB, h, m)
+def _diag_writes(s16, f16):
+  """s16, f16 [b, T / SUB, SUB, h, m] -> [b, T / SUB, SUB (i), SUB (j), h, m]: the slot write of row j as row i of
+  the same sub-chunk sees it, s_j * exp(F_i - F_j) for j <= i, else 0. F_i - F_j is a difference of prefix sums
+  inside 16 rows: the one decay that is not a sum of one sign (the Triton kernels' diagonal walk rounds alike)."""
   causal = (jnp.arange(_SUB)[:, None] >= jnp.arange(_SUB)[None, :])[:, :, None, None]
-  return jnp.exp(jnp.where(causal, f[:, :, :, None] - f[:, :, None, :], -jnp.inf))
+  decay = jnp.exp(jnp.where(causal, f16[:, :, :, None] - f16[:, :, None, :], -jnp.inf))
+  return s16[:, :, None] * decay
 
 
 def _diag_blocks(x):
@@ -417,7 +417,8 @@ def _block_diagonal(x):
   elsewhere (the inverse of `_diag_blocks`)."""
   b, n16, _, hq, _ = x.shape
   x = x.reshape(b, n16 // _NS, _NS, _SUB, hq, _SUB)
-  x = jnp.einsum("bnaiqj,ac->bnaiqcj", x, jnp.eye(_NS, dtype=x.dtype))
+  on_diagonal = jnp.eye(_NS, dtype=x.dtype)[:, None, None, :, None]  # [a, 1, 1, c, 1]
+  x = x[:, :, :, :, :, None, :] * on_diagonal  # [b, n, a, i, hq, c, j]
   return x.reshape(b, n16 * _SUB, hq, _CHUNK)
 
 
@@ -470,13 +471,15 @@ def _forward(cfg: _Config, q, k, v, s, g, hk0, hv0):
   dec = jnp.swapaxes(jnp.exp(f64[:, _CHUNK - 1::_CHUNK]), 1, 2)  # [b, h, n, m]: each chunk's total decay
   s_end = _split(sp * jnp.exp(b64), cd)  # decayed to the chunk's end: the state update's slot side
   s_key = _split(sp[..., None, :] * _key_decays(f16, b16), cd)
-  e_diag = _diag_decays(f16)
   s16 = sp.reshape(b, tp // _SUB, _SUB, h, mp)
+  w_diag = _diag_writes(s16, f16.reshape(s16.shape))[:, :, :, :, :, None]  # [b, N, i, j, h, 1, m]
   f_chunk, f_sub = jnp.exp(f64), jnp.exp(f16)  # decays from the chunk's / the sub-chunk's start
 
   hk, hkt = _state_pass("gv", (kpd,), s_end, dec, hk0p, block=cfg.key_block, interpret=cfg.interpret)
   zi, zo, scores = _logits_pass(qp, kpd, hk, s_key, interpret=cfg.interpret)
-  z_diag = jnp.einsum("bnihgj,bnjhm,bnijhm->bnihgm", _by_group(_diag_blocks(scores), grp), s16, e_diag)
+  # Multiply-and-sum forms (not einsum) so that XLA fuses each into one reduction over [b, N, i, j, h, g, m].
+  scores16 = jnp.moveaxis(_by_group(_diag_blocks(scores), grp), -1, 3)  # [b, N, i, j, h, g]
+  z_diag = jnp.sum(scores16[..., None] * w_diag, axis=3)  # [b, N, i, h, g, m]
   z = (_by_group(zi, grp) * f_chunk.reshape(s16.shape)[:, :, :, :, None] + z_diag
        + _by_group(zo, grp) * f_sub.reshape(s16.shape)[:, :, :, :, None])
   z = cfg.scale * z.reshape(b, tp, hq, mp)
@@ -484,7 +487,8 @@ def _forward(cfg: _Config, q, k, v, s, g, hk0, hv0):
 
   hv, hvt = _state_pass("gk", s_end, (vpd,), dec, hv0p, block=cfg.value_block, interpret=cfg.interpret)
   pg = _by_group(p, grp)
-  b_diag = jnp.einsum("bnihgm,bnjhm,bnijhm->bnihgj", pg, s16, e_diag).reshape(b, tp // _SUB, _SUB, hq, _SUB)
+  b_diag = jnp.moveaxis(jnp.sum(pg[:, :, :, None] * w_diag, axis=-1), 3, -1)  # [b, N, i, h, g, j]
+  b_diag = b_diag.reshape(b, tp // _SUB, _SUB, hq, _SUB)
   on_queries = lambda f: (pg * f.reshape(s16.shape)[:, :, :, :, None]).reshape(b, tp, hq, mp)
   o = _output_pass(_split(on_queries(f_sub), cd), _split(on_queries(f_chunk), cd), s_key,
                    _split(_block_diagonal(b_diag), cd), vpd, hv, block=cfg.out_block, interpret=cfg.interpret)
