@@ -1,7 +1,7 @@
 """The Mosaic GPU forward kernels (`pallas_kernels/gsa_mgpu.py`) against the Triton forward (`pallas_gpu`).
 
     python benchmarks/bench_mgpu.py                          # anchor shapes B8 T2048 and B1 T16384, H4 K=V=512 M64
-    python benchmarks/bench_mgpu.py --shapes 2,256,4,64,32 --repeats 50
+    python benchmarks/bench_mgpu.py --shapes 2,256,4,64,32 --repeats 50 --backward
     python benchmarks/bench_mgpu.py --shapes 1,128,1,64,16 --repeats 1 --interpret   # CPU dry run of the script
 
 Inputs as `bench_pallas_gpu.py` makes them (docs/anchors.md's recipe, bf16). Per shape: the forward of both
@@ -99,6 +99,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--shapes", default="8,2048,4,512,64;1,16384,4,512,64", help="B,T,H,D,M;...")
   ap.add_argument("--repeats", type=int, default=30)
+  ap.add_argument("--backward", action="store_true",
+                  help="also time fwd+bwd (both backends' backward is the Triton kernels'; compiles take longer)")
   ap.add_argument("--interpret", action="store_true", help="interpret the kernels (a CPU check of this script)")
   args = ap.parse_args(argv)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -106,20 +108,26 @@ def main(argv=None):
   for spec in args.shapes.split(";"):
     b, t, h, d, m = (int(x) for x in spec.split(","))
     name = f"B{b} T{t} H{h} K=V{d} M{m}"
-    xs, _ = make(b, t, h, d, m)
-    fwd = {
-        "pallas_gpu": jax.jit(lambda *x: gsa_pallas_gpu(*x, scale=1.0, interpret=args.interpret)),
-        "pallas_mgpu": jax.jit(lambda *x: gsa_mgpu.gsa_pallas_mgpu(*x, scale=1.0, interpret=args.interpret)),
+    xs, do = make(b, t, h, d, m)
+    impls = {
+        "pallas_gpu": lambda *x: gsa_pallas_gpu(*x, scale=1.0, interpret=args.interpret),
+        "pallas_mgpu": lambda *x: gsa_mgpu.gsa_pallas_mgpu(*x, scale=1.0, interpret=args.interpret),
     }
     outs = {}
-    for backend, fn in fwd.items():
-      try:
-        ms, _ = timed(fn, xs, args.repeats)
-        outs[backend] = fn(*xs)
-        table.append((name, backend + " forward", f"{ms:.3f}", "", ""))
-      except Exception:  # noqa: BLE001  (report and go on: one call must give the lead every number it can)
-        traceback.print_exc()
-        table.append((name, backend + " forward", "FAILED", "", ""))
+    for backend, impl in impls.items():
+      programs = {"forward": (jax.jit(impl), xs)}
+      if args.backward:
+        programs["fwd+bwd"] = (jax.jit(lambda *a, impl=impl: jax.vjp(lambda *x: impl(*x)[0], *a[:5])[1](a[5])),
+                               (*xs, do))
+      for what, (fn, fargs) in programs.items():
+        try:
+          ms, _ = timed(fn, fargs, args.repeats)
+          if what == "forward":
+            outs[backend] = fn(*fargs)
+          table.append((name, f"{backend} {what}", f"{ms:.3f}", "", ""))
+        except Exception:  # noqa: BLE001  (report and go on: one call must give the lead every number it can)
+          traceback.print_exc()
+          table.append((name, f"{backend} {what}", "FAILED", "", ""))
     if len(outs) == 2:
       (o, st), (o_ref, st_ref) = outs["pallas_mgpu"], outs["pallas_gpu"]
       print(f"{name}: mgpu vs triton relative L2: o {_rel(o, o_ref):.2e}, hk {_rel(st.hk, st_ref.hk):.2e}, "

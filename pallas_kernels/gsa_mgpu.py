@@ -8,23 +8,26 @@ hv [m, dv]. Chunks of C = 64 tokens, split into 16-row sub-chunks (`gsa_common.S
 exponentiated is a sum of gates of one sign (`gsa_common.chunk_gate_sums`). Per attention:
 
 - `_state_pass` (sequential over chunks): one warpgroup per (state slice, kv head, batch) keeps the float32 state
-  in registers and per chunk does  H <- H * exp(chunk total) + A^T @ B  as one wgmma (A, B: [C, .] tiles copied
+  in registers and per chunk does  H <- H * exp(chunk total) + A^T @ B  as wgmmas (A, B: [C, .] tiles copied
   into shared memory by TMA, double buffered; the token axis is the contraction, so A is read transposed from
-  shared memory). It writes the state entering every chunk as bf16 hi + lo parts (the exact float32 value to
-  ~2^-16, and directly usable as wgmma operands) and the final state in float32.
+  shared memory; the float32 side as hi + lo). It writes the state entering every chunk as 16-bit hi + lo parts
+  (the float32 value to ~2^-16, directly usable as wgmma operands) and the final state in float32.
 - `_logits_pass` (GV outputs, parallel over chunks): per (chunk, query head, batch), an `emit_pipeline` over dk
   blocks of 64 accumulates the scores q @ k^T [C, C] and the inter-chunk product q @ hk [C, m] (two wgmmas, hk hi
-  and lo); then the off-diagonal sub-chunk products sum_a rows_a(scores) @ (s * KF_a) (scores split hi + lo in
-  registers). The diagonal 16 x 16 blocks and the gate factors are applied in XLA (see below).
-- `_output_pass` (GK outputs, parallel over chunks and dv blocks): the gated intra-chunk scores
-  sum_a rows_a((p * QF) @ (s * KF_a)^T) in registers, then o = scores @ v + diag_scores @ v + (p * exp(F)) @ hv.
+  and lo); then the off-diagonal sub-chunk products sum_a rows_a(scores) @ (s * KF_a) (scores staged in shared
+  memory as hi + lo). The diagonal 16 x 16 blocks and the gate factors are applied in XLA (see below).
+- `_output_pass` (GK outputs, parallel over chunks): the gated intra-chunk scores sum_a rows_a((p * QF) @
+  (s * KF_a)^T) (staged in shared memory as hi + lo), then, walking dv in blocks with an `emit_pipeline`,
+  o = scores @ v + diag_scores @ v + (p * exp(F)) @ hv.
+- Mosaic GPU's interpreter (jax 0.11.2) reads both wgmma operands from shared memory and has no `pl.run_state`
+  accumulators or predicated stores; the kernels keep to what it runs, so that the CPU tests cover them.
 
-XLA does the elementwise work around the kernels, all of it on [T, m]-sized arrays: the gate sums, the decayed
-operands (s * exp(B), s * KF_a, p * QF, p * exp(F)) split into hi + lo parts, the softmax, and the diagonal
-16 x 16 sub-chunk blocks (exp(F_i - F_j) inside one sub-chunk, the only decay that is a difference; the same
-rounding as the Triton kernels' diagonal walk). `QF` = exp(prefix sum inside the query's sub-chunk), `KF_a` = the
-decay from a key to the start of query sub-chunk a (0 for keys not before a), `exp(F)` / `exp(B)` the decays from
-the chunk start / to the chunk end.
+XLA does the elementwise work around the kernels, on [T, m]-sized arrays: the gate sums, the decayed operands
+(s * exp(B), s * KF_a, p * QF, p * exp(F)) split into hi + lo parts, the softmax, and the diagonal 16 x 16
+sub-chunk blocks (fused reductions over [T, 16, m]; exp(F_i - F_j) inside one sub-chunk is the only decay that is
+a difference, rounded as in the Triton kernels' diagonal walk). `QF` = exp(prefix sum inside the query's
+sub-chunk), `KF_a` = the decay from a key to the start of query sub-chunk a (0 for keys not before a), `exp(F)` /
+`exp(B)` the decays from the chunk start / to the chunk end.
 
 Precision: every float32 operand of a product is carried as bf16 (or fp16) hi + lo, as the Triton kernels do
 with `split_all=True`; accumulation is float32.
