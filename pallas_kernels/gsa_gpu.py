@@ -600,6 +600,35 @@ _gsa_core.defvjp(_core_fwd, _core_bwd)
 # Public entry points.
 # ---------------------------------------------------------------------------------------------------------------
 
+def make_config(q, k, v, s, *, scale: float, block_sizes: BlockSizes | None, interpret: bool,
+                vary: frozenset) -> _Config:
+  """The kernels' static configuration for these input shapes (padding, chunk, state segments); also used by
+  `gsa_mgpu`, whose backward is these kernels'."""
+  bs = block_sizes or BlockSizes()
+  b, t, hq, dk = q.shape
+  h, dv, m = k.shape[2], v.shape[3], s.shape[3]
+  # block_sizes.chunk is the kernels' chunk (the op's chunk_size is the chunked reference's knob).
+  chunk = max(_SUB, min(bs.chunk, _next_pow2(t)))
+  chunk = -(-chunk // _SUB) * _SUB
+  kp, bk = _padded(dk, bs.block_k)
+  vp, bv = _padded(dv, bs.block_v)
+  n_chunks = -(-t // chunk)
+  if bs.state_segments is None:
+    segments = auto_state_segments(b, h, max(kp, vp), n_chunks)
+  else:
+    segments = max(1, min(bs.state_segments, n_chunks))  # no more segments than chunks
+  tp = -(-t // (chunk * segments)) * chunk * segments
+  mp = max(16, _next_pow2(m))
+  cd = jnp.result_type(q.dtype, k.dtype, v.dtype, s.dtype)
+  low = None if cd == jnp.float32 else cd
+  return _Config(t=t, tp=tp, dk=dk, kp=kp, bk=bk, dv=dv, vp=vp, bv=bv, m=m, mp=mp, grp=hq // h, scale=float(scale),
+                chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
+                split_all=bs.split_all, interpret=bool(interpret), state_block=bs.state_block,
+                state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages,
+                recompute_states=bs.recompute_states, state_segments=segments,
+                vary=vary)
+
+
 def gsa_pallas_gpu(
     q: jax.Array,
     k: jax.Array,
@@ -634,29 +663,10 @@ def gsa_pallas_gpu(
               "Pallas' interpreter does not support; using 'chunked'.")
     return chunk_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
                      chunk_size=chunk_size)
-  bs = block_sizes or BlockSizes()
-  b, t, hq, dk = q.shape
-  h, dv, m = k.shape[2], v.shape[3], s.shape[3]
-  # block_sizes.chunk is the kernels' chunk (the op's chunk_size is the chunked reference's knob).
-  chunk = max(_SUB, min(bs.chunk, _next_pow2(t)))
-  chunk = -(-chunk // _SUB) * _SUB
-  kp, bk = _padded(dk, bs.block_k)
-  vp, bv = _padded(dv, bs.block_v)
-  n_chunks = -(-t // chunk)
-  if bs.state_segments is None:
-    segments = auto_state_segments(b, h, max(kp, vp), n_chunks)
-  else:
-    segments = max(1, min(bs.state_segments, n_chunks))  # no more segments than chunks
-  tp = -(-t // (chunk * segments)) * chunk * segments
-  mp = max(16, _next_pow2(m))
+  cfg = make_config(q, k, v, s, scale=scale, block_sizes=block_sizes, interpret=interpret,
+                    vary=varying_axes(q, k, v, s, g, segment_ids))
+  b, h, dk, dv, m = q.shape[0], k.shape[2], k.shape[3], v.shape[3], s.shape[3]
   cd = jnp.result_type(q.dtype, k.dtype, v.dtype, s.dtype)
-  low = None if cd == jnp.float32 else cd
-  cfg = _Config(t=t, tp=tp, dk=dk, kp=kp, bk=bk, dv=dv, vp=vp, bv=bv, m=m, mp=mp, grp=hq // h, scale=float(scale),
-                chunk=chunk, num_warps=bs.num_warps, num_stages=bs.num_stages, low_precision=low,
-                split_all=bs.split_all, interpret=bool(interpret), state_block=bs.state_block,
-                state_num_warps=bs.state_num_warps, state_num_stages=bs.state_num_stages,
-                recompute_states=bs.recompute_states, state_segments=segments,
-                vary=varying_axes(q, k, v, s, g, segment_ids))
 
   s, g, _, valid, doc = _documents(s, g, segment_ids)
   if initial_state is None:

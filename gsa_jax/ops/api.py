@@ -14,7 +14,7 @@ from gsa_jax.ops.chunked import chunk_gsa
 from gsa_jax.ops.common import GSAState, to_varying, varying_axes
 from gsa_jax.ops.recurrent import recurrent_gsa
 
-BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_tpu")
+BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_mgpu", "pallas_tpu")
 
 _log = logging.getLogger(__name__)
 
@@ -31,6 +31,11 @@ def _pallas_gpu(q, k, v, s, g, **kwargs):
   return gsa_pallas_gpu(q, k, v, s, g, **kwargs)
 
 
+def _pallas_mgpu(q, k, v, s, g, **kwargs):
+  from pallas_kernels.gsa_mgpu import gsa_pallas_mgpu  # noqa: PLC0415
+  return gsa_pallas_mgpu(q, k, v, s, g, **kwargs)
+
+
 def _pallas_tpu(q, k, v, s, g, **kwargs):
   from pallas_kernels.gsa_tpu import gsa_pallas_tpu  # noqa: PLC0415
   return gsa_pallas_tpu(q, k, v, s, g, **kwargs)
@@ -40,7 +45,7 @@ def _pallas_tpu(q, k, v, s, g, **kwargs):
 _IMPLEMENTATIONS: dict[str, Callable] = {
     name: jax.jit(fn, static_argnames=("scale", "chunk_size"))
     for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa), ("pallas_gpu", _pallas_gpu),
-                     ("pallas_tpu", _pallas_tpu))
+                     ("pallas_mgpu", _pallas_mgpu), ("pallas_tpu", _pallas_tpu))
 }
 
 
@@ -197,7 +202,7 @@ def gated_slot_attention(
       changes (relative to the previous non-padding token); id 0 is padding: it leaves the state unchanged and
       gets o = 0.
     chunk_size: chunk length of the chunked backends; a positive power of two.
-    backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_tpu".
+    backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_mgpu" | "pallas_tpu".
 
   Returns:
     o [B, T, HQ, V] in q's dtype, and GSAState(hk, hv) in float32 (float64 for float64 inputs) or None.

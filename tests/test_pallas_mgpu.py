@@ -1,0 +1,157 @@
+"""The Mosaic GPU forward kernels (`pallas_kernels/gsa_mgpu.py`) against the float64 recurrence.
+
+`TestPallasMGPUInterpret` runs in the CPU suite through Mosaic GPU's interpreter (jax 0.11.2 runs TMA copies,
+barriers and wgmma there; it checks the kernels' math and indexing, not the compiled layouts or timing).
+`TestPallasMGPU` runs the same cases compiled for a Hopper GPU and is skipped without a GPU:
+
+    GPU machine:  python -m pytest -q tests/test_pallas_mgpu.py -k "not Interpret" -m "slow or not slow"
+    CPU, all interpreted cases:  python -m pytest -q tests/test_pallas_mgpu.py -m "slow or not slow"
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gsa_jax.ops import BACKENDS, gated_slot_attention, resolve_backend
+from gsa_jax.ops.common import RESIDUALS_NAME
+from pallas_kernels import gsa_mgpu
+from pallas_kernels.gsa_mgpu import BlockSizes, gsa_pallas_mgpu, unsupported_reason
+from tests.gsa_testing import KERNEL_TOL, cast, forward_and_grads, kernel_forward_and_grads, make_inputs, rel_err
+
+ON_GPU = jax.default_backend() == "gpu"
+
+# t, dk, dv, m, hq, h, gate, with_state, dtype. One chunk (float16); several chunks with a ragged tail, widths
+# padded to 64, grouped heads and an initial state; extreme gates (g = 0 next to g = -1e3); several feature blocks
+# per program.
+CASES = {
+    "t64_f16": (64, 64, 64, 64, 1, 1, "logsigmoid", False, "float16"),
+    "t130_gqa_state": (130, 80, 160, 20, 2, 1, "logsigmoid", True, "bfloat16"),
+    "gates_mixed_gqa_state": (70, 16, 12, 10, 2, 1, "mixed", True, "bfloat16"),
+    "wide_blocks_gqa_state": (200, 192, 256, 64, 4, 2, "logsigmoid", True, "bfloat16"),
+}
+# Relative L2 error vs float64: the bf16 bar, for float16 too (the kernels' float16 error is ~10x smaller).
+TOL = KERNEL_TOL["bfloat16"]
+SLOW = ("wide_blocks_gqa_state",)
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+class TestPallasMGPU:
+  INTERPRET = False
+
+  @pytest.fixture(autouse=True)
+  def _need_gpu(self):
+    if not self.INTERPRET and not ON_GPU:
+      pytest.skip("compiled Mosaic GPU kernels need a Hopper GPU (the interpreted class runs these cases on CPU)")
+
+  @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
+  def test_forward_matches_float64_recurrence(self, x64, case):
+    t, dk, dv, m, hq, h, gate, with_state, dtype = CASES[case]
+    dtype = jnp.dtype(dtype)
+    x = make_inputs(list(CASES).index(case) + 200, b=2, t=t, hq=hq, h=h, dk=dk, dv=dv, m=m, gate=gate,
+                    with_state=with_state, dtype=dtype)
+    with jax.enable_x64(False):
+      xb = cast(x, dtype)
+      call = jax.jit(lambda x: gsa_pallas_mgpu(**x, scale=0.7, interpret=self.INTERPRET))
+      o, final = call(xb)
+    o_ref, final_ref = gated_slot_attention(**cast(x, jnp.float64), scale=0.7, backend="recurrent",
+                                            output_final_state=True)
+    assert o.dtype == dtype and o.shape == o_ref.shape
+    assert final.hk.dtype == jnp.float32 and final.hk.shape == final_ref.hk.shape
+    assert final.hv.shape == final_ref.hv.shape
+    for name, got, ref in (("o", o, o_ref), ("hk", final.hk, final_ref.hk), ("hv", final.hv, final_ref.hv)):
+      assert np.isfinite(np.asarray(got, np.float32)).all(), f"non-finite values in {name}"
+      err = rel_err(got, ref)
+      assert err <= TOL, f"{name}: relative L2 error {err:.2e}"
+
+  @pytest.mark.slow
+  def test_gradients_match_float64_recurrence(self, x64):
+    """The backward (the Triton kernels', on this forward's residuals), every input gradient."""
+    x = make_inputs(300, b=2, t=70, hq=2, h=1, dk=16, dv=24, m=10, with_state=True, dtype=jnp.bfloat16)
+    with jax.enable_x64(False):
+      got = kernel_forward_and_grads(gsa_pallas_mgpu, cast(x, jnp.bfloat16), fast_cpu_compile=not ON_GPU,
+                                     scale=0.7, interpret=self.INTERPRET)
+    ref = forward_and_grads(cast(x, jnp.float64), backend="recurrent", scale=0.7)
+    assert set(got) == set(ref)
+    for name in ref:
+      err = rel_err(got[name], ref[name])
+      assert err <= KERNEL_TOL["bfloat16"], f"{name}: relative L2 error {err:.2e}"
+
+
+class TestPallasMGPUInterpret(TestPallasMGPU):
+  INTERPRET = True
+
+
+def test_kernels_lower_for_cuda():
+  """Pallas' Mosaic GPU lowering (tilings and swizzles, wgmma operand shapes and transposes, layouts) runs without
+  a GPU: the forward at the anchor widths (K = V = 512, M = 64, grouped heads) lowers for CUDA into its four
+  Mosaic GPU kernels. Compiling them to machine code needs the GPU (`TestPallasMGPU`)."""
+  q = jax.ShapeDtypeStruct((1, 128, 4, 512), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 128, 2, 512), jnp.bfloat16)
+  sg = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16)
+  fwd = jax.jit(lambda *x: gsa_pallas_mgpu(*x, scale=1.0, interpret=False))
+  text = fwd.trace(q, kv, kv, sg, sg).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @(\w+)", text) == ["mosaic_gpu_v2"] * 4
+
+
+def test_unsupported_reason():
+  x = cast(make_inputs(1, t=8, dk=8, dv=8, m=8), jnp.bfloat16)
+  args = [x[n] for n in "qkvsg"]
+  assert unsupported_reason(*args) is None
+  assert "dtypes" in unsupported_reason(*[a.astype(jnp.float32) for a in args])
+  assert "segment_ids" in unsupported_reason(*args, segment_ids=jnp.ones((2, 8), jnp.int32))
+  wide = cast(make_inputs(1, t=8, dk=8, dv=8, m=65), jnp.bfloat16)
+  assert "M=65" in unsupported_reason(*[wide[n] for n in "qkvsg"])
+
+
+def test_unsupported_inputs_go_to_pallas_gpu(caplog):
+  """float32 inputs are not the wgmma kernels' (16-bit operands): the call is the Triton backend's, logged."""
+  x = cast(make_inputs(3, b=1, t=9, hq=1, h=1, dk=8, dv=8, m=6), jnp.float32)
+  gsa_mgpu._log_once.cache_clear()  # the reason is logged once per process; other tests may have logged it
+  with caplog.at_level(logging.WARNING):
+    o, _ = gsa_pallas_mgpu(**x, scale=0.5, interpret=True)
+  o_ref, _ = gated_slot_attention(**x, scale=0.5, backend="chunked")
+  np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
+  assert any("'pallas_mgpu' does not support dtypes" in r.getMessage() for r in caplog.records)
+
+
+def test_block_sizes_are_validated():
+  with pytest.raises(ValueError, match="state_block=96"):
+    BlockSizes(state_block=96)
+  with pytest.raises(ValueError, match="out_block=0"):
+    BlockSizes(out_block=0)
+
+
+def test_backend_is_selectable_and_auto_keeps_triton():
+  assert "pallas_mgpu" in BACKENDS
+  assert resolve_backend("pallas_mgpu") == "pallas_mgpu"
+  assert resolve_backend("auto", "gpu") == "pallas_gpu"
+
+
+@pytest.mark.parametrize("names,expected", [((), set()), ((RESIDUALS_NAME,), {"logits", "final"})])
+def test_remat_policy_keeps_named_residuals(names, expected, capsys):
+  """The float32 slot logits and final states are saved under RESIDUALS_NAME, which a remat policy may keep
+  (instead of rerunning the forward kernels in the backward). Traced only (nothing runs)."""
+  b, t, h, d, m = 1, 128, 2, 48, 16  # key states [.., d, m]: d != m tells them apart
+  x = cast(make_inputs(0, b=b, t=t, hq=2 * h, h=h, dk=d, dv=d, m=m), jnp.bfloat16)
+  policy = jax.checkpoint_policies.save_only_these_names(*names) if names else jax.checkpoint_policies.nothing_saveable
+
+  def loss(q, k, v, s, g):
+    o, _ = gsa_pallas_mgpu(q, k, v, s, g, scale=1.0, interpret=False)  # traced only: the compiled kernels
+    return jnp.sum(o.astype(jnp.float32) ** 2)
+
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=policy), *(x[n] for n in "qkvsg"))
+  kept = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+  shapes = {"logits": f"f32[{b},{t},{2 * h},{m}]", "final": f"f32[{b},{h},{d},{m}]"}
+  assert {name for name, shape in shapes.items() if shape in kept} == expected
