@@ -1,0 +1,133 @@
+"""The fused attention implementations against the explicit-mask reference (gsa_jax.layers.fused_attention).
+
+On CPU the Pallas GPU flash kernel and TPU splash attention run in Pallas interpret mode; cuDNN only runs on a GPU
+(the test skips elsewhere).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gsa_jax.layers import CausalSelfAttention
+from gsa_jax.layers.common import token_layout
+from gsa_jax.layers.fused_attention import causal_attention, fused_segment_ids, resolve_attention_implementation
+from gsa_jax.models import GSAConfig, GSALM
+
+# Two packed rows: padding inside a document (transparent), leading padding, a document id reused after another,
+# trailing padding. T = 40 is not a multiple of the kernels' block (padded inside).
+SEGMENTS = np.array([[1] * 10 + [0] * 3 + [1] * 5 + [2] * 12 + [0] * 10,
+                     [0] * 4 + [3] * 20 + [5] * 10 + [0] * 2 + [5] * 4], np.int32)
+
+
+def _qkv(b, t, hq, h, dh, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.key(0), 3)
+  return (jax.random.normal(ks[0], (b, t, hq, dh), dtype), jax.random.normal(ks[1], (b, t, h, dh), dtype),
+          jax.random.normal(ks[2], (b, t, h, dh), dtype))
+
+
+def _reference_mask(layout):
+  t = layout.valid.shape[1]
+  same_doc = layout.doc[:, :, None] == layout.doc[:, None, :]
+  return np.tril(np.ones((t, t), bool))[None] & np.asarray(same_doc & layout.valid[:, None, :])
+
+
+def test_fused_segment_ids_give_the_reference_mask_on_every_real_query():
+  layout = token_layout(jnp.asarray(SEGMENTS), *SEGMENTS.shape)
+  ids = np.asarray(fused_segment_ids(layout))
+  t = SEGMENTS.shape[1]
+  fused = np.tril(np.ones((t, t), bool))[None] & (ids[:, :, None] == ids[:, None, :])
+  valid = np.asarray(layout.valid)
+  np.testing.assert_array_equal(fused[valid], _reference_mask(layout)[valid])
+  # A padding query reads exactly itself: no fully masked row for the kernels' softmax.
+  np.testing.assert_array_equal(fused[~valid].sum(-1), 1)
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "splash"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_fused_forward_and_gradients_match_the_reference(implementation, heads):
+  hq, h = heads
+  q, k, v = _qkv(*SEGMENTS.shape, hq, h, 16)
+  layout = token_layout(jnp.asarray(SEGMENTS), *SEGMENTS.shape)
+  w = jax.random.normal(jax.random.key(1), q.shape)  # a loss that weights every output differently
+
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(w * causal_attention(q, k, v, layout, impl))
+
+  (out, grads), (ref_out, ref_grads) = (
+      jax.value_and_grad(loss(impl), argnums=(0, 1, 2))(q, k, v) for impl in (implementation, "xla"))
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-4)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+  o = causal_attention(q, k, v, layout, implementation)
+  assert not np.any(np.asarray(o)[~np.asarray(layout.valid)])  # padding queries read nothing
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU")
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_cudnn_matches_the_reference_on_a_gpu(heads):
+  b, t, (hq, h), dh = 2, 256, heads, 64
+  q, k, v = _qkv(b, t, hq, h, dh, jnp.bfloat16)
+  layout = token_layout(None, b, t)
+
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(causal_attention(q, k, v, layout, impl, packed=False).astype(jnp.float32) ** 2)
+
+  assert resolve_attention_implementation("auto", platform="gpu", dtype=q.dtype, head_dim=dh, packed=False) == (
+      "cudnn", None)
+  (out, grads), (ref_out, ref_grads) = (
+      jax.value_and_grad(loss(impl), argnums=(0, 1, 2))(q, k, v) for impl in ("cudnn", "xla"))
+  np.testing.assert_allclose(out, ref_out, rtol=2e-2)
+  for g, r in zip(grads, ref_grads):
+    err = jnp.linalg.norm((g - r).astype(jnp.float32)) / jnp.linalg.norm(r.astype(jnp.float32))
+    assert err < 2e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
+def test_pallas_gpu_compiled_matches_the_reference_on_a_gpu():
+  q, k, v = _qkv(*SEGMENTS.shape, 4, 2, 64, jnp.bfloat16)
+  layout = token_layout(jnp.asarray(SEGMENTS), *SEGMENTS.shape)
+  out, ref = (causal_attention(q, k, v, layout, impl).astype(jnp.float32) for impl in ("pallas_gpu", "xla"))
+  assert jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref) < 2e-2
+
+
+@pytest.mark.parametrize("request_, platform, dtype, head_dim, packed, expected, falls_back", [
+    ("auto", "cpu", "float32", 64, True, "xla", False),
+    ("auto", "gpu", "bfloat16", 128, False, "cudnn", False),
+    ("auto", "gpu", "bfloat16", 128, True, "pallas_gpu", False),  # cuDNN takes no segment ids
+    ("cudnn", "gpu", "bfloat16", 128, True, "pallas_gpu", True),
+    ("auto", "tpu", "bfloat16", 128, True, "splash", False),
+    ("cudnn", "gpu", "float32", 64, False, "xla", True),  # cuDNN flash attention is bf16/fp16 only
+    ("cudnn", "gpu", "bfloat16", 512, False, "xla", True),  # head width over cuDNN's limit
+    ("cudnn", "cpu", "bfloat16", 64, False, "xla", True),
+    ("pallas_gpu", "gpu", "bfloat16", 96, True, "xla", True),  # not a power of two
+    ("splash", "tpu", "float16", 128, True, "xla", True),
+    ("xla", "gpu", "bfloat16", 128, True, "xla", False),
+])
+def test_resolve_picks_the_platform_kernel_and_says_why_it_falls_back(request_, platform, dtype, head_dim, packed,
+                                                                       expected, falls_back):
+  impl, why = resolve_attention_implementation(request_, platform=platform, dtype=dtype, head_dim=head_dim,
+                                               packed=packed)
+  assert (impl, why is not None) == (expected, falls_back), why
+
+
+def test_unknown_implementation_is_refused():
+  with pytest.raises(ValueError, match="implementation='flash'"):
+    resolve_attention_implementation("flash", platform="cpu", dtype="float32", head_dim=64, packed=True)
+  with pytest.raises(ValueError, match="implementation: 'flash'"):
+    CausalSelfAttention(32, 2, implementation="flash", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="GSAConfig.attn_implementation"):
+    GSAConfig(attn_implementation="flash")
+
+
+def test_model_option_reaches_the_attention_layers():
+  """An all-attention model with attn_implementation='splash' (interpreted) equals the reference model."""
+  cfg = GSAConfig(vocab_size=50, hidden_size=64, num_layers=2, num_heads=4, attn_layers=(0, 1), attn_num_heads=4,
+                  attn_implementation="splash")
+  model = GSALM(cfg, rngs=nnx.Rngs(0))
+  ref = GSALM(cfg.replace(attn_implementation="xla"), rngs=nnx.Rngs(0))
+  assert model.blocks[0].mixer.implementation == "splash"
+  tokens = jax.random.randint(jax.random.key(2), SEGMENTS.shape, 0, 50)
+  seg = jnp.asarray(SEGMENTS)
+  np.testing.assert_allclose(model(tokens, seg), ref(tokens, seg), rtol=1e-5, atol=1e-5)
