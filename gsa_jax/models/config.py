@@ -194,7 +194,8 @@ def hybrid(config: GSAConfig, every: int = 6) -> GSAConfig:
 
 
 # Named mixer layouts of one model: what `benchmarks/bench_train.py --compare` takes.
-MIXER_LAYOUTS = {"gsa": lambda c: c.replace(attn_layers=()), "hybrid": hybrid, "attention": all_attention}
+MIXER_LAYOUTS = {"gsa": lambda c: c.replace(attn_layers=()), "hybrid": lambda c: hybrid(c, min(6, c.num_layers)),
+                 "attention": all_attention}
 
 
 def mixer_layout(config: GSAConfig, layout: str) -> GSAConfig:
