@@ -58,7 +58,7 @@ def measure_cell(a, layout, seq_len, batch, deadline, run=run_cell) -> dict:
     if row["status"] != "oom":
       return row
     ooms = ooms + [remat]
-  return {**row, "detail": f"does not fit with remat {', '.join(ooms)}"}
+  return {**row, "oom_remat": ooms, "detail": f"does not fit with remat {', '.join(ooms)}"}
 
 
 def cell_text(row) -> str:
