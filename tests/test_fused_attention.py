@@ -44,9 +44,19 @@ def test_fused_segment_ids_give_the_reference_mask_on_every_real_query():
   np.testing.assert_array_equal(fused[~valid].sum(-1), 1)
 
 
+def _rel_err(x, ref):
+  x, ref = jnp.asarray(x, jnp.float32), jnp.asarray(ref, jnp.float32)
+  return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+
+
+# float32 matmuls are exact enough on CPU; on a GPU both the Triton kernel and XLA's reference use TF32.
+F32_TOL = 1e-6 if jax.default_backend() == "cpu" else 5e-3
+
+
 @pytest.mark.parametrize("implementation", ["pallas_gpu", "splash"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
 def test_fused_forward_and_gradients_match_the_reference(implementation, heads):
+  """Interpret mode on CPU; on a GPU `pallas_gpu` runs the compiled Triton kernel."""
   hq, h = heads
   q, k, v = _qkv(*SEGMENTS.shape, hq, h, 16)
   layout = token_layout(jnp.asarray(SEGMENTS), *SEGMENTS.shape)
@@ -57,9 +67,9 @@ def test_fused_forward_and_gradients_match_the_reference(implementation, heads):
 
   (out, grads), (ref_out, ref_grads) = (
       jax.value_and_grad(loss(impl), argnums=(0, 1, 2))(q, k, v) for impl in (implementation, "xla"))
-  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-4)
+  assert abs(out - ref_out) <= F32_TOL * abs(ref_out) + 1e-4
   for name, g, r in zip("qkv", grads, ref_grads):
-    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+    assert _rel_err(g, r) < F32_TOL, f"d{name}"
   o = causal_attention(q, k, v, layout, implementation)
   assert not np.any(np.asarray(o)[~np.asarray(layout.valid)])  # padding queries read nothing
 
@@ -85,11 +95,20 @@ def test_cudnn_matches_the_reference_on_a_gpu(heads):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
-def test_pallas_gpu_compiled_matches_the_reference_on_a_gpu():
-  q, k, v = _qkv(*SEGMENTS.shape, 4, 2, 64, jnp.bfloat16)
-  layout = token_layout(jnp.asarray(SEGMENTS), *SEGMENTS.shape)
-  out, ref = (causal_attention(q, k, v, layout, impl).astype(jnp.float32) for impl in ("pallas_gpu", "xla"))
-  assert jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref) < 2e-2
+def test_pallas_gpu_compiled_bf16_matches_the_reference_on_a_gpu():
+  b, t = 2, 1024
+  seg = jnp.asarray(np.repeat(np.array([[1, 2, 0, 3]]), t // 4, axis=1).repeat(b, 0), jnp.int32)
+  q, k, v = _qkv(b, t, 8, 2, 128, jnp.bfloat16)
+  layout = token_layout(seg, b, t)
+
+  def loss(impl):
+    return lambda q, k, v: jnp.sum(causal_attention(q, k, v, layout, impl).astype(jnp.float32) ** 2)
+
+  (out, grads), (ref_out, ref_grads) = (
+      jax.value_and_grad(loss(impl), argnums=(0, 1, 2))(q, k, v) for impl in ("pallas_gpu", "xla"))
+  assert abs(out - ref_out) < 2e-2 * abs(ref_out)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    assert _rel_err(g, r) < 2e-2, f"d{name}"
 
 
 @pytest.mark.parametrize("request_, platform, dtype, head_dim, packed, expected, falls_back", [
@@ -121,13 +140,34 @@ def test_unknown_implementation_is_refused():
     GSAConfig(attn_implementation="flash")
 
 
-def test_model_option_reaches_the_attention_layers():
-  """An all-attention model with attn_implementation='splash' (interpreted) equals the reference model."""
+def test_model_option_reaches_the_attention_layers_under_remat():
+  """An all-attention model with attn_implementation='splash' (interpreted) and remat has the reference model's
+  loss gradients."""
   cfg = GSAConfig(vocab_size=50, hidden_size=64, num_layers=2, num_heads=4, attn_layers=(0, 1), attn_num_heads=4,
-                  attn_implementation="splash")
-  model = GSALM(cfg, rngs=nnx.Rngs(0))
-  ref = GSALM(cfg.replace(attn_implementation="xla"), rngs=nnx.Rngs(0))
-  assert model.blocks[0].mixer.implementation == "splash"
+                  attn_implementation="splash", remat="block")
   tokens = jax.random.randint(jax.random.key(2), SEGMENTS.shape, 0, 50)
   seg = jnp.asarray(SEGMENTS)
-  np.testing.assert_allclose(model(tokens, seg), ref(tokens, seg), rtol=1e-5, atol=1e-5)
+
+  def grads(cfg):
+    graphdef, params = nnx.split(GSALM(cfg, rngs=nnx.Rngs(0)))
+    return jax.grad(lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(tokens, seg))))(params)
+
+  model = GSALM(cfg, rngs=nnx.Rngs(0))
+  assert model.blocks[0].mixer.implementation == "splash"
+  for g, r in zip(jax.tree.leaves(grads(cfg)), jax.tree.leaves(grads(cfg.replace(attn_implementation="xla")))):
+    assert _rel_err(g, r) < F32_TOL
+
+
+def test_prefill_with_a_fused_kernel_then_decode_equals_the_full_sequence():
+  """The decode step (always XLA over the cache) continues a prompt that a fused kernel prefilled."""
+  layer = CausalSelfAttention(32, 2, 1, implementation="pallas_gpu", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(3), (2, 12, 32))
+  seg = jnp.asarray([[1] * 6 + [2] * 6, [1] * 12], jnp.int32)
+  full = layer(x, seg)
+  y, cache = layer.prefill(x[:, :9], seg[:, :9], max_len=12)
+  steps = []
+  for i in range(9, 12):
+    out, cache = layer.step(x[:, i], cache)
+    steps.append(out)
+  assert _rel_err(y, full[:, :9]) < F32_TOL
+  assert _rel_err(jnp.stack(steps, axis=1), full[:, 9:]) < F32_TOL
