@@ -113,3 +113,11 @@ def test_bench_train_compare_prints_one_table_and_writes_json(tmp_path):
   assert [(r["model"], r["status"], r["attn_layers"]) for r in rows] == [("gsa", "ok", 0), ("attention", "ok", 4)]
   assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 for r in rows)
   assert proc.stdout.count("| attention |") == 0 and "attention | 0.00" in proc.stdout
+
+
+def test_attention_preset_is_the_1p3b_model_with_attention_everywhere():
+  from configs import attention_1p3b, gsa_1p3b as gsa_preset  # noqa: PLC0415
+  from gsa_jax.train.config import validate_config  # noqa: PLC0415
+
+  attention, gsa = (validate_config(m.get_config(), check_data=False) for m in (attention_1p3b, gsa_preset))
+  assert attention == all_attention(gsa)
