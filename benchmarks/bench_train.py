@@ -7,7 +7,8 @@
 
 The model, optimizer, sharding, jit and donation are exactly train.py's (`gsa_jax.train.trainer.TrainRun`); only
 the data differs: uniformly random tokens generated on the host (no data pipeline, so the figure is the device's),
-one document per row (all segment ids 1: the attention layers run their packed-row kernel, as in training).
+one document per row (all segment ids 1; on GPU the attention layers then take cuDNN, see
+gsa_jax/layers/fused_attention.py).
 Warm-up steps are excluded; the timed steps run back to back with one synchronization at the end, as in training.
 Peak memory is the device's `peak_bytes_in_use` over the whole process (compilation and warm-up included);
 compile time is the train step's lower + compile, cold (no persistent compilation cache).

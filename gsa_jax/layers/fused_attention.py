@@ -4,18 +4,19 @@
     xla         the explicit-mask reference: a [b, t, t] bool mask (causal, same document, key not padding) and
                 `jax.nn.dot_product_attention(implementation="xla")`; every platform, the CPU path.
     cudnn       cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`);
-                GPU, bfloat16/float16, head width a multiple of 8 up to 128, rows without segment ids (that API
-                takes no segment ids: packed rows go to `pallas_gpu`).
+                GPU, bfloat16/float16, head width a multiple of 8 up to 128. That API takes no segment ids, so for
+                rows with segment ids it runs only when every row of the batch is one document without padding
+                (checked on the device, `lax.cond`), and `pallas_gpu` otherwise (resolved name "cudnn+pallas_gpu").
     pallas_gpu  the Triton flash attention of `jax.experimental.pallas.ops.gpu.attention` with segment ids; GPU
                 (Pallas interpret mode elsewhere, for tests), head width a power of two >= 16.
     splash      TPU splash attention with a causal mask and segment ids (Pallas interpret mode elsewhere).
-    auto        splash on TPU; on GPU cudnn for rows without segment ids, else pallas_gpu; xla elsewhere.
+    auto        cudnn on GPU, splash on TPU, xla elsewhere.
 
-A request that the inputs do not support falls back (cudnn -> pallas_gpu for packed rows, else -> xla) with the
-reason logged once. The fused kernels take one segment id per token (`fused_segment_ids`): its document for a
-non-padding token, and a distinct negative id for each padding token, so that a padding query reads only itself
-(no fully masked row, hence no NaN) and no real query reads a padding key. Padding queries' outputs are zeroed by
-the caller, as in the reference.
+A request that the inputs do not support falls back (cudnn -> pallas_gpu for rows with segment ids, else -> xla)
+with the reason logged once. The Pallas kernels take one segment id per token (`fused_segment_ids`): its document
+for a non-padding token, and a distinct negative id for each padding token, so that a padding query reads only
+itself (no fully masked row, hence no NaN) and no real query reads a padding key. Padding queries' outputs are
+zeroed by the caller, as in the reference.
 
 Shape legend: b batch, t time, hq query heads, h kv heads, dh head width.
 """
@@ -51,23 +52,25 @@ def resolve_attention_implementation(implementation: str, *, platform: str, dtyp
                      f"{ATTENTION_IMPLEMENTATIONS}.")
   dtype = jnp.dtype(dtype)
   if implementation == "auto":
-    if platform == "tpu":
-      implementation = "splash"
-    elif platform in _GPU_PLATFORMS:
-      implementation = "pallas_gpu" if packed else "cudnn"
-    else:
+    if platform not in _GPU_PLATFORMS + ("tpu",):
       return "xla", None
+    implementation = "splash" if platform == "tpu" else "cudnn"
   if implementation == "cudnn":
     if platform not in _GPU_PLATFORMS:
       return "xla", f"cudnn needs a GPU; the platform is {platform}"
-    if packed:
-      impl, why = resolve_attention_implementation("pallas_gpu", platform=platform, dtype=dtype, head_dim=head_dim,
-                                                   packed=packed)
-      return impl, "cudnn takes no segment ids" + (f"; {why}" if why else f": using {impl}")
+    unsupported = None
     if dtype not in (jnp.bfloat16, jnp.float16):
-      return "xla", f"cudnn needs bfloat16 or float16 inputs; got {dtype}"
-    if head_dim % 8 or head_dim > 128:
-      return "xla", f"cudnn needs a head width that is a multiple of 8 and at most 128; got {head_dim}"
+      unsupported = f"cudnn needs bfloat16 or float16 inputs; got {dtype}"
+    elif head_dim % 8 or head_dim > 128:
+      unsupported = f"cudnn needs a head width that is a multiple of 8 and at most 128; got {head_dim}"
+    if packed or unsupported:
+      # Rows with segment ids may hold several documents or padding: those batches need segment ids.
+      other, why = resolve_attention_implementation("pallas_gpu" if packed else "xla", platform=platform,
+                                                    dtype=dtype, head_dim=head_dim, packed=packed)
+      if unsupported:
+        return other, unsupported + (f"; {why}" if why else "")
+      return f"cudnn+{other}", why
+    return "cudnn", None
   if implementation == "pallas_gpu":
     if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
       return "xla", f"pallas_gpu needs float32/bfloat16/float16 inputs; got {dtype}"
@@ -97,8 +100,22 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, layout: TokenLayo
                                                head_dim=q.shape[-1], packed=packed)
   if why:
     _log_once(f"attention: implementation={implementation!r} runs {impl!r}: {why}.")
-  o = _IMPLEMENTATIONS[impl](q, k, v, layout)
+  if "+" in impl:
+    one_document, several = (_IMPLEMENTATIONS[name] for name in impl.split("+"))
+    o = by_row_layout(one_document, several)(q, k, v, layout)
+  else:
+    o = _IMPLEMENTATIONS[impl](q, k, v, layout)
   return o * layout.valid[:, :, None, None].astype(o.dtype)  # padding queries read nothing
+
+
+def by_row_layout(one_document, several):
+  """attend(q, k, v, layout) that runs `one_document` when every row of the batch is one document without padding
+  and `several` otherwise; both have that signature. The choice is made on the device, per call."""
+  def attend(q, k, v, layout):
+    single = jnp.all(layout.valid & (layout.doc == 1))
+    return jax.lax.cond(single, one_document, several, q, k, v, layout)
+
+  return attend
 
 
 def _xla(q, k, v, layout):

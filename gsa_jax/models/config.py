@@ -53,8 +53,8 @@ class GSAConfig:
   attn_num_heads: int | None = None  # None: num_heads.
   attn_num_kv_heads: int | None = None  # None: attn_num_heads.
   rope_theta: float = 10000.0
-  # How the attention layers attend in training and prefill (gsa_jax.layers.fused_attention): "auto" (cuDNN or the
-  # Pallas flash kernel on GPU, splash on TPU, the explicit mask on CPU) | "xla" (explicit [t, t] mask, the
+  # How the attention layers attend in training and prefill (gsa_jax.layers.fused_attention): "auto" (cuDNN, or for
+  # batches of packed documents the Pallas flash kernel, on GPU; splash on TPU; the explicit mask on CPU) | "xla" (explicit [t, t] mask, the
   # reference) | "cudnn" | "pallas_gpu" | "splash". Unsupported inputs fall back, with the reason logged once.
   attn_implementation: str = "auto"
   # Numerics and memory. dtype: compute dtype; param_dtype: parameter dtype. Logits are returned in float32.
