@@ -191,3 +191,18 @@ def test_prefill_with_a_fused_kernel_then_decode_equals_the_full_sequence():
     steps.append(out)
   assert _rel_err(y, full[:, :9]) < F32_TOL
   assert _rel_err(jnp.stack(steps, axis=1), full[:, 9:]) < F32_TOL
+
+
+def test_by_row_layout_differentiates_through_both_kernels():
+  """Gradients through the on-device choice between two custom-vjp kernels (splash and the Triton kernel
+  interpreted here, cuDNN and the Triton kernel on a GPU) equal the reference's, for both kinds of batch."""
+  q, k, v = _qkv(*SEGMENTS.shape, 4, 2, 16)
+  b, t = SEGMENTS.shape
+  attend = by_row_layout(lambda *a: causal_attention(*a, "splash"), lambda *a: causal_attention(*a, "pallas_gpu"))
+  for seg in (np.ones((b, t), np.int32), SEGMENTS):
+    layout = token_layout(jnp.asarray(seg), b, t)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, layout))), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(causal_attention(q, k, v, layout, "xla"))), argnums=(0, 1, 2))(
+        q, k, v)
+    for name, g, r in zip("qkv", grads, ref):
+      assert _rel_err(g, r) < F32_TOL, f"d{name}"
