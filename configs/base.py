@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   # such a start is refused and the message names the differing keys.
   c.overwrite = False
 
+  # model.attn_implementation: how attention layers attend ("auto" picks the platform's fused kernel; "xla" is the
+  # explicit-mask reference): see GSAConfig.
   c.model = model_config_defaults()
   c.data = data_config_defaults()
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gsa_jax.layers.common import apply_rope, fan_in_init, next_positions, token_layout
+from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS, causal_attention
 
 
 class KVCache(NamedTuple):
@@ -28,21 +29,27 @@ class KVCache(NamedTuple):
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal softmax attention: x [b, t, d] -> y [b, t, d]; head width d / num_heads, no biases."""
+  """Multi-head causal softmax attention: x [b, t, d] -> y [b, t, d]; head width d / num_heads, no biases.
+
+  implementation: how the sequence form attends (`gsa_jax.layers.fused_attention`: "auto" = the fused kernel of the
+  platform, "xla" = the explicit-mask reference). The decode step always reads its cache with XLA.
+  """
 
   def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None, *,
-               rope_theta: float = 10000.0, out_init=fan_in_init, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               rope_theta: float = 10000.0, implementation: str = "auto", out_init=fan_in_init, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads <= 0 or hidden_size % num_heads:
       raise ValueError(f"num_heads: hidden_size={hidden_size} must be a positive multiple of num_heads={num_heads}.")
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads: must be a positive divisor of num_heads={num_heads}; got {num_kv_heads}.")
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"implementation: {implementation!r} is unknown; expected one of {ATTENTION_IMPLEMENTATIONS}.")
     dh = hidden_size // num_heads
     if dh % 2:
       raise ValueError(f"num_heads: RoPE needs an even head width; hidden_size / num_heads = {dh}.")
     self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta = num_heads, num_kv_heads, dh, rope_theta
-    self.dtype = dtype
+    self.dtype, self.implementation = dtype, implementation
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = nnx.Linear(hidden_size, num_heads * dh, kernel_init=fan_in_init, **kw)
     self.k_proj = nnx.Linear(hidden_size, num_kv_heads * dh, kernel_init=fan_in_init, **kw)
@@ -61,11 +68,7 @@ class CausalSelfAttention(nnx.Module):
     b, t, _ = x.shape
     layout = token_layout(segment_ids, b, t)
     q, k, v = self._qkv(x, layout.positions)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    same_doc = layout.doc[:, :, None] == layout.doc[:, None, :]
-    mask = causal[None] & same_doc & layout.valid[:, None, :]  # [b, t(query), t(key)]
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
-    o = o * layout.valid[:, :, None, None].astype(o.dtype)  # padding queries read nothing
+    o = causal_attention(q, k, v, layout, self.implementation, packed=segment_ids is not None)
     return self.o_proj(o.reshape(b, t, -1)), layout, k, v
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:

@@ -7,6 +7,7 @@ import math
 
 import jax.numpy as jnp
 
+from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS
 from gsa_jax.layers.gsa import FEATURE_MAPS
 from gsa_jax.ops import BACKENDS
 
@@ -52,6 +53,10 @@ class GSAConfig:
   attn_num_heads: int | None = None  # None: num_heads.
   attn_num_kv_heads: int | None = None  # None: attn_num_heads.
   rope_theta: float = 10000.0
+  # How the attention layers attend in training and prefill (gsa_jax.layers.fused_attention): "auto" (cuDNN, or for
+  # batches of packed documents the Pallas flash kernel, on GPU; splash on TPU; the explicit mask on CPU) | "xla" (explicit [t, t] mask, the
+  # reference) | "cudnn" | "pallas_gpu" | "splash". Unsupported inputs fall back, with the reason logged once.
+  attn_implementation: str = "auto"
   # Numerics and memory. dtype: compute dtype; param_dtype: parameter dtype. Logits are returned in float32.
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -103,6 +108,8 @@ class GSAConfig:
     check(akv > 0 and ah % akv == 0, "attn_num_kv_heads", f"must divide attn_num_heads={ah}; got {akv}.")
     check(not self.attn_layers or (self.hidden_size // ah) % 2 == 0, "attn_num_heads",
           f"RoPE needs an even attention head width; got {self.hidden_size // ah}.")
+    check(self.attn_implementation in ATTENTION_IMPLEMENTATIONS, "attn_implementation",
+          f"{self.attn_implementation!r} is unknown; expected one of {ATTENTION_IMPLEMENTATIONS}.")
     check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is unknown; expected one of {REMAT_POLICIES}.")
     for field in ("dtype", "param_dtype"):
       try:
@@ -158,6 +165,44 @@ class GSAConfig:
     n_attn = len(self.attn_layers)
     total = self.num_layers * block + n_attn * attn + (self.num_layers - n_attn) * gsa
     return total + v * d * (1 if self.tie_embeddings else 2) + d
+
+
+# -- like-for-like baselines ---------------------------------------------------------------------------------------
+# The same model (widths, MLP, embeddings, numerics) with softmax attention at some or all layers, for comparing
+# speed and quality at equal size. An attention layer has 4 d^2 parameters, as a GSA layer has 4 d^2 + d H M (with
+# the presets' expand_k = expand_v = 1), so the parameter counts stay within 1%.
+
+ATTENTION_HEAD_DIM = 128  # head width of the baselines' attention layers unless attn_num_heads is set (Llama's)
+
+
+def with_attention_layers(config: GSAConfig, attn_layers) -> GSAConfig:
+  """`config` with softmax attention at `attn_layers`; attention heads of width 128 unless attn_num_heads is set."""
+  heads = config.attn_num_heads or max(1, config.hidden_size // ATTENTION_HEAD_DIM)
+  return config.replace(attn_layers=tuple(attn_layers), attn_num_heads=heads if attn_layers else config.attn_num_heads)
+
+
+def all_attention(config: GSAConfig) -> GSAConfig:
+  """The Transformer++ of the same size: softmax attention (RoPE) at every layer."""
+  return with_attention_layers(config, range(config.num_layers))
+
+
+def hybrid(config: GSAConfig, every: int = 6) -> GSAConfig:
+  """Softmax attention at every `every`-th layer (indices every - 1, 2 every - 1, ...; configs/hybrid_340m.py)."""
+  if not isinstance(every, int) or not 1 <= every <= config.num_layers:
+    raise ValueError(f"every: must be an int in [1, num_layers={config.num_layers}]; got {every!r}.")
+  return with_attention_layers(config, range(every - 1, config.num_layers, every))
+
+
+# Named mixer layouts of one model: what `benchmarks/bench_train.py --compare` takes.
+MIXER_LAYOUTS = {"gsa": lambda c: c.replace(attn_layers=()), "hybrid": lambda c: hybrid(c, min(6, c.num_layers)),
+                 "attention": all_attention}
+
+
+def mixer_layout(config: GSAConfig, layout: str) -> GSAConfig:
+  """`config` with the mixers of `layout` ("gsa": GSA everywhere, "hybrid", "attention": see MIXER_LAYOUTS)."""
+  if layout not in MIXER_LAYOUTS:
+    raise ValueError(f"layout: {layout!r} is unknown; expected one of {tuple(MIXER_LAYOUTS)}.")
+  return MIXER_LAYOUTS[layout](config)
 
 
 # -- presets -------------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class Block(nnx.Module):
     self.mixer_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
     if self.is_attention:
       self.mixer = CausalSelfAttention(c.hidden_size, c.resolved_attn_num_heads, c.resolved_attn_num_kv_heads,
-                                       rope_theta=c.rope_theta, **kw)
+                                       rope_theta=c.rope_theta, implementation=c.attn_implementation, **kw)
     else:
       self.mixer = GatedSlotAttention(
           c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_slots=c.num_slots,
