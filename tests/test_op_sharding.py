@@ -44,13 +44,13 @@ def test_kernels_under_every_mesh_every_layout():
   check(run_cases(3, "pallas_gpu", "pallas_tpu"), ("pallas_gpu", "pallas_tpu"), 3)
 
 
-@pytest.mark.skipif(not any(d.platform == "gpu" for d in __import__("jax").devices()), reason="needs a GPU")
-def test_compiled_gpu_kernels_inside_shard_map():
-  """The compiled Pallas GPU kernels declare their outputs' varying mesh axes (a one-device mesh keeps them in the
-  type), forward and backward, against the same kernels outside shard_map."""
+def one_device_shard_map_error(backend, with_state):
+  """The relative error of `backend` inside shard_map over a one-device mesh (which keeps the mesh axis in the
+  values' types) against the same backend outside it: output, final states and every gradient, bfloat16 inputs,
+  with a given initial state or the op's own zero state."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import PartitionSpec as P
+  from jax.sharding import NamedSharding, PartitionSpec as P
   from gsa_jax.ops import gated_slot_attention
 
   sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -58,12 +58,27 @@ def test_compiled_gpu_kernels_inside_shard_map():
 
   args, state, seg = cases.inputs()
   args = tuple(x.astype(jnp.bfloat16) for x in args)
-  op = lambda *a, **kw: gated_slot_attention(*a, backend="pallas_gpu", output_final_state=True, **kw)
+  state = state if with_state else None
+  op = lambda *a, **kw: gated_slot_attention(*a, backend=backend, output_final_state=True, **kw)
   expected = jax.jit(lambda a, st, sg: cases.loss_and_grads(op, a, st, sg))(args, state, seg)
   mesh = jax.make_mesh((1,), ("data",))
   row = P("data")
   sharded = jax.shard_map(lambda a, st, sg: cases.loss_and_grads(op, a, st, sg), mesh=mesh,
-                          in_specs=((row,) * 5, row, row), out_specs=((row,) * 3, ((row,) * 5, row)))
+                          in_specs=row, out_specs=row)  # every array is [b, ...]
   with jax.set_mesh(mesh):
-    got = jax.jit(sharded)(args, state, seg)
-  assert cases.rel_err(got, expected) <= 1e-6
+    place = lambda tree: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, row)), tree)
+    got = jax.jit(sharded)(place(args), place(state), place(seg))
+  return cases.rel_err(got, expected)
+
+
+@pytest.mark.parametrize("with_state", [True, False])
+def test_one_device_shard_map_harness(with_state):
+  """The harness of the compiled GPU test below, on the CPU with the chunked backend."""
+  assert one_device_shard_map_error("chunked", with_state) <= 1e-6
+
+
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in __import__("jax").devices()), reason="needs a GPU")
+@pytest.mark.parametrize("with_state", [True, False])
+def test_compiled_gpu_kernels_inside_shard_map(with_state):
+  """The compiled Pallas GPU kernels declare their outputs' varying mesh axes, forward and backward."""
+  assert one_device_shard_map_error("pallas_gpu", with_state) <= 1e-6
