@@ -15,11 +15,43 @@ import re
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+
 
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+class _ConsoleFilter(logging.Filter):
+  """Our own lines (INFO and up) and every library's warnings reach the console; libraries' INFO (orbax, jax) goes
+  only to the run's train.log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "gsa_jax"
+
+
+class _ConsoleFormatter(logging.Formatter):
+  """One line per record: its message's first line ("warning: ..." for warnings and errors). Tracebacks and
+  multi-line details stay in the run's train.log."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    lines = record.getMessage().strip().splitlines() or [""]
+    text = lines[0] + (" (details in the run's train.log)" if len(lines) > 1 or record.exc_info else "")
+    return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def _configure_logging() -> None:
+  """INFO records are produced (the trainer copies all of them to WORKDIR/train.log); the console shows what
+  `_ConsoleFilter` lets through, in place of absl's handler."""
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  root.removeHandler(absl_logging.get_absl_handler())
+  console = logging.StreamHandler(sys.stderr)
+  console.addFilter(_ConsoleFilter())
+  console.setFormatter(_ConsoleFormatter())
+  root.addHandler(console)
 
 
 def _config_error(e: Exception, argv) -> None:
@@ -55,7 +87,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; config values are set with --config.KEY=VALUE.")
-  logging.getLogger().setLevel(logging.INFO)
+  _configure_logging()
   from gsa_jax.train import EXIT_NONFINITE, EXIT_SIGTERM, ConfigError, NonFiniteError, Preempted, train_and_evaluate
 
   try:
