@@ -75,7 +75,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   if not check_data:
     return model
   try:
-    validate_data_config(config.data, seq_len=t.seq_len)
+    validate_data_config(config.data, seq_len=t.seq_len, read_all=True)
   except ValueError as e:
     message = str(e)
     raise ConfigError(message if message.startswith("config.") else f"config.{message}") from None
