@@ -119,14 +119,15 @@ def test_bad_data_is_refused_before_the_workdir_is_touched(tmp_path, args, messa
   assert not workdir.exists()
 
 
-def test_parquet_without_the_text_column_is_refused_before_the_workdir_is_touched(tmp_path):
+def test_lm_tiny_reads_a_parquet_file_as_parquet_and_refuses_one_without_the_text_column(tmp_path):
   pa = pytest.importorskip("pyarrow")
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
   pq.write_table(pa.table({"body": ["a document"] * 50}), tmp_path / "data.parquet")
-  config = text_config(tmp_path / "run", tmp_path / "data.parquet")
-  with pytest.raises(ConfigError, match=r"config.data.text_field: column 'text' not in '.*data.parquet'"):
-    train_and_evaluate(config)
+  result = run_train_py(*TEXT_FLAGS, f"--config.workdir={tmp_path / 'run'}", f"--config.data.path={tmp_path}/data.parquet")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert re.search(r"config.data.text_field: column 'text' not in '.*data.parquet'", result.stderr), result.stderr
   assert not (tmp_path / "run").exists()
 
 
