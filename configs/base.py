@@ -41,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # such a start is refused and the message names the differing keys.
   c.overwrite = False
 
-  c.model = model_config_defaults()
+  # output_norm_eps 1e-5: the eps the reference library's GSA output norm uses, so that every run exports to it
+  # (`python -m gsa_jax.convert to-fla`); GSAConfig's own default (None: norm_eps) is kept for the library.
+  c.model = model_config_defaults(output_norm_eps=1e-5)
   c.data = data_config_defaults()
 
   c.train = ml_collections.ConfigDict()

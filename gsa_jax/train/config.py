@@ -165,9 +165,18 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
+def _effective(flat: dict[str, Any]) -> dict[str, Any]:
+  """A flattened config with implicit values spelled out: output_norm_eps None (or absent, in runs older than the
+  key) is norm_eps."""
+  out = dict(flat)
+  if out.get("model.output_norm_eps") is None and "model.norm_eps" in out:
+    out["model.output_norm_eps"] = out["model.norm_eps"]
+  return out
+
+
 def differing_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
   """Keys whose values differ between a saved run's config and this one, ignoring the resumable ones."""
-  a, b = flatten(saved), flatten(json.loads(to_json(current)))
+  a, b = _effective(flatten(saved)), _effective(flatten(json.loads(to_json(current))))
   keys = sorted(set(a) | set(b))
   # A key the saved run does not have and that is None now is an optional field added since, whose default keeps
   # the old behaviour: not a difference.
@@ -176,7 +185,7 @@ def differing_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]
 
 
 def describe_differences(saved: dict, current: ml_collections.ConfigDict, keys: list[str]) -> str:
-  a, b = flatten(saved), flatten(json.loads(to_json(current)))
+  a, b = _effective(flatten(saved)), _effective(flatten(json.loads(to_json(current))))
   return "; ".join(f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}" for k in keys)
 
 
