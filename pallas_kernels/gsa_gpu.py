@@ -625,6 +625,9 @@ def gsa_pallas_gpu(
                      chunk_size=chunk_size)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
+    if interpret:  # asked for by name off its platform: correct, but orders of magnitude slower
+      _log_once(f"gated_slot_attention: backend 'pallas_gpu' on {jax.default_backend()} runs its kernels in Pallas "
+                "interpret mode (correct but slow, meant for tests); use backend='auto' or 'chunked' there.")
   bs = block_sizes or BlockSizes()
   b, t, hq, dk = q.shape
   h, dv, m = k.shape[2], v.shape[3], s.shape[3]
@@ -714,6 +717,9 @@ def gsa_decode_step_pallas(q, k, v, s, g, state: GSAState, *, scale: float, inte
   """
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
+    if interpret:  # asked for by name off its platform: correct, but orders of magnitude slower
+      _log_once(f"gated_slot_attention: backend 'pallas_gpu' on {jax.default_backend()} runs its kernels in Pallas "
+                "interpret mode (correct but slow, meant for tests); use backend='auto' or 'chunked' there.")
   b, hq, dk = q.shape
   h, dv, m = k.shape[1], v.shape[2], s.shape[2]
   grp = hq // h
