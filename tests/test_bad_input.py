@@ -86,15 +86,15 @@ def test_a_jsonl_file_whose_texts_are_all_empty_is_refused(tmp_path):
 
 # ---- the data format -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset", [lm_tiny, gsa_340m])
-def test_presets_infer_the_format_from_the_extension(tmp_path, preset):
+@pytest.mark.parametrize("preset,name,fmt", [(lm_tiny, "docs.jsonl", "jsonl"), (gsa_340m, "docs.txt", "txt")])
+def test_presets_infer_the_format_from_the_extension(tmp_path, preset, name, fmt):
   (tmp_path / "docs.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
-  cfg = preset.get_config().data
-  assert sources.resolve_files(str(tmp_path / "docs.jsonl"), cfg.format) == [(str(tmp_path / "docs.jsonl"), "jsonl")]
-  source = sources.DocumentSource(sources.resolve_files(str(tmp_path / "docs.jsonl"), cfg.format),
-                                  text_field=cfg.text_field, txt_document=cfg.txt_document,
-                                  record_format=cfg.record_format)
-  assert [source[0], source[1]] == ["hello", "world"]  # the text field, not the raw JSON line
+  (tmp_path / "docs.txt").write_text("hello\nworld\n")
+  cfg, path = preset.get_config().data, str(tmp_path / name)
+  assert sources.resolve_files(path, cfg.format) == [(path, fmt)]
+  source = sources.DocumentSource(sources.resolve_files(path, cfg.format), text_field=cfg.text_field,
+                                  txt_document=cfg.txt_document, record_format=cfg.record_format)
+  assert [source[0], source[1]] == ["hello", "world"]  # the text field of a jsonl line, not the raw JSON
 
 
 def test_a_format_that_contradicts_the_extension_is_refused_and_markdown_reads_as_text(tmp_path):
