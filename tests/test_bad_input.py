@@ -273,3 +273,22 @@ def test_pallas_gpu_off_the_gpu_says_once_that_it_is_interpreted(caplog):
                            backend="pallas_gpu")
   messages = [r.getMessage() for r in caplog.records if "interpret mode" in r.getMessage()]
   assert len(messages) == 1 and "backend 'pallas_gpu' on cpu runs its kernels in Pallas interpret mode" in messages[0]
+
+
+def test_eval_names_the_file_and_offset_of_text_that_is_not_utf8(tmp_path, capsys):
+  from gsa_jax.eval.data import DataError, read_documents  # pylint: disable=import-outside-toplevel
+
+  for name, text in (("latin1.txt", "café\n"), ("latin1.jsonl", '{"text": "café"}\n')):
+    (tmp_path / name).write_bytes(("fine\n" if name.endswith(".txt") else '{"text": "fine"}\n').encode()
+                                  + text.encode("latin-1"))
+    with pytest.raises(DataError, match=r"'.*latin1.(txt|jsonl)' is not UTF-8: byte offset \d+ \(line 2\)"):
+      read_documents(str(tmp_path / name))
+
+
+def test_convert_output_under_a_file_is_one_line_exit_2(tmp_path):
+  (tmp_path / "a_file").write_text("x")
+  out = tmp_path / "a_file" / "exported"
+  result = run_module("gsa_jax.convert", "to-fla", str(tmp_path / "no_run"), str(out))
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().count("\n") == 0, result.stderr
+  assert "lies under" in result.stderr and "which is a file" in result.stderr, result.stderr
