@@ -124,7 +124,8 @@ def test_lm_tiny_reads_a_parquet_file_as_parquet_and_refuses_one_without_the_tex
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
   pq.write_table(pa.table({"body": ["a document"] * 50}), tmp_path / "data.parquet")
-  result = run_train_py(*TEXT_FLAGS, f"--config.workdir={tmp_path / 'run'}", f"--config.data.path={tmp_path}/data.parquet")
+  result = run_train_py(*TEXT_FLAGS, f"--config.workdir={tmp_path / 'run'}",
+                        f"--config.data.path={tmp_path}/data.parquet")
   assert result.returncode == 2, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   assert re.search(r"config.data.text_field: column 'text' not in '.*data.parquet'", result.stderr), result.stderr

@@ -53,7 +53,8 @@ def data_config_defaults() -> ml_collections.ConfigDict:
   # --- Text from local files.
   # A file, a glob ("data/*.jsonl", "**" allowed) or a directory (searched recursively).
   c.path = ""
-  # "auto" (from each file's extension), "txt", "jsonl", "parquet" (needs pyarrow) or "array_record".
+  # "auto" (from each file's extension; .md is txt), "txt", "jsonl", "parquet" (needs pyarrow) or "array_record".
+  # A format set explicitly must agree with every file's known extension.
   c.format = "auto"
   # jsonl / parquet / JSON array_record records: the field or column holding the document text.
   c.text_field = "text"
@@ -156,7 +157,8 @@ def _check_file(path: str, fmt: str, cfg, read_all: bool) -> None:
         except json.JSONDecodeError as e:
           raise ValueError(f"data.path: '{path}' line {line_no} is not valid JSON ({e}); is it a jsonl file?") \
               from None
-        documents += bool(sources._extract_field(obj, cfg.text_field, f"'{path}' line {line_no}"))  # pylint: disable=protected-access
+        text = sources._extract_field(obj, cfg.text_field, f"'{path}' line {line_no}")  # pylint: disable=protected-access
+        documents += bool(text)
         if not read_all:
           break
     if not lines:
