@@ -25,7 +25,7 @@ from gsa_jax.data import config as data_config
 from gsa_jax.data import sources
 from gsa_jax.eval import __main__ as eval_cli
 from gsa_jax.generate import generate, prefill
-from gsa_jax.layers import GatedSlotAttention
+from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention
 from gsa_jax.models import GSALM, GSAConfig, PRESETS
 from gsa_jax.ops import gated_slot_attention
 from gsa_jax.train.config import model_config
@@ -151,14 +151,20 @@ def test_op_takes_a_numpy_integer_chunk_size():
     (jnp.ones((1, 8, 16), jnp.int32), TypeError, r"x must be a floating-point array; got dtype int32"),
     ([[0.0] * 16], TypeError, r"x must be an array \[b, t, d\]; got list"),
 ])
-def test_layer_input_is_checked(x, error, message):
-  layer = GatedSlotAttention(16, num_heads=2, num_slots=4, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("kind", ["gsa", "attention"])
+def test_layer_input_is_checked(x, error, message, kind):
+  if kind == "gsa":
+    layer = GatedSlotAttention(16, num_heads=2, num_slots=4, rngs=nnx.Rngs(0))
+    prefill_kw, cache = {}, layer.init_cache(1)
+  else:
+    layer = CausalSelfAttention(16, num_heads=2, rngs=nnx.Rngs(0))
+    prefill_kw, cache = {"max_len": 16}, layer.init_cache(1, 16)
   with pytest.raises(error, match=message):
     layer(x)
   with pytest.raises(error, match=message):
-    layer.prefill(x)
+    layer.prefill(x, **prefill_kw)
   with pytest.raises(ValueError, match=r"x has shape \(1, 8, 16\); expected \[b, d\]"):
-    layer.step(jnp.ones((1, 8, 16)), layer.init_cache(1))
+    layer.step(jnp.ones((1, 8, 16)), cache)
 
 
 # ---- generation ----------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, fan_in_init,
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_layer_input, fan_in_init,
                                    next_positions, previous_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 
@@ -198,26 +198,15 @@ class GatedSlotAttention(nnx.Module):
 
   # -- public forms ------------------------------------------------------------------------------------------------
 
-  def check_input(self, x, rank: int) -> None:
-    """x must be a floating-point array [b, t, d] (rank 3) or [b, d] (rank 2, `step`) with d = hidden_size."""
-    legend = "[b, t, d]" if rank == 3 else "[b, d]"
-    width = self.q_proj.in_features
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise TypeError(f"x must be an array {legend}; got {type(x).__name__}.")
-    if x.ndim != rank or x.shape[-1] != width:
-      raise ValueError(f"x has shape {tuple(x.shape)}; expected {legend} with d = hidden_size = {width}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}.")
-
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x [b, t, d], segment_ids None or int [b, t] (0 = padding) -> y [b, t, d] (0 at padding)."""
-    self.check_input(x, 3)
+    check_layer_input(x, self.q_proj.in_features, 3)
     y, _, _, _ = self._sequence(x, segment_ids, None, False)
     return y
 
   def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, GSACache]:
     """The sequence form plus the cache to continue each row's last document with `step`."""
-    self.check_input(x, 3)
+    check_layer_input(x, self.q_proj.in_features, 3)
     y, state, layout, conv_in = self._sequence(x, segment_ids, None, True)
     conv = None
     if self.use_short_conv:
@@ -226,7 +215,7 @@ class GatedSlotAttention(nnx.Module):
 
   def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
     """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""
-    self.check_input(x, 2)
+    check_layer_input(x, self.q_proj.in_features, 2)
     q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
     conv = None
     if self.use_short_conv:
