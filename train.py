@@ -4,9 +4,12 @@
     python train.py --config=configs/lm_tiny.py --config.data.path=my.txt --config.workdir=runs/tiny
     python train.py --config=configs/gsa_1p3b.py --config.mesh.fsdp=8 --config.train.batch_size=64
 
-Restarting the same command resumes from the run's latest checkpoint. Exit codes: 0 done; 2 bad config or
-command line (nothing was written); 3 stopped on non-finite loss/gradients (see config.train.nonfinite); 143 saved
-and stopped on SIGTERM.
+Restarting the same command resumes from the run's latest checkpoint. Exit codes: 0 done (or nothing to do: the
+run is already at train.steps); 2 bad config, data, workdir or command line (nothing was written); 3 stopped on
+non-finite loss/gradients (see config.train.nonfinite); 143 saved and stopped on SIGTERM.
+
+The console shows this program's lines and every warning, one line each; all log records, libraries' INFO (orbax,
+jax) and tracebacks of handled faults included, go to WORKDIR/train.log.
 """
 
 import logging
