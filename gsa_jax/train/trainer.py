@@ -279,6 +279,7 @@ class TrainRun:
     A data setup that cannot give batches (too few documents for the split, a record that does not read) fails
     here with a ConfigError naming the data key, before the run writes anything.
     """
+    train_it = None
     try:
       train_it = self.iterator("train")
       start = train_it.get_state()
@@ -291,6 +292,8 @@ class TrainRun:
         finally:
           eval_it.close()
     except ValueError as e:  # the data pipeline's errors name their key: "data.path: ..."
+      if train_it is not None:
+        train_it.close()  # stops its read-ahead threads
       message = str(e)
       raise ConfigError(message if message.startswith("config.") else f"config.{message}") from None
     return train_it
