@@ -107,6 +107,17 @@ def test_a_format_that_contradicts_the_extension_is_refused_and_markdown_reads_a
   assert sources.resolve_files(str(tmp_path), "auto") == [(str(tmp_path / "docs.jsonl"), "jsonl")]
 
 
+def test_a_parquet_file_whose_texts_are_all_empty_is_refused(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+  pq.write_table(pa.table({"text": ["", None] * 10}), tmp_path / "empty.parquet")
+  with pytest.raises(ValueError, match=r"'.*empty.parquet' has no document: every 'text' is empty or null"):
+    data_config.validate_data_config(text_data(tmp_path / "empty.parquet"), seq_len=16, read_all=True)
+  pq.write_table(pa.table({"text": ["", None, "one"]}), tmp_path / "one.parquet")
+  data_config.validate_data_config(text_data(tmp_path / "one.parquet"), seq_len=16, read_all=True)
+
+
 def test_a_parquet_text_column_of_another_type_is_refused(tmp_path):
   pa = pytest.importorskip("pyarrow")
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel

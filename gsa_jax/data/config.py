@@ -4,8 +4,8 @@ Validation runs before any device work. It checks that files exist, are non-empt
 the type of its text column, an array_record header, the tokenizer file); with `read_all=True` (what the trainer
 uses) it also reads every txt and jsonl file once: every byte must be UTF-8 (or is counted and reported with
 data.decode_errors="replace") and every jsonl line must be a JSON object holding a string data.text_field, so a bad
-line fails before training starts instead of hours into it. array_record records and parquet values are checked
-when they are read (an error names the file and the record). Every error is a ValueError whose message starts with
+line fails before training starts instead of hours into it; a jsonl or parquet file must hold a non-empty text.
+array_record records are checked when they are read (an error names the file and the record). Every error is a ValueError whose message starts with
 the offending key, e.g. "data.path: file 'x.txt' does not exist".
 """
 
@@ -168,6 +168,9 @@ def _check_file(path: str, fmt: str, cfg, read_all: bool) -> None:
   elif fmt == "parquet":
     if sources.check_parquet(path, cfg.text_field) == 0:
       raise ValueError(f"data.path: file '{path}' is empty (0 rows)")
+    # Empty texts are skipped when read: a file of nothing else would never give a batch.
+    if read_all and sources.count_parquet_documents(path, cfg.text_field) == 0:
+      raise ValueError(f"data.path: file '{path}' has no document: every '{cfg.text_field}' is empty or null")
   elif fmt == "array_record":
     if len(sources.open_array_record(path)) == 0:
       raise ValueError(f"data.path: file '{path}' is empty (0 records)")

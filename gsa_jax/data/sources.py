@@ -277,6 +277,15 @@ def check_parquet(path: str, text_field: str) -> int:
   return int(pf.metadata.num_rows)
 
 
+def count_parquet_documents(path: str, text_field: str) -> int:
+  """Rows of `path` whose `text_field` is a non-empty string (reads that column)."""
+  pq = _import_pyarrow_parquet()
+  import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
+
+  column = pq.read_table(path, columns=[text_field]).column(0)
+  return int(pc.sum(pc.greater(pc.utf8_length(column), 0)).as_py() or 0)
+
+
 class _ArrayRecordFile:
   """One document per record, through grain's ArrayRecordDataSource."""
 
