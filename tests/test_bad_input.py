@@ -309,3 +309,16 @@ def test_convert_output_under_a_file_is_one_line_exit_2(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().count("\n") == 0, result.stderr
   assert "lies under" in result.stderr and "which is a file" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("mqar_sweep.py", ["--grid", "cpu", "--out", "{file}"], r"--out .*a_file: is a file; give a directory"),
+    ("mqar_gate_probe.py", ["--run", "{missing}"], r"error: .*config.json does not exist: .* is not a run directory"),
+])
+def test_benchmark_scripts_refuse_bad_paths_with_exit_2(tmp_path, script, args, message):
+  (tmp_path / "a_file").write_text("x")
+  paths = {"file": tmp_path / "a_file", "missing": tmp_path / "no_run"}
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *[a.format(**paths) for a in args]],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr and re.search(message, result.stderr), result.stderr[-2000:]
