@@ -208,3 +208,17 @@ def test_console_shows_our_lines_and_one_line_per_handled_fault(tmp_path):
   others = [line for line in (result.stdout + result.stderr).splitlines() if not line.startswith("step ")]
   assert len(others) <= 8, "\n".join(others)
   assert "Traceback" in (workdir / "train.log").read_text()  # the details are in the log file
+
+
+def test_a_run_of_an_older_lm_tiny_still_matches_its_config():
+  # Before this change lm_tiny pinned data.format="txt" and data.decode_errors did not exist.
+  from configs import lm_tiny  # pylint: disable=import-outside-toplevel
+  from gsa_jax.train.config import differing_keys, to_json  # pylint: disable=import-outside-toplevel
+
+  now = lm_tiny.get_config()
+  saved = json.loads(to_json(now))
+  saved["data"]["format"] = "txt"
+  del saved["data"]["decode_errors"]
+  assert differing_keys(saved, now) == []
+  saved["data"]["format"] = "jsonl"  # a real difference
+  assert differing_keys(saved, now) == ["data.format"]

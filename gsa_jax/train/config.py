@@ -22,6 +22,7 @@ RESUMABLE_PREFIXES = (
     "train.nonfinite", "train.max_nonfinite_in_a_row", "train.tensorboard", "train.compilation_cache",
     "train.loss_chunk", "checkpoint.", "mesh.", "model.backend", "model.remat", "model.chunk_size",
     "train.init_from",  # read only when a run starts from step 0
+    "data.decode_errors",  # the same documents for UTF-8 text (runs older than the key read with "replace")
 )
 
 
@@ -167,10 +168,14 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def _effective(flat: dict[str, Any]) -> dict[str, Any]:
   """A flattened config with implicit values spelled out: output_norm_eps None (or absent, in runs older than the
-  key) is norm_eps."""
+  key) is norm_eps; data.format "auto" is the format data.path's extension implies (presets used to pin it)."""
+  from gsa_jax.data.sources import format_from_name  # pylint: disable=import-outside-toplevel
+
   out = dict(flat)
   if out.get("model.output_norm_eps") is None and "model.norm_eps" in out:
     out["model.output_norm_eps"] = out["model.norm_eps"]
+  if out.get("data.format") == "auto" and out.get("data.path"):
+    out["data.format"] = format_from_name(out["data.path"]) or "auto"
   return out
 
 
