@@ -84,7 +84,7 @@ class Checkpointer:
     for step in steps:
       target = os.path.join(aside, f"{step}-{int(time.time())}")
       shutil.move(os.path.join(self._directory, str(step)), target)
-      _log.warning("checkpoint %d moved to %s", step, target)
+      _log.info("checkpoint %d moved to %s", step, target)  # the fault itself was the warning
     self._manager.reload()
 
   def close(self) -> None:
