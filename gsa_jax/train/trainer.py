@@ -62,8 +62,17 @@ def check_workdir(config: ml_collections.ConfigDict) -> bool:
   """Raises ConfigError for a workdir that cannot hold this run; returns whether an old run must be deleted first.
 
   Refused: a path that is (or lies under) a file, a directory this process cannot write, a directory holding a
-  different run or foreign files (unless config.overwrite). Writes nothing.
+  different run or foreign files (unless config.overwrite). Writes nothing. Every process calls it: it returns
+  once all have checked (so none sees the directory after process 0 changed it).
   """
+  start_over = _workdir_start_over(config)
+  # Also the first collective of a multi-process run: here the processes are still in step (a first collective
+  # reached far apart, e.g. after compiling, can time out while the processes set up their connections).
+  _barrier("workdir checked")
+  return start_over
+
+
+def _workdir_start_over(config: ml_collections.ConfigDict) -> bool:
   workdir = config.workdir
   existing = workdir
   while existing and not os.path.exists(existing):  # the nearest existing ancestor is what must be writable
@@ -102,14 +111,12 @@ def prepare_workdir(config: ml_collections.ConfigDict, start_over: bool | None =
   """
   if start_over is None:
     start_over = check_workdir(config)
-  # Every process has checked the directory before process 0 changes it, and none goes on before it is written.
-  _barrier("workdir checked")
   if jax.process_index() == 0:
     try:
       _write_workdir(config, start_over)
     except OSError as e:  # e.g. a read-only file system, a full disk
       raise ConfigError(f"config.workdir: cannot write {config.workdir!r}: {e.strerror or e}.") from None
-  _barrier("workdir written")
+  _barrier("workdir written")  # no process goes on before it is written
 
 
 def past_end_step(config: ml_collections.ConfigDict) -> int | None:
