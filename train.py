@@ -18,7 +18,6 @@ import re
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 
@@ -45,12 +44,22 @@ class _ConsoleFormatter(logging.Formatter):
     return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
+def _log_unraisable(unraisable) -> None:
+  """Exceptions Python can only ignore (after a handled restore failure orbax's dropped coroutines raise "Event loop
+  is closed" by the hundred) go to the run's train.log with their traceback, not to the console."""
+  logging.getLogger("unraisable").info(
+      "exception ignored in %r: %s", unraisable.object, unraisable.exc_value,
+      exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+
 def _configure_logging() -> None:
   """INFO records are produced (the trainer copies all of them to WORKDIR/train.log); the console shows what
-  `_ConsoleFilter` lets through, in place of absl's handler."""
+  `_ConsoleFilter` lets through, in place of absl's handler (and of any other)."""
+  sys.unraisablehook = _log_unraisable
   root = logging.getLogger()
   root.setLevel(logging.INFO)
-  root.removeHandler(absl_logging.get_absl_handler())
+  for handler in list(root.handlers):  # absl's, and any a library installed with logging.basicConfig
+    root.removeHandler(handler)
   console = logging.StreamHandler(sys.stderr)
   console.addFilter(_ConsoleFilter())
   console.setFormatter(_ConsoleFormatter())
