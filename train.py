@@ -4,9 +4,12 @@
     python train.py --config=configs/lm_tiny.py --config.data.path=my.txt --config.workdir=runs/tiny
     python train.py --config=configs/gsa_1p3b.py --config.mesh.fsdp=8 --config.train.batch_size=64
 
-Restarting the same command resumes from the run's latest checkpoint. Exit codes: 0 done; 2 bad config or
-command line (nothing was written); 3 stopped on non-finite loss/gradients (see config.train.nonfinite); 143 saved
-and stopped on SIGTERM.
+Restarting the same command resumes from the run's latest checkpoint. Exit codes: 0 done (or nothing to do: the
+run is already at train.steps); 2 bad config, data, workdir or command line (nothing was written); 3 stopped on
+non-finite loss/gradients (see config.train.nonfinite); 143 saved and stopped on SIGTERM.
+
+The console shows this program's lines and every warning, one line each; all log records, libraries' INFO (orbax,
+jax) and tracebacks of handled faults included, go to WORKDIR/train.log.
 """
 
 import logging
@@ -17,9 +20,50 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+class _ConsoleFilter(logging.Filter):
+  """Our own lines (INFO and up) and every library's warnings reach the console; libraries' INFO (orbax, jax) goes
+  only to the run's train.log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "gsa_jax"
+
+
+class _ConsoleFormatter(logging.Formatter):
+  """One line per record: its message's first line ("warning: ..." for warnings and errors). Tracebacks and
+  multi-line details stay in the run's train.log."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    lines = record.getMessage().strip().splitlines() or [""]
+    text = lines[0] + (" (details in the run's train.log)" if len(lines) > 1 or record.exc_info else "")
+    return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def _log_unraisable(unraisable) -> None:
+  """Exceptions Python can only ignore (after a handled restore failure orbax's dropped coroutines raise "Event loop
+  is closed" by the hundred) go to the run's train.log with their traceback, not to the console."""
+  logging.getLogger("unraisable").info(
+      "exception ignored in %r: %s", unraisable.object, unraisable.exc_value,
+      exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+
+def _configure_logging() -> None:
+  """INFO records are produced (the trainer copies all of them to WORKDIR/train.log); the console shows what
+  `_ConsoleFilter` lets through, in place of absl's handler (and of any other)."""
+  sys.unraisablehook = _log_unraisable
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  for handler in list(root.handlers):  # absl's, and any a library installed with logging.basicConfig
+    root.removeHandler(handler)
+  console = logging.StreamHandler(sys.stderr)
+  console.addFilter(_ConsoleFilter())
+  console.setFormatter(_ConsoleFormatter())
+  root.addHandler(console)
 
 
 def _config_error(e: Exception, argv) -> None:
@@ -55,7 +99,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; config values are set with --config.KEY=VALUE.")
-  logging.getLogger().setLevel(logging.INFO)
+  _configure_logging()
   from gsa_jax.train import EXIT_NONFINITE, EXIT_SIGTERM, ConfigError, NonFiniteError, Preempted, train_and_evaluate
 
   try:

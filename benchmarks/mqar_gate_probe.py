@@ -112,7 +112,10 @@ def main(argv=None) -> None:
   p.add_argument("--examples", type=int, default=256, help="held-out examples to average over")
   p.add_argument("--json", default=None, help="also write the results here")
   a = p.parse_args(argv)
-  model, config, step = load_model(a.run, a.step, dtype="float32", backend="chunked")
+  try:
+    model, config, step = load_model(a.run, a.step, dtype="float32", backend="chunked")
+  except FileNotFoundError as e:  # not a run directory, or no such checkpoint step
+    p.error(str(e))
   if config.data.source != "mqar":
     sys.exit(f"--run {a.run}: trained on data.source={config.data.source!r}; this probe needs an MQAR run")
   if not any(isinstance(b.mixer, GatedSlotAttention) for b in model.blocks):

@@ -626,6 +626,8 @@ def main(argv=None) -> None:
     except ValueError as e:
       p.error(str(e))
   a.out = a.out or os.path.join("runs", f"mqar_sweep_{a.grid}")
+  if os.path.exists(a.out) and not os.path.isdir(a.out):
+    p.error(f"--out {a.out}: is a file; give a directory for the results")
   failed = []
   if a.workers < 1:
     p.error(f"--workers {a.workers}: give 1 or more processes")

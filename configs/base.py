@@ -43,7 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # model.attn_implementation: how attention layers attend ("auto" picks the platform's fused kernel; "xla" is the
   # explicit-mask reference): see GSAConfig.
-  c.model = model_config_defaults()
+  # output_norm_eps 1e-5: the eps the reference library's GSA output norm uses, so that every run exports to it
+  # (`python -m gsa_jax.convert to-fla`); GSAConfig's own default (None: norm_eps) is kept for the library.
+  c.model = model_config_defaults(output_norm_eps=1e-5)
   c.data = data_config_defaults()
 
   c.train = ml_collections.ConfigDict()
@@ -63,7 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 = all positions at once.
   c.train.loss_chunk = 0
   c.train.log_every = 10  # console line and metrics.jsonl row every N steps
-  c.train.eval_every = 200  # held-out evaluation every N steps (0: only at the end)
+  # Held-out evaluation every N steps and at the end (0: only at the end); none when data.eval_fraction = 0.
+  c.train.eval_every = 200
   c.train.eval_batches = 8  # batches per evaluation
   # What a non-finite loss or gradient does. "abort": stop at once with the step and the first parameter whose
   # gradient is not finite (the last checkpoint is kept). "skip": leave params and optimizer unchanged, count it,

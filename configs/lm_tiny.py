@@ -13,7 +13,6 @@ def get_config():
   c.workdir = "runs/lm_tiny"
   c.data.source = "text"
   c.data.path = "docs/*.md"
-  c.data.format = "txt"
   c.data.tokenizer = "byte"
   c.train.seq_len = 256
   c.train.batch_size = 16

@@ -27,7 +27,6 @@ def paper_config(preset: str, *, batch_size: int, steps: int, warmup_steps: int)
   c.model.remat = "matmuls_gsa_keys"
   c.data.source = "text"
   c.data.path = ""  # required: --config.data.path=...
-  c.data.format = "jsonl"
   c.data.tokenizer = ""  # required: a tokenizer.json or SentencePiece .model with 32000 ids
   c.train.seq_len = 2048
   c.train.batch_size = batch_size

@@ -31,7 +31,6 @@ def get_config():
   c.train.init_from = "runs/mistral_gsa_init"  # python -m gsa_jax.convert from-llama ... runs/mistral_gsa_init
   c.data.source = "text"
   c.data.path = ""  # required: --config.data.path=...
-  c.data.format = "jsonl"
   c.data.tokenizer = "runs/mistral_gsa_init/tokenizer.json"  # copied there by the converter
   c.train.seq_len = 2048
   c.train.batch_size = 256

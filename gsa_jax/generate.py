@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gsa_jax.models.lm import GSALM
@@ -32,6 +33,46 @@ def _segment_ids(tokens, segment_ids, lengths):
   if lengths is not None:
     return lengths_to_segment_ids(lengths, tokens.shape[1])
   return segment_ids
+
+
+def check_prompts(model: GSALM, prompts, lengths=None, segment_ids=None) -> None:
+  """Raises ValueError/TypeError for prompts the model cannot continue: prompts int [b, t] (t >= 1) of ids in
+  [0, vocab_size); lengths int [b] in [1, t]; segment_ids int [b, t] with a token (id > 0) in every row. Values are
+  checked when the arrays are concrete (not traced)."""
+  if not hasattr(prompts, "shape") or not hasattr(prompts, "dtype"):
+    raise TypeError(f"prompts must be an int array [b, t]; got {type(prompts).__name__}.")
+  if prompts.ndim != 2:
+    raise ValueError(f"prompts has shape {tuple(prompts.shape)}; expected [b, t] (one row per prompt: a single "
+                     "prompt is prompts[None]).")
+  if not jnp.issubdtype(prompts.dtype, jnp.integer):
+    raise TypeError(f"prompts must be an integer array; got dtype {prompts.dtype}.")
+  b, t = prompts.shape
+  if b == 0 or t == 0:
+    raise ValueError(f"prompts has shape {(b, t)}: every prompt needs at least one token.")
+  vocab = model.config.vocab_size
+  if not isinstance(prompts, jax.core.Tracer):
+    ids = np.asarray(prompts)
+    if ids.min() < 0 or ids.max() >= vocab:
+      bad = ids.min() if ids.min() < 0 else ids.max()
+      raise ValueError(f"prompts holds token id {bad}; expected ids in [0, {vocab}) (the model's vocab_size).")
+  for name, x, shape, legend in (("lengths", lengths, (b,), "[b]"), ("segment_ids", segment_ids, (b, t), "[b, t]")):
+    if x is None:
+      continue
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name} must be an int array {legend}; got {type(x).__name__}.")
+    if tuple(x.shape) != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} has shape {tuple(x.shape)} and dtype {x.dtype}; expected int {legend} = {shape}.")
+    if isinstance(x, jax.core.Tracer):
+      continue
+    x = np.asarray(x)
+    tokens_per_row = x if name == "lengths" else (x > 0).sum(axis=1)
+    if name == "lengths" and (x.max() > t):
+      row = int(np.argmax(x > t))
+      raise ValueError(f"lengths[{row}] = {x[row]} is longer than the prompts (t = {t}).")
+    if tokens_per_row.min() < 1:
+      row = int(np.argmin(tokens_per_row))
+      raise ValueError(f"row {row} of the prompts has {int(tokens_per_row[row])} tokens ({name}); every prompt needs "
+                       "at least one.")
 
 
 def last_logits(logits: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -61,6 +102,7 @@ def prefill(model: GSALM, tokens: jax.Array, *, segment_ids: jax.Array | None = 
   attention layers' KV caches hold (default t: no room to decode when the model has attention layers).
   Returns logits float32 [b, t, vocab] and the per-layer caches. Jitted.
   """
+  check_prompts(model, tokens, lengths, segment_ids)
   segment_ids = _segment_ids(tokens, segment_ids, lengths)
   graphdef, state = nnx.split(model)
   return _prefill(graphdef, state, tokens, segment_ids, max_len=max_len or tokens.shape[1])
@@ -149,8 +191,9 @@ def generate(model: GSALM, prompts: jax.Array, *, max_new_tokens: int, lengths: 
   Sampling as `sample_logits` (temperature 0: greedy, no key needed). A row stops after `eos_id`; the loop
   stops when every row has or after max_new_tokens.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+  if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1.")
+  check_prompts(model, prompts, lengths, segment_ids)
   if key is None:
     if temperature != 0:
       raise ValueError("sampling with temperature > 0 needs a PRNG key.")

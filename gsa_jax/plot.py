@@ -20,7 +20,8 @@ def _series(rows, key):
 
 
 def plot_runs(run_dirs: list[str], out_dir: str | None = None) -> list[str]:
-  """Writes the PNGs and returns their paths. Raises FileNotFoundError for a run without metrics.jsonl."""
+  """Writes the PNGs and returns their paths. Raises FileNotFoundError for a run without metrics.jsonl and
+  ValueError for an output directory that cannot be made (a file, or under one)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -34,6 +35,12 @@ def plot_runs(run_dirs: list[str], out_dir: str | None = None) -> list[str]:
       raise FileNotFoundError(f"{path} does not exist or is empty: is {run_dir!r} a run directory of train.py?")
     runs[os.path.basename(os.path.normpath(run_dir)) or run_dir] = rows
   out_dir = out_dir or run_dirs[0]
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"--out {out_dir!r} is a file; give a directory for the PNGs")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out {out_dir!r}: cannot create the directory ({e.strerror or e})") from None
   panels = {
       "loss.png": ("loss (cross-entropy, nats)", [("loss", "train", "-"), ("eval_loss", "eval", "o--")], True),
       "accuracy.png": ("accuracy on counted targets", [("accuracy", "train", "-"), ("eval_accuracy", "eval", "o--")],
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
   try:
     for path in plot_runs(args.run_dirs, args.out):
       print(path)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -656,6 +656,9 @@ def gsa_pallas_gpu(
                      chunk_size=chunk_size)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
+    if interpret:  # asked for by name off its platform: correct, but orders of magnitude slower
+      _log_once(f"gated_slot_attention: backend 'pallas_gpu' on {jax.default_backend()} runs its kernels in Pallas "
+                "interpret mode (correct but slow, meant for tests); use backend='auto' or 'chunked' there.")
   if interpret and varying_axes(q, k, v, s, g, segment_ids):
     # Pallas' HLO interpreter (jax 0.11.2) runs the kernel body on values typed with shard_map's varying axes
     # while its buffers carry none, and its loops then reject the mismatch; compiled kernels are not affected.
@@ -735,6 +738,9 @@ def gsa_decode_step_pallas(q, k, v, s, g, state: GSAState, *, scale: float, inte
   """
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
+    if interpret:  # asked for by name off its platform: correct, but orders of magnitude slower
+      _log_once(f"gated_slot_attention: backend 'pallas_gpu' on {jax.default_backend()} runs its kernels in Pallas "
+                "interpret mode (correct but slow, meant for tests); use backend='auto' or 'chunked' there.")
   b, hq, dk = q.shape
   h, dv, m = k.shape[1], v.shape[2], s.shape[2]
   grp = hq // h

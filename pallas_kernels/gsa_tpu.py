@@ -544,6 +544,9 @@ def gsa_pallas_tpu(
                      chunk_size=chunk_size)
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
+    if interpret:  # asked for by name off its platform: correct, but orders of magnitude slower
+      _log_once(f"gated_slot_attention: backend 'pallas_tpu' on {jax.default_backend()} runs its kernels in Pallas "
+                "interpret mode (correct but slow, meant for tests); use backend='auto' or 'chunked' there.")
   bs = block_sizes or BlockSizes()
   b, t, hq, dk = q.shape
   h, dv, m = k.shape[2], v.shape[3], s.shape[3]

@@ -442,12 +442,13 @@ def test_runs_saved_before_the_new_keys_still_resume():
   from configs import base
   from gsa_jax.train.config import differing_keys, to_json
 
+  # Absent (or None) output_norm_eps meant norm_eps: it is compared as that value.
   c = base.get_config()
   saved = json.loads(to_json(c))
   del saved["model"]["output_norm_eps"], saved["train"]["init_from"]
+  assert differing_keys(saved, c) == ["model.output_norm_eps"]  # now 1e-5 (base.py), then norm_eps = 1e-6
+  c.model.output_norm_eps = c.model.norm_eps  # what resumes such a run
   assert differing_keys(saved, c) == []
-  c.model.output_norm_eps = 1e-5  # set to a value: a real difference
-  assert differing_keys(saved, c) == ["model.output_norm_eps"]
 
 
 def test_source_tokenizer_is_copied_after_the_run_is_written(tmp_path):

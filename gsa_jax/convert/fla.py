@@ -135,8 +135,10 @@ def config_to_fla(c: GSAConfig, base: dict[str, Any] | None = None) -> dict[str,
     problems.append("use_rope=True on GSA layers")
   eps = c.norm_eps if c.output_norm_eps is None else c.output_norm_eps
   if not math.isclose(eps, REFERENCE_OUTPUT_NORM_EPS, rel_tol=1e-9):
-    problems.append(f"the GSA output norm's eps is {eps} (the reference always uses {REFERENCE_OUTPUT_NORM_EPS}; "
-                    "set model.output_norm_eps=1e-5 to export)")
+    problems.append(f"the GSA output norm's eps is {eps} (the reference always uses {REFERENCE_OUTPUT_NORM_EPS}): "
+                    "train with --config.model.output_norm_eps=1e-5 (the default of configs/base.py), or set "
+                    '"output_norm_eps": 1e-05 under "model" in the run\'s config.json to export this model with the '
+                    "reference's eps (its outputs then change slightly)")
   if c.elementwise_affine and c.value_dim != c.hidden_size:
     problems.append(f"expand_v={c.expand_v} with elementwise_affine (the reference sizes g_norm hidden_size)")
   if problems:

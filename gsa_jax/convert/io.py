@@ -165,6 +165,13 @@ def require_new_dir(path: str) -> None:
   """An output directory must not exist yet, or be empty (nothing of another run is overwritten)."""
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise ConversionError(f"output directory {path!r} exists and is not empty; give a new one.")
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConversionError(f"output directory {path!r} lies under {parent!r}, which is a file; give a new directory.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConversionError(f"output directory {path!r}: cannot write in {parent!r} (permission denied).")
 
 
 def find_tokenizer(src_dir: str) -> str:

@@ -1,14 +1,19 @@
 """The `data` section of the training config: defaults (every field typed and documented) and validation.
 
-Validation runs before any device work and does no I/O beyond checking that files exist, are non-empty and open
-(a parquet footer, an array_record header, the first line of a jsonl file, the tokenizer file). Every error is a
-ValueError whose message starts with the offending key, e.g. "data.path: file 'x.txt' does not exist".
+Validation runs before any device work. It checks that files exist, are non-empty and open (a parquet footer and
+the type of its text column, an array_record header, the tokenizer file); with `read_all=True` (what the trainer
+uses) it also reads every txt and jsonl file once: every byte must be UTF-8 (or is counted and reported with
+data.decode_errors="replace") and every jsonl line must be a JSON object holding a string data.text_field, so a bad
+line fails before training starts instead of hours into it; a jsonl or parquet file must hold a non-empty text.
+array_record records are checked when they are read (an error names the file and the record). Every error is a ValueError whose message starts with
+the offending key, e.g. "data.path: file 'x.txt' does not exist".
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 
 import ml_collections
@@ -20,6 +25,8 @@ SOURCES = ("mqar", "text")
 PACKINGS = ("concat_then_split", "first_fit")
 TXT_DOCUMENTS = ("line", "file")
 RECORD_FORMATS = ("auto", "text", "json")
+
+_log = logging.getLogger(__name__)
 
 
 def data_config_defaults() -> ml_collections.ConfigDict:
@@ -46,7 +53,8 @@ def data_config_defaults() -> ml_collections.ConfigDict:
   # --- Text from local files.
   # A file, a glob ("data/*.jsonl", "**" allowed) or a directory (searched recursively).
   c.path = ""
-  # "auto" (from each file's extension), "txt", "jsonl", "parquet" (needs pyarrow) or "array_record".
+  # "auto" (from each file's extension; .md is txt), "txt", "jsonl", "parquet" (needs pyarrow) or "array_record".
+  # A format set explicitly must agree with every file's known extension.
   c.format = "auto"
   # jsonl / parquet / JSON array_record records: the field or column holding the document text.
   c.text_field = "text"
@@ -55,6 +63,9 @@ def data_config_defaults() -> ml_collections.ConfigDict:
   # array_record records: "text" (utf-8), "json" (object with text_field) or "auto" (JSON if it parses to an object
   # holding text_field, else text).
   c.record_format = "auto"
+  # Bytes that are not UTF-8: "strict" = an error naming the file and byte offset; "replace" = read them as U+FFFD
+  # (their count is reported when the run starts).
+  c.decode_errors = "strict"
   # "byte" (built in: PAD=0, BOS=1, EOS=2, byte b -> b+3, vocab 259), a Hugging Face tokenizer.json (needs
   # `tokenizers`) or a SentencePiece .model (needs `sentencepiece`).
   c.tokenizer = "byte"
@@ -113,8 +124,8 @@ def _choice(cfg, key: str, allowed) -> None:
                      + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
-def _check_file(path: str, fmt: str, cfg) -> None:
-  """Exists, non-empty, opens as its format (header or first record only)."""
+def _check_file(path: str, fmt: str, cfg, read_all: bool) -> None:
+  """Exists, non-empty, opens as its format; with read_all, every txt/jsonl byte and jsonl record is checked."""
   if not os.path.isfile(path):
     raise ValueError(f"data.path: file '{path}' does not exist")
   if os.path.getsize(path) == 0:
@@ -130,29 +141,61 @@ def _check_file(path: str, fmt: str, cfg) -> None:
       with open(path, "rb") as f:
         if not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 20), b"")):
           raise ValueError(f"data.path: file '{path}' is empty (whitespace only)")
+    if read_all:
+      _check_utf8(path, cfg.decode_errors)
   elif fmt == "jsonl":
+    if read_all:
+      _check_utf8(path, cfg.decode_errors)
+    lines = documents = 0
     with open(path, "rb") as f:
       for line_no, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            obj = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ValueError(f"data.path: '{path}' line {line_no} is not valid JSON ({e}); is it a jsonl file?") \
-                from e
-          sources._extract_field(obj, cfg.text_field, f"'{path}' line {line_no}")  # pylint: disable=protected-access
+        if not line.strip():
+          continue
+        lines += 1
+        try:
+          obj = json.loads(line.decode("utf-8", errors="replace"))  # bytes that are not UTF-8: _check_utf8
+        except json.JSONDecodeError as e:
+          raise ValueError(f"data.path: '{path}' line {line_no} is not valid JSON ({e}); is it a jsonl file?") \
+              from None
+        text = sources._extract_field(obj, cfg.text_field, f"'{path}' line {line_no}")  # pylint: disable=protected-access
+        documents += bool(text)
+        if not read_all:
           break
-      else:
-        raise ValueError(f"data.path: file '{path}' is empty (no non-blank lines)")
+    if not lines:
+      raise ValueError(f"data.path: file '{path}' is empty (no non-blank lines)")
+    if read_all and not documents:
+      raise ValueError(f"data.path: file '{path}' has no document: the '{cfg.text_field}' of every line is empty")
   elif fmt == "parquet":
     if sources.check_parquet(path, cfg.text_field) == 0:
       raise ValueError(f"data.path: file '{path}' is empty (0 rows)")
+    # Empty texts are skipped when read: a file of nothing else would never give a batch.
+    if read_all and sources.count_parquet_documents(path, cfg.text_field) == 0:
+      raise ValueError(f"data.path: file '{path}' has no document: every '{cfg.text_field}' is empty or null")
   elif fmt == "array_record":
     if len(sources.open_array_record(path)) == 0:
       raise ValueError(f"data.path: file '{path}' is empty (0 records)")
 
 
-def validate_data_config(cfg, *, seq_len: int) -> None:
-  """Checks the `data` section for the given row length; raises ValueError naming the first bad key."""
+def _check_utf8(path: str, decode_errors: str) -> None:
+  count, first = sources.utf8_errors(path)
+  if not count:
+    return
+  if decode_errors == "strict":
+    with open(path, "rb") as f:
+      line = f.read(first).count(b"\n") + 1
+      sample = f.read(4)
+    raise ValueError(f"data.path: '{path}' is not UTF-8: byte offset {first} (line {line}) is {sample!r}, "
+                     f"{count} such byte(s) in all; convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or "
+                     "set data.decode_errors='replace' to read them as U+FFFD")
+  _log.warning("data.decode_errors='replace': %d byte(s) of '%s' are not UTF-8 (the first at offset %d); they read "
+               "as U+FFFD", count, path, first)
+
+
+def validate_data_config(cfg, *, seq_len: int, read_all: bool = False) -> None:
+  """Checks the `data` section for the given row length; raises ValueError naming the first bad key.
+
+  read_all: also read every txt and jsonl file in full (UTF-8, every jsonl record); see the module docstring.
+  """
   _check_fields(cfg)
   if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
     raise ValueError(f"seq_len: must be a positive int, got {seq_len!r}")
@@ -178,6 +221,7 @@ def validate_data_config(cfg, *, seq_len: int) -> None:
   _choice(cfg, "txt_document", TXT_DOCUMENTS)
   _choice(cfg, "record_format", RECORD_FORMATS)
   _choice(cfg, "packing", PACKINGS)
+  _choice(cfg, "decode_errors", sources.DECODE_ERRORS)
   if not cfg.text_field:
     raise ValueError("data.text_field: empty")
   if not 0.0 <= cfg.eval_fraction < 1.0:
@@ -191,5 +235,5 @@ def validate_data_config(cfg, *, seq_len: int) -> None:
     if cfg[key] < -1:
       raise ValueError(f"data.{key}: must be -1 (from the tokenizer) or an id >= 0, got {cfg[key]}")
   for path, fmt in sources.resolve_files(cfg.path, cfg.format):
-    _check_file(path, fmt, cfg)
+    _check_file(path, fmt, cfg, read_all)
   tokenizer_lib.load_tokenizer(cfg.tokenizer, cfg.bos_id, cfg.eos_id)  # TokenizerLoadError is a ValueError.

@@ -70,7 +70,9 @@ def split_documents(num_documents: int, eval_fraction: float, split_seed: int) -
   """
   num_eval = 0 if eval_fraction == 0 else max(1, int(round(eval_fraction * num_documents)))
   if num_eval >= num_documents:
-    raise ValueError(f"data.eval_fraction: {eval_fraction} of {num_documents} documents leaves no training documents")
+    raise ValueError(f"data.eval_fraction: {eval_fraction} of {num_documents} documents leaves no training documents "
+                     f"(it holds out {num_eval}); use more documents (data.txt_document='line' makes each line one), "
+                     "or data.eval_fraction=0 (no eval split, no evaluation)")
   perm = np.random.default_rng(split_seed).permutation(num_documents)
   return np.sort(perm[num_eval:]), np.sort(perm[:num_eval])
 
@@ -239,7 +241,8 @@ def make_iterator(cfg, *, split: str, batch_size: int, seq_len: int, seed: int, 
     identity.update(num_documents=int(num))
   else:
     source = sources.DocumentSource(sources.resolve_files(cfg.path, cfg.format), text_field=cfg.text_field,
-                                    txt_document=cfg.txt_document, record_format=cfg.record_format)
+                                    txt_document=cfg.txt_document, record_format=cfg.record_format,
+                                    decode_errors=cfg.decode_errors)
     if len(source) == 0:
       raise ValueError(f"data.path: no documents in '{cfg.path}' (all lines or records are empty)")
     train_docs, eval_docs = split_documents(len(source), float(cfg.eval_fraction), cfg.split_seed)

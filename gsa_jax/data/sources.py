@@ -1,7 +1,7 @@
 """Random-access document sources over local files: one document = one string.
 
 What counts as a document, per format (`data.format`, or from the file extension when "auto"):
-  txt           (.txt, .text)    one document per line when `data.txt_document == "line"` (the default; empty lines
+  txt           (.txt, .text, .md) one document per line when `data.txt_document == "line"` (the default; empty lines
                                  are skipped), or the whole file when it is "file".
   jsonl         (.jsonl, .ndjson) one JSON object per line, text in field `data.text_field`; empty lines skipped.
   parquet       (.parquet)       one document per row of column `data.text_field` (needs `pip install pyarrow`).
@@ -9,6 +9,9 @@ What counts as a document, per format (`data.format`, or from the file extension
                                  read with grain's ArrayRecordDataSource. `data.record_format`: "text" (utf-8),
                                  "json" (an object with `data.text_field`) or "auto" (JSON when the record starts with
                                  '{' and parses to an object holding the field, else text).
+
+Text is UTF-8: bytes that are not are an error naming the file and byte offset (`data.decode_errors="strict"`, the
+default), or read as U+FFFD with `data.decode_errors="replace"` (the trainer counts and reports them at start).
 
 Line-based files are indexed once with numpy over an mmap (newline offsets: 16 bytes per document in memory) and read
 back by offset, so any document can be fetched in any order: this is what lets grain shuffle globally, hold out an eval
@@ -27,7 +30,11 @@ import threading
 import numpy as np
 
 FORMATS = ("txt", "jsonl", "parquet", "array_record")
-_EXTENSIONS = ((".txt", "txt"), (".text", "txt"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".parquet", "parquet"))
+_EXTENSIONS = ((".txt", "txt"), (".text", "txt"), (".md", "txt"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
+               (".parquet", "parquet"))
+# Markdown is read as text when named (a file or a glob), but a directory's READMEs are not training data.
+_NOT_IN_DIRECTORIES = (".md",)
+DECODE_ERRORS = ("strict", "replace")
 _ARRAY_RECORD_RE = re.compile(r"\.array_record(-\d+-of-\d+)?$")
 
 
@@ -46,7 +53,8 @@ def resolve_files(path: str, fmt: str) -> list[tuple[str, str]]:
   """(file, format) pairs for `data.path` (a file, a glob or a directory), sorted by file name.
 
   A directory is searched recursively; with `data.format == "auto"` files of unknown extension there (READMEs,
-  checksums) are ignored, and hidden files (".x", "_x") always are. Raises ValueError naming the key.
+  checksums) are ignored, and hidden files (".x", "_x") always are. A format set explicitly must agree with every
+  known extension (a .jsonl file is not read as txt). Raises ValueError naming the key.
   """
   if not path:
     raise ValueError("data.path: empty; set it to a file, a glob or a directory of text files")
@@ -57,7 +65,7 @@ def resolve_files(path: str, fmt: str) -> list[tuple[str, str]]:
       files.extend(os.path.join(root, n) for n in names if not n.startswith((".", "_")))
     files = sorted(files)
     if fmt == "auto":
-      files = [f for f in files if format_from_name(f) is not None]
+      files = [f for f in files if format_from_name(f) is not None and not f.endswith(_NOT_IN_DIRECTORIES)]
     if not files:
       raise ValueError(f"data.path: directory '{path}' holds no data files "
                        "(.txt, .jsonl, .parquet, .array_record; or set data.format)")
@@ -71,7 +79,11 @@ def resolve_files(path: str, fmt: str) -> list[tuple[str, str]]:
     raise ValueError(f"data.path: file '{path}' does not exist")
   out = []
   for f in files:
-    file_fmt = fmt if fmt != "auto" else format_from_name(f)
+    implied = format_from_name(f)
+    if fmt != "auto" and implied not in (None, fmt):
+      raise ValueError(f"data.format: is {fmt!r} but '{f}' has the extension of a {implied} file; set "
+                       f"data.format='auto' (or {implied!r}), or rename the file")
+    file_fmt = fmt if fmt != "auto" else implied
     if file_fmt is None:
       raise ValueError(f"data.format: cannot tell the format of '{f}' from its extension; "
                        f"set data.format to one of {list(FORMATS)}")
@@ -96,11 +108,51 @@ def _where(where) -> str:
   return where() if callable(where) else where
 
 
+def decode(raw: bytes, errors: str, where) -> str:
+  """raw as UTF-8; errors="strict" raises ValueError naming `where` (a string or a callable giving one)."""
+  try:
+    return raw.decode("utf-8", errors=errors)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"data.path: {_where(where)} is not UTF-8 (byte {e.start} of the document: "
+                     f"{raw[e.start:e.start + 4]!r}); convert it, or set data.decode_errors='replace'") from None
+
+
+_SURROGATE_ESCAPES = re.compile("[\udc80-\udcff]")
+
+
+def utf8_errors(path: str, chunk_bytes: int = 1 << 24) -> tuple[int, int | None]:
+  """(bytes of `path` that are not UTF-8, byte offset of the first or None): one pass, chunk_bytes at a time."""
+  count, first = 0, None
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+      return 0, None
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+      start = 0
+      while start < size:
+        end = min(start + chunk_bytes, size)
+        # Cut before a character's continuation bytes (0b10xxxxxx), so no character is split between chunks.
+        back = 0
+        while end < size and back < 3 and mm[end] & 0xC0 == 0x80:
+          end, back = end - 1, back + 1
+        chunk = mm[start:end]
+        # surrogateescape turns each byte that is not UTF-8 into one lone surrogate, which valid UTF-8 never gives.
+        bad = len(_SURROGATE_ESCAPES.findall(chunk.decode("utf-8", errors="surrogateescape")))
+        if bad and first is None:
+          try:
+            chunk.decode("utf-8")
+          except UnicodeDecodeError as e:
+            first = start + e.start
+        count += bad
+        start = end
+  return count, first
+
+
 class _LineFile:
   """txt (line mode) or jsonl: documents are the non-empty lines, found by newline offsets."""
 
-  def __init__(self, path: str, fmt: str, text_field: str):
-    self.path, self.fmt, self.text_field = path, fmt, text_field
+  def __init__(self, path: str, fmt: str, text_field: str, decode_errors: str = "strict"):
+    self.path, self.fmt, self.text_field, self.decode_errors = path, fmt, text_field, decode_errors
     self._mm = None
     self._lock = threading.Lock()
     with open(path, "rb") as f:
@@ -133,14 +185,15 @@ class _LineFile:
 
   def __getitem__(self, i: int) -> str:
     raw = self._map()[int(self.starts[i]):int(self.ends[i])]
-    if self.fmt == "txt":
-      return raw.decode("utf-8", errors="replace")
     # The line number is only counted for an error message: counting newlines is O(file size).
     def where():
       return f"{self.path} line {self._map()[:int(self.starts[i])].count(b'\n') + 1}"
 
+    text = decode(raw, self.decode_errors, where)
+    if self.fmt == "txt":
+      return text
     try:
-      obj = json.loads(raw)
+      obj = json.loads(text)
     except json.JSONDecodeError as e:
       raise ValueError(f"data.path: {where()} is not valid JSON: {e}") from e
     return _extract_field(obj, self.text_field, where)
@@ -158,15 +211,15 @@ class _LineFile:
 class _WholeFile:
   """txt in "file" mode: the file is one document."""
 
-  def __init__(self, path: str):
-    self.path = path
+  def __init__(self, path: str, decode_errors: str = "strict"):
+    self.path, self.decode_errors = path, decode_errors
 
   def __len__(self) -> int:
     return 1
 
   def __getitem__(self, i: int) -> str:
     with open(self.path, "rb") as f:
-      return f.read().decode("utf-8", errors="replace")
+      return decode(f.read(), self.decode_errors, self.path)
 
 
 def _import_pyarrow_parquet():
@@ -218,14 +271,27 @@ def check_parquet(path: str, text_field: str) -> int:
   names = pf.schema_arrow.names
   if text_field not in names:
     raise ValueError(f"data.text_field: column '{text_field}' not in '{path}' (columns: {names})")
+  column_type = pf.schema_arrow.field(text_field).type
+  if not str(column_type).startswith(("string", "large_string")):
+    raise ValueError(f"data.text_field: column '{text_field}' of '{path}' holds {column_type}, not strings")
   return int(pf.metadata.num_rows)
+
+
+def count_parquet_documents(path: str, text_field: str) -> int:
+  """Rows of `path` whose `text_field` is a non-empty string (reads that column)."""
+  pq = _import_pyarrow_parquet()
+  import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
+
+  column = pq.read_table(path, columns=[text_field]).column(0)
+  return int(pc.sum(pc.greater(pc.utf8_length(column), 0)).as_py() or 0)
 
 
 class _ArrayRecordFile:
   """One document per record, through grain's ArrayRecordDataSource."""
 
-  def __init__(self, path: str, text_field: str, record_format: str):
+  def __init__(self, path: str, text_field: str, record_format: str, decode_errors: str = "strict"):
     self.path, self.text_field, self.record_format = path, text_field, record_format
+    self.decode_errors = decode_errors
     self._source = open_array_record(path)
 
   def __len__(self) -> int:
@@ -234,18 +300,19 @@ class _ArrayRecordFile:
   def __getitem__(self, i: int) -> str:
     raw = self._source[int(i)]
     where = f"{self.path} record {i}"
+    text = decode(raw, self.decode_errors, where)
     if self.record_format == "text":
-      return raw.decode("utf-8", errors="replace")
-    if self.record_format == "json" or raw.lstrip()[:1] == b"{":
+      return text
+    if self.record_format == "json" or text.lstrip()[:1] == "{":
       try:
-        obj = json.loads(raw)
+        obj = json.loads(text)
       except json.JSONDecodeError as e:
         if self.record_format == "json":
           raise ValueError(f"data.record_format: {where} is not valid JSON: {e}") from e
-        return raw.decode("utf-8", errors="replace")
+        return text
       if self.record_format == "json" or (isinstance(obj, dict) and self.text_field in obj):
         return _extract_field(obj, self.text_field, where)
-    return raw.decode("utf-8", errors="replace")
+    return text
 
 
 def open_array_record(path: str):
@@ -260,17 +327,18 @@ def open_array_record(path: str):
 class DocumentSource:
   """All documents of all files, concatenated in file order: a grain RandomAccessDataSource of `str`."""
 
-  def __init__(self, files: list[tuple[str, str]], *, text_field: str, txt_document: str, record_format: str):
+  def __init__(self, files: list[tuple[str, str]], *, text_field: str, txt_document: str, record_format: str,
+               decode_errors: str = "strict"):
     self.readers = []
     for path, fmt in files:
       if fmt == "txt" and txt_document == "file":
-        self.readers.append(_WholeFile(path))
+        self.readers.append(_WholeFile(path, decode_errors))
       elif fmt in ("txt", "jsonl"):
-        self.readers.append(_LineFile(path, fmt, text_field))
+        self.readers.append(_LineFile(path, fmt, text_field, decode_errors))
       elif fmt == "parquet":
         self.readers.append(_ParquetFile(path, text_field))
       elif fmt == "array_record":
-        self.readers.append(_ArrayRecordFile(path, text_field, record_format))
+        self.readers.append(_ArrayRecordFile(path, text_field, record_format, decode_errors))
       else:
         raise ValueError(f"data.format: unknown format '{fmt}'; expected one of {list(FORMATS)}")
     self.counts = np.array([len(r) for r in self.readers], dtype=np.int64)

@@ -46,6 +46,9 @@ def main(argv=None) -> int:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
   if "{context}" not in a.context_template:
     p.error("--context-template must contain {context}")
+  if a.output and _output_error(a.output):
+    print(f"error: {_output_error(a.output)}", file=sys.stderr)
+    return 2
   try:
     results = evaluate(a.checkpoint, a.task, a.data, step=a.step, batch_size=a.batch_size, max_length=a.max_length,
                        max_examples=a.max_examples, backend=a.backend, text_field=a.text_field,
@@ -54,12 +57,30 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   text = json.dumps(results, indent=2)
-  print(text)
+  print(text, flush=True)  # first, so that the results survive a failing write
   if a.output:
-    os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
-    with open(a.output, "w") as f:
-      f.write(text + "\n")
+    try:
+      os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+      with open(a.output, "w") as f:
+        f.write(text + "\n")
+    except OSError as e:
+      print(f"error: --output {a.output!r}: cannot write ({e.strerror or e}); the results are above", file=sys.stderr)
+      return 2
   return 0
+
+
+def _output_error(path: str) -> str | None:
+  """Why the results could not be written to `path` (checked before the evaluation runs), or None."""
+  if os.path.isdir(path):
+    return f"--output {path!r} is a directory; give a file path for the results JSON"
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"--output {path!r} lies under {parent!r}, which is a file"
+  if not os.access(parent, os.W_OK | os.X_OK):
+    return f"--output {path!r}: cannot write in {parent!r} (permission denied)"
+  return None
 
 
 if __name__ == "__main__":

@@ -40,9 +40,22 @@ def _check_file(path: str) -> None:
     raise DataError(f"data file {path!r} is empty")
 
 
+def _check_utf8(path: str) -> None:
+  """DataError naming the file, byte offset and line of the first byte that is not UTF-8 (as train.py does)."""
+  from gsa_jax.data.sources import utf8_errors  # pylint: disable=import-outside-toplevel
+
+  count, first = utf8_errors(path)
+  if count:
+    with open(path, "rb") as f:
+      line = f.read(first).count(b"\n") + 1
+    raise DataError(f"{path!r} is not UTF-8: byte offset {first} (line {line}), {count} such byte(s) in all; "
+                    "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+
+
 def read_jsonl(path: str, max_examples: int | None = None) -> list[tuple[int, dict]]:
   """(line number, object) for every non-blank line, stopping after max_examples objects."""
   _check_file(path)
+  _check_utf8(path)
   records = []
   with open(path, encoding="utf-8") as f:
     for line_no, line in enumerate(f, 1):
@@ -76,6 +89,7 @@ def read_documents(path: str, *, text_field: str = "text", txt_document: str = "
       docs.append(text)
   else:
     _check_file(path)
+    _check_utf8(path)
     if txt_document not in ("line", "file"):
       raise DataError(f"txt_document must be 'line' or 'file', got {txt_document!r}")
     with open(path, encoding="utf-8") as f:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsa_jax.layers.common import apply_rope, fan_in_init, next_positions, token_layout
+from gsa_jax.layers.common import apply_rope, check_layer_input, fan_in_init, next_positions, token_layout
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS, causal_attention
 
 
@@ -73,11 +73,13 @@ class CausalSelfAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x [b, t, d], segment_ids None or int [b, t] (0 = padding) -> y [b, t, d] (0 at padding)."""
+    check_layer_input(x, self.q_proj.in_features, 3)
     return self._sequence(x, segment_ids)[0]
 
   def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None, *,
               max_len: int) -> tuple[jax.Array, KVCache]:
     """The sequence form plus a cache of `max_len` slots holding this prompt's keys and values."""
+    check_layer_input(x, self.q_proj.in_features, 3)
     b, t, _ = x.shape
     if max_len < t:
       raise ValueError(f"max_len={max_len} must be at least the prompt length {t}.")
@@ -92,6 +94,7 @@ class CausalSelfAttention(nnx.Module):
 
   def step(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One token per row: x [b, d] -> (y [b, d], new cache). The cache must have a free slot."""
+    check_layer_input(x, self.q_proj.in_features, 2)
     b = x.shape[0]
     q, k, v = self._qkv(x[:, None], cache.pos[:, None])  # [b, 1, heads, dh]
     zero = jnp.zeros((), jnp.int32)

@@ -30,6 +30,18 @@ def scaled_fan_in_init(scale: float):
   return jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
 
 
+def check_layer_input(x, width: int, rank: int) -> None:
+  """A layer's input must be a floating-point array [b, t, d] (rank 3) or [b, d] (rank 2, one decoding step) with
+  d = width; raises TypeError/ValueError naming what it got."""
+  legend = "[b, t, d]" if rank == 3 else "[b, d]"
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"x must be an array {legend}; got {type(x).__name__}.")
+  if x.ndim != rank or x.shape[-1] != width:
+    raise ValueError(f"x has shape {tuple(x.shape)}; expected {legend} with d = hidden_size = {width}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be a floating-point array; got dtype {x.dtype}.")
+
+
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis, computed in float32 and returned in `dtype` (default: the input's)."""
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, fan_in_init,
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_layer_input, fan_in_init,
                                    next_positions, previous_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 
@@ -200,11 +200,13 @@ class GatedSlotAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x [b, t, d], segment_ids None or int [b, t] (0 = padding) -> y [b, t, d] (0 at padding)."""
+    check_layer_input(x, self.q_proj.in_features, 3)
     y, _, _, _ = self._sequence(x, segment_ids, None, False)
     return y
 
   def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, GSACache]:
     """The sequence form plus the cache to continue each row's last document with `step`."""
+    check_layer_input(x, self.q_proj.in_features, 3)
     y, state, layout, conv_in = self._sequence(x, segment_ids, None, True)
     conv = None
     if self.use_short_conv:
@@ -213,6 +215,7 @@ class GatedSlotAttention(nnx.Module):
 
   def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
     """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""
+    check_layer_input(x, self.q_proj.in_features, 2)
     q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
     conv = None
     if self.use_short_conv:

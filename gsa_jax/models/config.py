@@ -217,24 +217,26 @@ def mixer_layout(config: GSAConfig, layout: str) -> GSAConfig:
 #         the published 2.7B config of the same release (fla-hub), which we assume the 1.3B shares.
 #   2.7B: huggingface.co/fla-hub/gsa-2.7B-100B config.json: hidden 2560, 32 layers, 5 heads, 64 slots, gate
 #         normalizer 8, intermediate null -> 6912, vocab 32000, untied, elementwise_affine false, norm_eps 1e-6.
+# output_norm_eps 1e-5 in all three: what the reference's GSA output norm computes (it ignores norm_eps), so a model
+# trained from a preset is the reference's model and exports with `python -m gsa_jax.convert to-fla`.
 
 
 def gsa_340m(**overrides) -> GSAConfig:
   return GSAConfig(vocab_size=32000, hidden_size=1024, num_layers=24, num_heads=4, num_slots=64,
                    gate_logit_normalizer=4.0, intermediate_size=2816, tie_embeddings=True, elementwise_affine=False,
-                   norm_eps=1e-6).replace(**overrides)
+                   norm_eps=1e-6, output_norm_eps=1e-5).replace(**overrides)
 
 
 def gsa_1p3b(**overrides) -> GSAConfig:
   return GSAConfig(vocab_size=32000, hidden_size=2048, num_layers=24, num_heads=4, num_slots=64,
                    gate_logit_normalizer=8.0, intermediate_size=5632, tie_embeddings=False,
-                   elementwise_affine=False, norm_eps=1e-6).replace(**overrides)
+                   elementwise_affine=False, norm_eps=1e-6, output_norm_eps=1e-5).replace(**overrides)
 
 
 def gsa_2p7b(**overrides) -> GSAConfig:
   return GSAConfig(vocab_size=32000, hidden_size=2560, num_layers=32, num_heads=5, num_slots=64,
                    gate_logit_normalizer=8.0, intermediate_size=6912, tie_embeddings=False,
-                   elementwise_affine=False, norm_eps=1e-6).replace(**overrides)
+                   elementwise_affine=False, norm_eps=1e-6, output_norm_eps=1e-5).replace(**overrides)
 
 
 PRESETS = {"gsa_340m": gsa_340m, "gsa_1p3b": gsa_1p3b, "gsa_2p7b": gsa_2p7b}

@@ -122,6 +122,7 @@ class GSALM(nnx.Module):
   def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """The last block's output [b, t, hidden_size] (before the final norm): `logits` maps it to the vocabulary. A
     loss can apply `logits` a slice of positions at a time (gsa_jax.train.loss) instead of holding [b, t, vocab]."""
+    check_tokens(tokens, 2)
     x = self.embed(tokens)
     policy = self.config.remat
     for block in self.blocks:
@@ -139,6 +140,7 @@ class GSALM(nnx.Module):
 
     max_len: the number of tokens the attention layers' KV caches hold (prompt length + new tokens).
     """
+    check_tokens(tokens, 2)
     x = self.embed(tokens)
     caches = []
     for block in self.blocks:
@@ -148,6 +150,7 @@ class GSALM(nnx.Module):
 
   def step(self, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
     """One token per row: tokens int [b] -> (logits float32 [b, vocab], new caches)."""
+    check_tokens(tokens, 1)
     x = self.embed(tokens)
     new = []
     for block, cache in zip(self.blocks, caches):
@@ -158,6 +161,17 @@ class GSALM(nnx.Module):
   def init_cache(self, batch_size: int, max_len: int) -> list[Any]:
     """Caches of an empty prompt (attention layers sized to max_len)."""
     return [block.init_cache(batch_size, max_len) for block in self.blocks]
+
+
+def check_tokens(tokens, rank: int) -> None:
+  """tokens must be an integer array [b, t] (rank 2) or [b] (rank 1, one decoding step)."""
+  legend = "[b, t]" if rank == 2 else "[b]"
+  if not hasattr(tokens, "shape") or not hasattr(tokens, "dtype"):
+    raise TypeError(f"tokens must be an int array {legend}; got {type(tokens).__name__}.")
+  if tokens.ndim != rank:
+    raise ValueError(f"tokens has shape {tuple(tokens.shape)}; expected {legend}.")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise TypeError(f"tokens must be an integer array {legend}; got dtype {tokens.dtype}.")
 
 
 def count_params(model_or_state) -> int:

@@ -8,6 +8,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops.chunked import chunk_gsa
@@ -80,7 +81,7 @@ def _check_shape(name: str, x, expected: tuple, legend: str) -> None:
     raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(expected)} ({legend}).")
 
 
-def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chunk_size=64) -> None:
+def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chunk_size=64, scale=None) -> None:
   """Raises ValueError/TypeError naming the offending argument, its shape and the expected one."""
   for name, x, dims in (("q", q, "[B, T, HQ, K]"), ("k", k, "[B, T, H, K]"), ("v", v, "[B, T, H, V]"),
                         ("s", s, "[B, T, H, M]"), ("g", g, "[B, T, H, M]")):
@@ -89,6 +90,9 @@ def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chun
     if x.ndim != 4:
       raise ValueError(f"{name} must have rank 4 {dims}; got shape {tuple(x.shape)}.")
     _check_float(name, x)
+  for name, x, axis in (("q", q, "K"), ("v", v, "V"), ("s", s, "M")):
+    if x.shape[3] < 1:
+      raise ValueError(f"{name} has shape {tuple(x.shape)}: its last axis ({axis}) must be at least 1.")
   b, t, hq, dk = q.shape
   _, _, h, _ = k.shape
   dv, m = v.shape[3], s.shape[3]
@@ -105,16 +109,32 @@ def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chun
       raise TypeError("initial_state must be None or a pair (hk [B, H, K, M], hv [B, H, M, V]); got "
                       f"{type(initial_state).__name__}.")
     hk, hv = initial_state
+    for name, x in (("initial_state[0] (hk)", hk), ("initial_state[1] (hv)", hv)):
+      if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an array; got {type(x).__name__}.")
     _check_shape("initial_state[0] (hk)", hk, (b, h, dk, m), "B, H, K, M")
     _check_shape("initial_state[1] (hv)", hv, (b, h, m, dv), "B, H, M, V")
     _check_float("initial_state[0] (hk)", hk)
     _check_float("initial_state[1] (hv)", hv)
   if segment_ids is not None:
+    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+      raise TypeError(f"segment_ids must be None or an int array [B, T]; got {type(segment_ids).__name__} "
+                      "(wrap it in jnp.asarray).")
     _check_shape("segment_ids", segment_ids, (b, t), "B, T")
     if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
       raise TypeError(f"segment_ids must be an integer array; got dtype {segment_ids.dtype}.")
-  if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
+  if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
+    raise TypeError(f"chunk_size must be an int (a positive power of two); got {type(chunk_size).__name__} "
+                    f"{chunk_size!r}.")
+  if chunk_size < 1 or chunk_size & (chunk_size - 1):
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive power of two.")
+  try:
+    scale_ok = scale is None or (not isinstance(scale, (bool, str)) and np.ndim(scale) == 0
+                                 and bool(np.isfinite(float(scale))))
+  except (TypeError, ValueError):
+    scale_ok = False
+  if not scale_ok:
+    raise TypeError(f"scale must be None or a finite number; got {type(scale).__name__} {scale!r}.")
 
 
 def _explicit_axes(spec_entry) -> tuple:
@@ -207,7 +227,9 @@ def gated_slot_attention(
   Returns:
     o [B, T, HQ, V] in q's dtype, and GSAState(hk, hv) in float32 (float64 for float64 inputs) or None.
   """
-  validate_inputs(q, k, v, s, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+  validate_inputs(q, k, v, s, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+                  scale=scale)
+  chunk_size = int(chunk_size)  # a numpy integer is a different static argument of the jitted backends
   name = resolve_backend(backend)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   if initial_state is not None:

@@ -149,7 +149,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=int, default=0)
 
 
+def argument_error(args, extra_backends=()) -> str | None:
+  """What is wrong with the command line (one line naming the flag), or None."""
+  for name in ("b", "t", "hq", "h", "dk", "dv", "m", "repeats"):
+    if getattr(args, name) < 1:
+      return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+  if args.hq % args.h:
+    return f"--hq={args.hq} must be a multiple of --h={args.h} (grouped-query heads)"
+  if args.chunk_size < 1 or args.chunk_size & (args.chunk_size - 1):
+    return f"--chunk-size must be a positive power of two, got {args.chunk_size}"
+  if not args.normalizer > 0:
+    return f"--normalizer must be > 0, got {args.normalizer}"
+  for flag, given, known in (("--dtypes", args.dtypes, tuple(TOLERANCE)),
+                             ("--backends", args.backends, BACKENDS + tuple(extra_backends))):
+    unknown = [x for x in given.split(",") if x not in known]
+    if unknown:
+      return f"{flag}: unknown {unknown}; expected a comma-separated subset of {list(known)}"
+  return None
+
+
 def run_from_args(args, extra=None) -> int:
+  error = argument_error(args, tuple(extra or ()))
+  if error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
   shape = (args.b, args.t, args.hq, args.h, args.dk, args.dv, args.m)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(f"shape: B={args.b} T={args.t} HQ={args.hq} H={args.h} K={args.dk} V={args.dv} M={args.m}, "

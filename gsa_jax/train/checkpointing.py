@@ -62,8 +62,10 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
       except Exception as e:  # A damaged checkpoint can fail in many ways; each is reported, then skipped.
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        _log.warning("checkpoint %d cannot be restored (%s); trying the previous one.", step, reason)
+        reason = short_reason(e)
+        # One line; the traceback goes with the record (train.py shows it only in the run's train.log).
+        _log.warning("checkpoint %d cannot be restored (%s; in %s); trying the previous one.", step, reason,
+                     os.path.join(self._directory, str(step)), exc_info=True)
         failures.append((step, reason))
         continue
       _log.info("checkpoint %d restored in %.1f s", step, time.perf_counter() - start)
@@ -82,12 +84,19 @@ class Checkpointer:
     for step in steps:
       target = os.path.join(aside, f"{step}-{int(time.time())}")
       shutil.move(os.path.join(self._directory, str(step)), target)
-      _log.warning("checkpoint %d moved to %s", step, target)
+      _log.info("checkpoint %d moved to %s", step, target)  # the fault itself was the warning
     self._manager.reload()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def short_reason(error: BaseException) -> str:
+  """`Type: first line` of an exception, without the TensorStore spec dump that orbax appends to read errors."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text.split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {text}"[:240]
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -22,6 +22,7 @@ RESUMABLE_PREFIXES = (
     "train.nonfinite", "train.max_nonfinite_in_a_row", "train.tensorboard", "train.compilation_cache",
     "train.loss_chunk", "checkpoint.", "mesh.", "model.backend", "model.remat", "model.chunk_size",
     "train.init_from",  # read only when a run starts from step 0
+    "data.decode_errors",  # the same documents for UTF-8 text (runs older than the key read with "replace")
 )
 
 
@@ -75,7 +76,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   if not check_data:
     return model
   try:
-    validate_data_config(config.data, seq_len=t.seq_len)
+    validate_data_config(config.data, seq_len=t.seq_len, read_all=True)
   except ValueError as e:
     message = str(e)
     raise ConfigError(message if message.startswith("config.") else f"config.{message}") from None
@@ -165,9 +166,22 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
+def _effective(flat: dict[str, Any]) -> dict[str, Any]:
+  """A flattened config with implicit values spelled out: output_norm_eps None (or absent, in runs older than the
+  key) is norm_eps; data.format "auto" is the format data.path's extension implies (presets used to pin it)."""
+  from gsa_jax.data.sources import format_from_name  # pylint: disable=import-outside-toplevel
+
+  out = dict(flat)
+  if out.get("model.output_norm_eps") is None and "model.norm_eps" in out:
+    out["model.output_norm_eps"] = out["model.norm_eps"]
+  if out.get("data.format") == "auto" and out.get("data.path"):
+    out["data.format"] = format_from_name(out["data.path"]) or "auto"
+  return out
+
+
 def differing_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
   """Keys whose values differ between a saved run's config and this one, ignoring the resumable ones."""
-  a, b = flatten(saved), flatten(json.loads(to_json(current)))
+  a, b = _effective(flatten(saved)), _effective(flatten(json.loads(to_json(current))))
   keys = sorted(set(a) | set(b))
   # A key the saved run does not have and that is None now is an optional field added since, whose default keeps
   # the old behaviour: not a difference.
@@ -176,7 +190,7 @@ def differing_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]
 
 
 def describe_differences(saved: dict, current: ml_collections.ConfigDict, keys: list[str]) -> str:
-  a, b = flatten(saved), flatten(json.loads(to_json(current)))
+  a, b = _effective(flatten(saved)), _effective(flatten(json.loads(to_json(current))))
   return "; ".join(f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}" for k in keys)
 
 

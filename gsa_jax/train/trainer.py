@@ -30,7 +30,7 @@ from gsa_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from gsa_jax.train.config import (ConfigError, check_mesh, describe_differences, differing_keys,
                                   model_flops_per_token, to_json, validate_config)
 from gsa_jax.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
-from gsa_jax.train.metrics import MetricsWriter, console_line, peak_flops
+from gsa_jax.train.metrics import MetricsWriter, console_line, peak_flops, read_jsonl
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 _log = logging.getLogger(__name__)
@@ -58,30 +58,78 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(num_processes=int(count) if count else None, process_id=int(index) if index else None)
 
 
-def prepare_workdir(config: ml_collections.ConfigDict) -> None:
-  """Refuses a workdir that holds a different run (unless config.overwrite); writes config.json (process 0)."""
+def check_workdir(config: ml_collections.ConfigDict) -> bool:
+  """Raises ConfigError for a workdir that cannot hold this run; returns whether an old run must be deleted first.
+
+  Refused: a path that is (or lies under) a file, a directory this process cannot write, a directory holding a
+  different run or foreign files (unless config.overwrite). Writes nothing. Every process calls it: it returns
+  once all have checked (so none sees the directory after process 0 changed it).
+  """
+  start_over = _workdir_start_over(config)
+  # Also the first collective of a multi-process run: here the processes are still in step (a first collective
+  # reached far apart, e.g. after compiling, can time out while the processes set up their connections).
+  _barrier("workdir checked")
+  return start_over
+
+
+def _workdir_start_over(config: ml_collections.ConfigDict) -> bool:
   workdir = config.workdir
+  existing = workdir
+  while existing and not os.path.exists(existing):  # the nearest existing ancestor is what must be writable
+    existing = os.path.dirname(existing.rstrip(os.sep)) or "."
+  if not os.path.isdir(existing):
+    raise ConfigError(f"config.workdir: {workdir!r} " + ("is a file" if existing == workdir else
+                      f"lies under {existing!r}, which is a file") + "; give a directory path.")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"config.workdir: cannot write {existing!r} (permission denied); give a writable directory.")
   saved_path = os.path.join(workdir, "config.json")
-  start_over = False
   if os.path.exists(saved_path):
-    with open(saved_path) as f:
-      saved = json.load(f)
+    try:
+      with open(saved_path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"config.workdir: cannot read {saved_path!r} ({e}); repair or move that file, or use "
+                        "--config.overwrite=True to delete that run.") from None
     keys = differing_keys(saved, config)
     if keys and not config.overwrite:
       raise ConfigError(
           f"workdir {workdir!r} holds a run with a different config ({describe_differences(saved, config, keys)}). "
           "Use another --config.workdir, or --config.overwrite=True to delete that run and start over.")
-    start_over = bool(config.overwrite)
-  elif os.path.isdir(workdir) and os.listdir(workdir):
+    return bool(config.overwrite)
+  if os.path.isdir(workdir) and os.listdir(workdir):
     if not config.overwrite:
       raise ConfigError(f"workdir {workdir!r} is not empty and holds no config.json (not a run of this trainer). "
                         "Use another --config.workdir, or --config.overwrite=True to delete its contents.")
-    start_over = True
-  # Every process has checked the directory before process 0 changes it, and none goes on before it is written.
-  _barrier("workdir checked")
+    return True
+  return False
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, start_over: bool | None = None) -> None:
+  """Deletes the old run if `start_over` (default: what `check_workdir` says) and writes config.json (process 0).
+
+  Call it only once the new run has proven it can start: an overwritten run is gone afterwards.
+  """
+  if start_over is None:
+    start_over = check_workdir(config)
   if jax.process_index() == 0:
-    _write_workdir(config, start_over)
-  _barrier("workdir written")
+    try:
+      _write_workdir(config, start_over)
+    except OSError as e:  # e.g. a read-only file system, a full disk
+      raise ConfigError(f"config.workdir: cannot write {config.workdir!r}: {e.strerror or e}.") from None
+  _barrier("workdir written")  # no process goes on before it is written
+
+
+def past_end_step(config: ml_collections.ConfigDict) -> int | None:
+  """The newest checkpoint step of the run in config.workdir when it is >= train.steps (nothing left to do).
+
+  None when there is no such run, or when the workdir will be overwritten.
+  """
+  from gsa_jax.train.restore import checkpoint_steps  # pylint: disable=import-outside-toplevel  (imports this)
+
+  if config.overwrite or not os.path.exists(os.path.join(config.workdir, "config.json")):
+    return None
+  steps = checkpoint_steps(config.workdir)
+  return steps[-1] if steps and steps[-1] >= config.train.steps else None
 
 
 def _barrier(name: str) -> None:
@@ -187,6 +235,8 @@ class TrainRun:
     self.config, self.model_cfg = config, model_cfg
     self.mesh = shd.make_mesh(mesh_shape)
     self.process_batch = config.train.batch_size // jax.process_count()
+    # A text corpus with eval_fraction 0 has no eval split: such a run never evaluates.
+    self.has_eval = not (config.data.source == "text" and config.data.eval_fraction == 0)
     self.tx = make_optimizer(config.optim, config.train.steps)
     self.schedule = learning_rate_schedule(config.optim, config.train.steps)
     seed = config.train.seed
@@ -230,6 +280,31 @@ class TrainRun:
     return make_iterator(c.data, split=split, batch_size=self.process_batch, seq_len=c.train.seq_len,
                          seed=c.train.seed, shard_index=jax.process_index(), shard_count=jax.process_count())
 
+  def checked_iterators(self):
+    """The train iterator, once a first batch of each split was built from it and put back (nothing is consumed).
+
+    A data setup that cannot give batches (too few documents for the split, a record that does not read) fails
+    here with a ConfigError naming the data key, before the run writes anything.
+    """
+    train_it = None
+    try:
+      train_it = self.iterator("train")
+      start = train_it.get_state()
+      next(train_it)
+      train_it.set_state(start)
+      if self.has_eval:
+        eval_it = self.iterator("eval")
+        try:
+          next(eval_it)
+        finally:
+          eval_it.close()
+    except ValueError as e:  # the data pipeline's errors name their key: "data.path: ..."
+      if train_it is not None:
+        train_it.close()  # stops its read-ahead threads
+      message = str(e)
+      raise ConfigError(message if message.startswith("config.") else f"config.{message}") from None
+    return train_it
+
   BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "segment_ids": jnp.int32, "loss_mask": jnp.float32}
 
   def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -260,21 +335,66 @@ class TrainRun:
 def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Trains `config` in `config.workdir`, resuming from its latest checkpoint. Returns the last metrics row.
 
-  Raises ConfigError before any device work for a config that cannot work, NonFiniteError when the non-finite
-  policy stops the run (checkpoints are intact), and Preempted after saving on SIGTERM.
+  Raises ConfigError for a config, data or workdir that cannot work, before anything is written: the data
+  pipeline has built a first batch of each split and the train step has compiled before an old run is deleted
+  (config.overwrite) or config.json is written. Raises NonFiniteError when the non-finite policy stops the run
+  (checkpoints are intact), and Preempted after saving on SIGTERM. A run already at or past train.steps is left
+  as it is (its config.json included), with one line saying so.
   """
   model_cfg = validate_config(config)
   maybe_initialize_distributed()
   mesh_shape = check_mesh(config, jax.device_count(), jax.process_count())
-  prepare_workdir(config)
+  start_over = check_workdir(config)
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  done = past_end_step(config)
+  if done is not None:
+    say(f"nothing to do: the run in {config.workdir} is at step {done}, "
+        + (f"past train.steps={config.train.steps}" if done > config.train.steps else "its last step")
+        + "; raise --config.train.steps to continue it.", flush=True)
+    rows = read_jsonl(os.path.join(config.workdir, "metrics.jsonl"))
+    return rows[-1] if rows else {}
   if config.train.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache))
 
   run = TrainRun(config, model_cfg, mesh_shape)
+  train_it = run.checked_iterators()
+  say(f"model: {model_cfg.num_params():,} parameters; mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} "
+      f"tensor={mesh_shape[2]} over {jax.device_count()} {jax.devices()[0].device_kind} device(s)")
+  if not run.has_eval:
+    say("data.eval_fraction=0: there is no eval split, so no evaluation runs.")
+  compile_start = time.perf_counter()
+  train_step = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
+  memory = train_step.memory_analysis()
+  say(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s"
+      + (f"; per device: {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
+         f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments" if memory is not None else ""))
+  prepare_workdir(config, start_over)
+  with _log_file(os.path.join(config.workdir, "train.log")):
+    return _train(config, run, train_it, train_step, say)
+
+
+@contextlib.contextmanager
+def _log_file(path: str):
+  """Copies every log record (libraries' INFO included, as far as the logging levels let them through) to `path`
+  while the run lasts; process 0 only."""
+  if jax.process_index() != 0:
+    yield
+    return
+  handler = logging.FileHandler(path)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  logging.getLogger().addHandler(handler)
+  try:
+    yield
+  finally:
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+
+
+def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_step, say) -> dict[str, Any]:
+  """The loop of `train_and_evaluate`, once the workdir is written: restore or initialize, train, save."""
   t = config.train
   ckpt = Checkpointer(os.path.join(os.path.abspath(config.workdir), "checkpoints"), keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
-  train_it = run.iterator("train")
   restored = ckpt.restore_latest(run.abstract_state, train_it)
   if restored is None:
     start_step, state = 0, run.init_state()
@@ -289,16 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     start_step, state = restored
     _log.info("resumed from step %d", start_step)
   writer = MetricsWriter(config.workdir, resume_step=start_step, tensorboard=t.tensorboard)
-  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  say(f"model: {model_cfg.num_params():,} parameters; mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} "
-      f"tensor={mesh_shape[2]} over {jax.device_count()} {jax.devices()[0].device_kind} device(s)")
-
-  compile_start = time.perf_counter()
-  train_step = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
-  memory = train_step.memory_analysis()
-  say(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s"
-      + (f"; per device: {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
-         f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments" if memory is not None else ""))
+  model_cfg = run.model_cfg
 
   tokens_per_step = t.batch_size * t.seq_len
   peak = peak_flops(jax.devices()[0].device_kind)
@@ -318,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     timer["steps"] += 1
     metrics = jax.device_get(metrics)
     _check_finite(metrics, step, t, run.param_paths, ckpt)
-    if not (step % t.log_every == 0 or step == t.steps):
+    if not (step % t.log_every == 0 or step == t.steps or eval_metrics):  # an evaluation is always reported
       return
     step_time = (time.perf_counter() - timer["start"]) / timer["steps"]
     row = {"step": step, **{k: float(metrics[k]) for k in ("loss", "grad_norm", "accuracy", "learning_rate")},
@@ -343,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
       state, metrics = train_step(state, batch)
       step += 1
       eval_metrics = None
-      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+      if run.has_eval and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
         eval_metrics = run.evaluate(state["params"])
       if pending is not None:
         report(*pending)
