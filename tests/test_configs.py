@@ -22,7 +22,8 @@ CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
 # (its "1.3B" model has 1.38B parameters: `docs/benchmarks.md`), Mistral-7B (7.24B) with each attention turned into
 # GSA, and the CPU presets' sizes (tens of thousands / about a million).
 SIZES = {"gsa_340m": (340e6, 0.03), "hybrid_340m": (340e6, 0.03), "gsa_1p3b": (1.38e9, 0.01),
-         "gsa_2p7b": (2.7e9, 0.02), "t2r_mistral": (7.24e9, 0.01)}
+         "gsa_2p7b": (2.7e9, 0.02), "t2r_mistral": (7.24e9, 0.01),
+         "attention_1p3b": (1.364e9, 0.01)}  # the all-attention baseline of gsa_1p3b (docs/benchmarks.md)
 
 
 def _text_file(tmp_path):
@@ -32,7 +33,8 @@ def _text_file(tmp_path):
 
 
 def test_every_config_file_is_listed():
-  assert CONFIG_FILES == ["gsa_1p3b", "gsa_2p7b", "gsa_340m", "hybrid_340m", "lm_tiny", "mqar", "t2r_mistral"]
+  assert CONFIG_FILES == ["attention_1p3b", "gsa_1p3b", "gsa_2p7b", "gsa_340m", "hybrid_340m", "lm_tiny", "mqar",
+                          "t2r_mistral"]
 
 
 def _converted_mistral_run(tmp_path):
