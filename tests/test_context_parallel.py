@@ -1,0 +1,113 @@
+"""Context-parallel GSA (gsa_jax/ops/context_parallel.py).
+
+On 8 fake CPU devices (tests/context_parallel_cases.py, in a subprocess): the sequence split in 2, 4 and 8 shards
+gives the single-device op's output, final state and every gradient (initial state included) within 1e-5
+relative, with documents crossing shard boundaries, starting exactly at one and spanning several shards, padding
+at a shard's start, all-padding shards, an initial state and extreme gates; called as a wrapper and inside the
+caller's shard_map (heads split over a second axis). Under shard_map on a CPU 'pallas_gpu' runs 'chunked'
+(tests/test_op_sharding.py says why). In this process: the fold and the shard summary on one device, and errors.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+
+from gsa_jax.ops import GSAState, gated_slot_attention
+from gsa_jax.ops.context_parallel import context_parallel_gsa, fold_states, shard_summary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cases(grid, *backends):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "context_parallel_cases.py"), grid,
+                           *backends], capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.split("RESULTS")[-1])
+
+
+def check(results, backends, full):
+  kinds = ["Explicit/2", "Explicit/4", "Explicit/8", "shard_map", "plain/4"] + (["Auto/4"] if full else [])
+  assert set(results) == {f"{b}/{kind}" for b in backends for kind in kinds}
+  bad = {name: err for name, err in results.items() if not err <= 1e-5}
+  assert not bad, bad
+
+
+def test_split_2_4_8_equals_one_device():
+  check(run_cases("short", "chunked"), ("chunked",), full=False)
+
+
+@pytest.mark.slow
+def test_every_backend_every_mesh():
+  backends = ("recurrent", "chunked", "pallas_gpu", "pallas_tpu")
+  check(run_cases("full", *backends), backends, full=True)
+
+
+def _random_inputs(b=2, t=12, h=2, dk=3, dv=4, m=3, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  k = jax.random.normal(ks[0], (b, t, h, dk))
+  v = jax.random.normal(ks[1], (b, t, h, dv))
+  s = jax.nn.sigmoid(jax.random.normal(ks[2], (b, t, h, m)))
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, m)))
+  q = jax.random.normal(ks[4], (b, t, h, dk))
+  return q, k, v, s, g
+
+
+@pytest.mark.parametrize("segment_ids", [None, [[1] * 4 + [0] * 3 + [2] * 5, [0] * 2 + [3] * 7 + [0] * 3]])
+def test_fold_of_shard_summaries_is_the_final_state(segment_ids):
+  """Folding 3 shards' summaries on one device gives the op's final state, from an initial state."""
+  q, k, v, s, g = _random_inputs()
+  seg = None if segment_ids is None else jnp.array(segment_ids, jnp.int32)
+  h0 = GSAState(jax.random.normal(jax.random.key(7), (2, 2, 3, 3)), jax.random.normal(jax.random.key(8), (2, 2, 3, 4)))
+  _, want = gated_slot_attention(q, k, v, s, g, initial_state=h0, segment_ids=seg, output_final_state=True,
+                                 backend="recurrent")
+  split = lambda x: None if x is None else jnp.split(x, 3, axis=1)
+  parts = [shard_summary(*xs) for xs in zip(*(split(x) for x in (k, v, s, g)), split(seg) or [None] * 3)]
+  _, final = fold_states(h0, jax.tree.map(lambda *xs: jnp.stack(xs), *parts))
+  for got, exp in zip(final, want):
+    np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_summary_decay_is_zero_after_a_document_start():
+  """A document starting inside a shard cuts everything before it: the shard's gate product is exactly 0."""
+  _, k, v, s, g = _random_inputs(b=1, t=4)
+  summary = shard_summary(k, v, s, g, jnp.array([[1, 1, 2, 2]], jnp.int32))
+  assert np.all(np.asarray(summary.decay) == 0)
+  np.testing.assert_array_equal(summary.first_id, [1])
+  np.testing.assert_array_equal(summary.last_id, [2])
+
+
+def test_error_without_the_sequence_axis():
+  q, k, v, s, g = _random_inputs()
+  with pytest.raises(ValueError, match=r"axis_name='sequence' is not an axis of the mesh \(no mesh is set\)"):
+    context_parallel_gsa(q, k, v, s, g)
+  mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Explicit,))
+  with pytest.raises(ValueError, match=r"axis_name='seq' is not an axis of the mesh \(the mesh has axes"):
+    context_parallel_gsa(q, k, v, s, g, axis_name="seq", mesh=mesh)
+
+
+def test_error_when_the_shards_do_not_divide_t():
+  q, k, v, s, g = _random_inputs(t=10)
+  mesh = AbstractMesh((4,), ("sequence",), axis_types=(AxisType.Explicit,))
+  with pytest.raises(ValueError, match=r"T = 10 tokens, which the 4 shards of mesh axis 'sequence' do not divide"):
+    context_parallel_gsa(q, k, v, s, g, mesh=mesh)
+
+
+def test_error_when_the_sequence_axis_also_splits_the_batch():
+  q, k, v, s, g = _random_inputs(t=4)
+  mesh = AbstractMesh((4,), ("sequence",), axis_types=(AxisType.Explicit,))
+  with pytest.raises(ValueError, match=r"'sequence' splits T; it cannot also split the batch"):
+    context_parallel_gsa(q, k, v, s, g, mesh=mesh, batch_axes="sequence")
+
+
+def test_bad_inputs_are_named():
+  q, k, v, s, g = _random_inputs()
+  with pytest.raises(ValueError, match="v has shape"):
+    context_parallel_gsa(q, k, v[..., :1, :], s, g)
