@@ -26,7 +26,7 @@ SEGMENT_IDS = [
     [1] * 8 + [0] * 4 + [1] * 4 + [2] * 8 + [0] * 8,  # padding at a shard's start inside document 1; document 2
                                                       # starts exactly at a boundary; all-padding last shards
     [0] * 5 + [4] * 27,  # all-padding first shard of 8: the initial state passes to document 4
-    [1] * 6 + [0] * 2 + [2] * 24,  # document 2 starts right after padding, at a boundary
+    [1] * 4 + [0] * 4 + [2] * 24,  # document 2 starts at a boundary after padding (an all-padding shard of 8)
 ]
 
 

@@ -111,3 +111,22 @@ def test_bad_inputs_are_named():
   q, k, v, s, g = _random_inputs()
   with pytest.raises(ValueError, match="v has shape"):
     context_parallel_gsa(q, k, v[..., :1, :], s, g)
+
+
+def test_communication_table(capsys):
+  """benchmarks/context_parallel_comm.py: the gathered summary is one state map (independent of T), ring
+  attention's traffic grows with T."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import context_parallel_comm as comm  # noqa: PLC0415
+
+  h, dk, dv, m = 2, 3, 5, 7
+  floats = h * (dk * m + m * dv + m) * 4
+  assert comm.summary_bytes(h, dk, dv, m) == (floats + 2 * 4, floats)
+  gsa_short, ring_short = comm.step_bytes(1024, 4, 3, (floats + 8, floats), kv_dim=16)
+  gsa_long, ring_long = comm.step_bytes(4096, 4, 3, (floats + 8, floats), kv_dim=16)
+  assert gsa_short == gsa_long == 3 * 3 * (2 * floats + 8)
+  assert ring_long == 4 * ring_short == 3 * 3 * 1024 * 2 * 16 * 8
+  comm.main(["--preset", "gsa_340m", "--lengths", "1024,2048", "--shards", "2,4,8"])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1,024") or
+          line.startswith("| 2,048")]
+  assert len(rows) == 6
