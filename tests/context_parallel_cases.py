@@ -4,6 +4,7 @@ relative error of the output, final states and every gradient (q, k, v, s, g and
 
 import json
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -79,6 +80,23 @@ def in_users_shard_map(backend, args, state, seg):
         tuple(place(x, row) for x in args), tuple(place(x, state_spec) for x in state), place(seg, seg_spec))
 
 
+def collectives(t, n=4):
+  """[(collective, result shape)] of the compiled forward + backward (final state used) at sequence length t."""
+  mesh = jax.make_mesh((8 // n, n), ("data", "sequence"), axis_types=(AxisType.Explicit,) * 2)
+  laid = lambda shape, spec, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+  row = P("data", "sequence")
+  args = tuple(laid((B, t, heads, width), row) for heads, width in ((HQ, K), (H, K), (H, V), (H, M), (H, M)))
+  state = (laid((B, H, K, M), P("data")), laid((B, H, M, V), P("data")))
+  seg = laid((B, t), row, jnp.int32)
+  op = lambda *a, **kw: context_parallel_gsa(*a, axis_name="sequence", backend="chunked", chunk_size=CHUNK,
+                                             output_final_state=True, **kw)
+  with jax.set_mesh(mesh):
+    text = jax.jit(lambda a, st, sg: loss_and_grads(op, a, st, sg)).lower(args, state, seg).compile().as_text()
+  pattern = r"= (.+?) (all-gather|reduce-scatter|all-reduce|collective-permute|all-to-all)(?:-start)?\("
+  found = (re.search(pattern, line) for line in text.splitlines())
+  return sorted((m[2], re.sub(r"\{[^}]*\}", "", m[1])) for m in found if m)
+
+
 def main(backends, full):
   args, state, seg = inputs()
   results = {}
@@ -95,5 +113,9 @@ def main(backends, full):
 
 
 if __name__ == "__main__":
-  # argv: "full" or "short", then the backends.
-  main(sys.argv[2:], sys.argv[1] == "full")
+  # argv: "full" or "short", then the backends; or "collectives".
+  if sys.argv[1] == "collectives":
+    sizes = {"shards": 4, "rows": B // 2, "H": H, "K": K, "V": V, "M": M}  # as in `collectives`
+    print("RESULTS" + json.dumps({"sizes": sizes, "collectives": {t: collectives(t) for t in (T, 2 * T)}}))
+  else:
+    main(sys.argv[2:], sys.argv[1] == "full")

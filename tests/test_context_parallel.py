@@ -9,7 +9,9 @@ caller's shard_map (heads split over a second axis). Under shard_map on a CPU 'p
 """
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +50,26 @@ def test_split_2_4_8_equals_one_device():
 def test_every_backend_every_mesh():
   backends = ("recurrent", "chunked", "pallas_gpu", "pallas_tpu")
   check(run_cases("full", *backends), backends, full=True)
+
+
+def test_communication_is_one_state_per_shard_whatever_t():
+  """The compiled forward + backward on 4 sequence shards (rows over 2 more devices) holds the same collectives at
+  T and 2T: the gather of the shards' summaries (floats: n x rows x H x (K M + M V + M)), its reduce-scatter, and
+  all-reduces of one state (the final state; the initial state's gradient). Nothing of size T moves."""
+  results = run_cases("collectives")
+  short, long = results["collectives"].values()
+  assert short == long
+  assert {op for op, _ in short} == {"all-gather", "reduce-scatter", "all-reduce"}
+
+  def floats(shape):
+    return sum(math.prod(map(int, dims.split(","))) for dims in re.findall(r"f32\[([\d,]+)\]", shape))
+
+  n, rows, h, dk, dv, m = (results["sizes"][key] for key in ("shards", "rows", "H", "K", "V", "M"))
+  gathered = sum(floats(shape) for op, shape in short if op == "all-gather")
+  assert gathered == n * rows * h * (dk * m + m * dv + m)
+  scattered = sum(floats(shape) for op, shape in short if op == "reduce-scatter")
+  assert scattered == rows * h * (dk * m + m * dv + m)  # each device's result: its own summary's gradient
+  assert all(floats(shape) == rows * h * (dk * m + m * dv) for op, shape in short if op == "all-reduce")
 
 
 def _random_inputs(b=2, t=12, h=2, dk=3, dv=4, m=3, seed=0):
