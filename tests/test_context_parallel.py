@@ -152,3 +152,16 @@ def test_communication_table(capsys):
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1,024") or
           line.startswith("| 2,048")]
   assert len(rows) == 6
+
+
+def test_memory_per_device_falls_with_the_shards():
+  """benchmarks/context_parallel_memory.py on 2 fake CPU devices: each of 2 sequence shards needs little more than
+  half the scratch memory of one device holding the whole sequence."""
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "context_parallel_memory.py"),
+                           "--cpu-devices", "2", "--lengths", "256", "--shards", "1,2"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 256 |")]
+  temp = {int(row[2]): float(row[3].replace(",", "")) for row in rows}
+  assert set(temp) == {1, 2}
+  assert temp[2] < 0.6 * temp[1]
