@@ -46,35 +46,48 @@ class ShardSummary(NamedTuple):
   last_id: jax.Array
 
 
+def _documents(segment_ids: jax.Array):
+  """What a shard's segment ids [b, t] mean for its summary.
+
+  Returns reaches_end [b, t] (no document starts after the token), cut [b] (a document starts inside the shard),
+  and the ids [b] of its first and last non-padding tokens (0: it has none).
+  """
+  t = segment_ids.shape[1]
+  reset, valid = segment_masks(segment_ids)
+  pos = jnp.arange(t, dtype=jnp.int32)[None, :]
+  last_start = jnp.max(jnp.where(reset, pos, 0), axis=1)  # 0 when no document starts inside
+  ids = jnp.where(valid, segment_ids, 0).astype(jnp.int32)
+  first_id = jnp.take_along_axis(ids, jnp.argmax(valid, axis=1)[:, None], axis=1)[:, 0]
+  last_id = jnp.take_along_axis(ids, (t - 1 - jnp.argmax(valid[:, ::-1], axis=1))[:, None], axis=1)[:, 0]
+  return pos >= last_start[:, None], jnp.any(reset, axis=1), first_id, last_id
+
+
 def shard_summary(k, v, s, g, segment_ids=None) -> ShardSummary:
   """The affine map one shard applies to the state entering it, in closed form.
 
   k [b, t, h, dk]; v [b, t, h, dv]; s, g [b, t, h, m]; segment_ids None or [b, t] (the shard's own tokens).
   A token j reaches the shard's end scaled by exp(sum of g_i for j < i), if no document starts after it.
   """
-  b, t = k.shape[:2]
+  b = k.shape[0]
   acc = accumulation_dtype(k.dtype, v.dtype, s.dtype, g.dtype)
-  if segment_ids is None:
-    segment_ids = jnp.ones((b, t), jnp.int32)
-  reset, valid = segment_masks(segment_ids)
   k, v, s, g = (x.astype(acc) for x in (k, v, s, g))
-  # Padding writes nothing and decays nothing.
-  s = jnp.where(valid[..., None, None], s, 0)
-  g = jnp.where(valid[..., None, None], g, 0)
-  pos = jnp.arange(t, dtype=jnp.int32)[None, :]
-  last_start = jnp.max(jnp.where(reset, pos, 0), axis=1)  # [b]; 0 when no document starts inside
-  reaches_end = pos >= last_start[:, None]  # [b, t]
+  if segment_ids is not None:
+    valid = (segment_ids > 0)[..., None, None]
+    # Padding writes nothing and decays nothing.
+    s, g = jnp.where(valid, s, 0), jnp.where(valid, g, 0)
   # sum_{i > j} g_i as a reverse cumulative sum of the gates after j, never as a difference of two large sums:
   # g = -1e3 next to g = 0 would cancel.
   later = jnp.pad(g[:, 1:], [(0, 0), (0, 1), (0, 0), (0, 0)])
-  to_end = jnp.exp(jax.lax.cumsum(later, axis=1, reverse=True)) * reaches_end[..., None, None]
-  w = s * to_end  # [b, t, h, m]
+  w = s * jnp.exp(jax.lax.cumsum(later, axis=1, reverse=True))  # [b, t, h, m]
+  decay = jnp.exp(jnp.sum(g, axis=1))  # [b, h, m]
+  if segment_ids is None:
+    first_id = last_id = jnp.ones((b,), jnp.int32)
+  else:
+    reaches_end, cut, first_id, last_id = _documents(segment_ids)
+    w = w * reaches_end[..., None, None]
+    decay = jnp.where(cut[:, None, None], 0, decay)
   hk = jnp.einsum("bthk,bthm->bhkm", k, w, precision=_HIGHEST)
   hv = jnp.einsum("bthm,bthv->bhmv", w, v, precision=_HIGHEST)
-  decay = jnp.where(jnp.any(reset, axis=1)[:, None, None], 0, jnp.exp(jnp.sum(g, axis=1)))
-  ids = jnp.where(valid, segment_ids, 0).astype(jnp.int32)
-  first_id = jnp.take_along_axis(ids, jnp.argmax(valid, axis=1)[:, None], axis=1)[:, 0]
-  last_id = jnp.take_along_axis(ids, (t - 1 - jnp.argmax(valid[:, ::-1], axis=1))[:, None], axis=1)[:, 0]
   return ShardSummary(GSAState(hk, hv), decay, first_id, last_id)
 
 
