@@ -5,7 +5,8 @@ gives the single-device op's output, final state and every gradient (initial sta
 relative, with documents crossing shard boundaries, starting exactly at one and spanning several shards, padding
 at a shard's start, all-padding shards, an initial state and extreme gates; called as a wrapper and inside the
 caller's shard_map (heads split over a second axis). Under shard_map on a CPU 'pallas_gpu' runs 'chunked'
-(tests/test_op_sharding.py says why) and is compared with 'chunked'. In this process: the fold and the shard summary on one device, and errors.
+(tests/test_op_sharding.py says why) and is compared with 'chunked'. In this process: the fold and the shard
+summary on one device, errors, the communication and memory scripts.
 """
 
 import json
