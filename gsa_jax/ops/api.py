@@ -150,7 +150,7 @@ def _split_over_batch_and_heads(fn, q, k, v, s, g, initial_state, segment_ids):
   GSA is independent across batch rows and kv heads, so under an Explicit mesh the op runs in a `shard_map` over
   the axes that split q's batch and k's heads; every input is resharded to those two axes first (a no-op when it
   already is). Time and feature axes must not be sharded: the op would need the whole row (context parallelism
-  is a separate op).
+  is a separate op, `context_parallel_gsa`).
   """
   inputs = {"q": q, "k": k, "v": v, "s": s, "g": g, "segment_ids": segment_ids}
   if initial_state is not None:
@@ -169,7 +169,7 @@ def _split_over_batch_and_heads(fn, q, k, v, s, g, initial_state, segment_ids):
     if name in time_axis and spec[1] is not None:
       raise ValueError(f"{name} is sharded along T ({jax.typeof(x).sharding.spec}); gated_slot_attention splits "
                        "only batch and heads over a mesh. Reshard T to None (jax.sharding.reshard) or split the "
-                       "sequence with the context-parallel op.")
+                       "sequence with gsa_jax.ops.context_parallel_gsa (docs/context_parallel.md).")
   used = set(_explicit_axes(batch)) | set(_explicit_axes(heads))
   if not used:
     return None

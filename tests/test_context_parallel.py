@@ -1,0 +1,168 @@
+"""Context-parallel GSA (gsa_jax/ops/context_parallel.py).
+
+On 8 fake CPU devices (tests/context_parallel_cases.py, in a subprocess): the sequence split in 2, 4 and 8 shards
+gives the single-device op's output, final state and every gradient (initial state included) within 1e-5
+relative, with documents crossing shard boundaries, starting exactly at one and spanning several shards, padding
+at a shard's start, all-padding shards, an initial state and extreme gates; called as a wrapper and inside the
+caller's shard_map (heads split over a second axis). Under shard_map on a CPU 'pallas_gpu' runs 'chunked'
+(tests/test_op_sharding.py says why) and is compared with 'chunked'. In this process: the fold and the shard
+summary on one device, errors, the communication and memory scripts.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType
+
+from gsa_jax.ops import GSAState, gated_slot_attention
+from gsa_jax.ops.context_parallel import context_parallel_gsa, fold_states, shard_summary
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cases(grid, *backends):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "context_parallel_cases.py"), grid,
+                           *backends], capture_output=True, text=True, cwd=ROOT, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.split("RESULTS")[-1])
+
+
+def check(results, backends, full):
+  kinds = ["Explicit/2", "Explicit/4", "Explicit/8", "shard_map", "plain/4"] + (["Auto/4"] if full else [])
+  assert set(results) == {f"{b}/{kind}" for b in backends for kind in kinds}
+  bad = {name: err for name, err in results.items() if not err <= 1e-5}
+  assert not bad, bad
+
+
+def test_split_2_4_8_equals_one_device():
+  check(run_cases("short", "chunked"), ("chunked",), full=False)
+
+
+@pytest.mark.slow
+def test_every_backend_every_mesh():
+  backends = ("recurrent", "chunked", "pallas_gpu", "pallas_tpu")
+  check(run_cases("full", *backends), backends, full=True)
+
+
+def test_communication_is_one_state_per_shard_whatever_t():
+  """The compiled forward + backward on 4 sequence shards (rows over 2 more devices) holds the same collectives at
+  T and 2T: the gather of the shards' summaries (floats: n x rows x H x (K M + M V + M)), its reduce-scatter, and
+  all-reduces of one state (the final state; the initial state's gradient). Nothing of size T moves."""
+  results = run_cases("collectives")
+  short, long = results["collectives"].values()
+  assert short == long
+  assert {op for op, _ in short} == {"all-gather", "reduce-scatter", "all-reduce"}
+
+  def floats(shape):
+    return sum(math.prod(map(int, dims.split(","))) for dims in re.findall(r"f32\[([\d,]+)\]", shape))
+
+  n, rows, h, dk, dv, m = (results["sizes"][key] for key in ("shards", "rows", "H", "K", "V", "M"))
+  gathered = sum(floats(shape) for op, shape in short if op == "all-gather")
+  assert gathered == n * rows * h * (dk * m + m * dv + m)
+  scattered = sum(floats(shape) for op, shape in short if op == "reduce-scatter")
+  assert scattered == rows * h * (dk * m + m * dv + m)  # each device's result: its own summary's gradient
+  assert all(floats(shape) == rows * h * (dk * m + m * dv) for op, shape in short if op == "all-reduce")
+
+
+def _random_inputs(b=2, t=12, h=2, dk=3, dv=4, m=3, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  k = jax.random.normal(ks[0], (b, t, h, dk))
+  v = jax.random.normal(ks[1], (b, t, h, dv))
+  s = jax.nn.sigmoid(jax.random.normal(ks[2], (b, t, h, m)))
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, m)))
+  q = jax.random.normal(ks[4], (b, t, h, dk))
+  return q, k, v, s, g
+
+
+@pytest.mark.parametrize("segment_ids", [None, [[1] * 4 + [0] * 3 + [2] * 5, [0] * 2 + [3] * 7 + [0] * 3]])
+def test_fold_of_shard_summaries_is_the_final_state(segment_ids):
+  """Folding 3 shards' summaries on one device gives the op's final state, from an initial state."""
+  q, k, v, s, g = _random_inputs()
+  seg = None if segment_ids is None else jnp.array(segment_ids, jnp.int32)
+  h0 = GSAState(jax.random.normal(jax.random.key(7), (2, 2, 3, 3)), jax.random.normal(jax.random.key(8), (2, 2, 3, 4)))
+  _, want = gated_slot_attention(q, k, v, s, g, initial_state=h0, segment_ids=seg, output_final_state=True,
+                                 backend="recurrent")
+  split = lambda x: None if x is None else jnp.split(x, 3, axis=1)
+  parts = [shard_summary(*xs) for xs in zip(*(split(x) for x in (k, v, s, g)), split(seg) or [None] * 3)]
+  _, final = fold_states(h0, jax.tree.map(lambda *xs: jnp.stack(xs), *parts))
+  for got, exp in zip(final, want):
+    np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_summary_decay_is_zero_after_a_document_start():
+  """A document starting inside a shard cuts everything before it: the shard's gate product is exactly 0."""
+  _, k, v, s, g = _random_inputs(b=1, t=4)
+  summary = shard_summary(k, v, s, g, jnp.array([[1, 1, 2, 2]], jnp.int32))
+  assert np.all(np.asarray(summary.decay) == 0)
+  np.testing.assert_array_equal(summary.first_id, [1])
+  np.testing.assert_array_equal(summary.last_id, [2])
+
+
+def test_error_without_the_sequence_axis():
+  q, k, v, s, g = _random_inputs()
+  with pytest.raises(ValueError, match=r"axis_name='sequence' is not an axis of the mesh \(no mesh is set\)"):
+    context_parallel_gsa(q, k, v, s, g)
+  mesh = AbstractMesh((1,), ("data",), axis_types=(AxisType.Explicit,))
+  with pytest.raises(ValueError, match=r"axis_name='seq' is not an axis of the mesh \(the mesh has axes"):
+    context_parallel_gsa(q, k, v, s, g, axis_name="seq", mesh=mesh)
+
+
+def test_error_when_the_shards_do_not_divide_t():
+  q, k, v, s, g = _random_inputs(t=10)
+  mesh = AbstractMesh((4,), ("sequence",), axis_types=(AxisType.Explicit,))
+  with pytest.raises(ValueError, match=r"T = 10 tokens, which the 4 shards of mesh axis 'sequence' do not divide"):
+    context_parallel_gsa(q, k, v, s, g, mesh=mesh)
+
+
+def test_error_when_the_sequence_axis_also_splits_the_batch():
+  q, k, v, s, g = _random_inputs(t=4)
+  mesh = AbstractMesh((4,), ("sequence",), axis_types=(AxisType.Explicit,))
+  with pytest.raises(ValueError, match=r"'sequence' splits T; it cannot also split the batch"):
+    context_parallel_gsa(q, k, v, s, g, mesh=mesh, batch_axes="sequence")
+
+
+def test_bad_inputs_are_named():
+  q, k, v, s, g = _random_inputs()
+  with pytest.raises(ValueError, match="v has shape"):
+    context_parallel_gsa(q, k, v[..., :1, :], s, g)
+
+
+def test_communication_table(capsys):
+  """benchmarks/context_parallel_comm.py: the gathered summary is one state map (independent of T), ring
+  attention's traffic grows with T."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import context_parallel_comm as comm  # noqa: PLC0415
+
+  h, dk, dv, m = 2, 3, 5, 7
+  floats = h * (dk * m + m * dv + m) * 4
+  assert comm.summary_bytes(h, dk, dv, m) == (floats + 2 * 4, floats)
+  gsa_short, ring_short = comm.step_bytes(1024, 4, 3, (floats + 8, floats), kv_dim=16)
+  gsa_long, ring_long = comm.step_bytes(4096, 4, 3, (floats + 8, floats), kv_dim=16)
+  assert gsa_short == gsa_long == 3 * 3 * (2 * floats + 8)
+  assert ring_long == 4 * ring_short == 3 * 3 * 1024 * 2 * 16 * 8
+  comm.main(["--preset", "gsa_340m", "--lengths", "1024,2048", "--shards", "2,4,8"])
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1,024") or
+          line.startswith("| 2,048")]
+  assert len(rows) == 6
+
+
+def test_memory_per_device_falls_with_the_shards():
+  """benchmarks/context_parallel_memory.py on 2 fake CPU devices: each of 2 sequence shards needs little more than
+  half the scratch memory of one device holding the whole sequence."""
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "context_parallel_memory.py"),
+                           "--cpu-devices", "2", "--lengths", "256", "--shards", "1,2"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 256 |")]
+  temp = {int(row[2]): float(row[3].replace(",", "")) for row in rows}
+  assert set(temp) == {1, 2}
+  assert temp[2] < 0.6 * temp[1]
