@@ -3,6 +3,7 @@ losses, bad input that must fail before anything is written, and numerics at ext
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -174,9 +175,15 @@ def test_no_restorable_checkpoint_stops_the_run_and_changes_nothing(tmp_path):
     with open(victim, "r+b") as f:
       f.truncate(os.path.getsize(victim) // 2)
   before = _tree_snapshot(tmp_path / "run")
+  longer = tiny_config(tmp_path / "run", train__steps=12)  # a run at its end is left alone without a restore
   with pytest.raises(RuntimeError, match=r"no checkpoint could be restored: step 8: .+; step 4: .+"):
-    train_and_evaluate(config)
-  assert _tree_snapshot(tmp_path / "run") == before
+    train_and_evaluate(longer)
+  after = _tree_snapshot(tmp_path / "run")
+  # The resume attempt records its config (train.steps=12) and logs the failures to train.log; everything else,
+  # every checkpoint file and metrics.jsonl, is as it was.
+  assert json.loads(after.pop("config.json"))["train"]["steps"] == 12
+  assert b"checkpoint 8 cannot be restored" in after.pop("train.log")
+  assert after == {k: v for k, v in before.items() if k not in ("config.json", "train.log")}
 
 
 def _poison_loss(monkeypatch, predicate):
