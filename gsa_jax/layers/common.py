@@ -134,6 +134,24 @@ def last_token_taps(layout: TokenLayout, n: int) -> tuple[jax.Array, jax.Array]:
   return jnp.stack(idx[::-1], axis=1), jnp.stack(oks[::-1], axis=1)
 
 
+def tail_taps(layout: TokenLayout, n: int) -> tuple[jax.Array, jax.Array]:
+  """For j = 1..n: where the j-th previous token of each token lies in a tail of the n inputs that came before
+  the row (a cache's short-convolution entry, oldest first), and whether it lies there.
+
+  Only the row's first document continues the tail; a token at position p of that document finds its j-th
+  previous token in the tail when j > p, at tail index n - (j - p). Returns idx [n, b, t] int32 and ok [n, b, t].
+  """
+  first_doc = layout.valid & (layout.doc == 1)
+  j = jnp.arange(1, n + 1, dtype=jnp.int32)[:, None, None]
+  p = layout.positions[None]
+  return jnp.clip(n - (j - p), 0, n - 1), first_doc[None] & (j > p)
+
+
+def last_doc_continues(layout: TokenLayout) -> jax.Array:
+  """[b] bool: whether each row's last document is the one a cache continues (its first, or the row is empty)."""
+  return layout.doc[:, -1] <= 1
+
+
 def next_positions(layout: TokenLayout) -> jax.Array:
   """[b] int32: the RoPE position the next token of each row's last document gets (0 for an empty row)."""
   b, t = layout.valid.shape
@@ -176,8 +194,13 @@ class ShortConvolution(nnx.Module):
   def _w(self, x):
     return self.weight[...].astype(self.dtype or x.dtype)
 
-  def __call__(self, x: jax.Array, taps: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """x [b, t, d] -> [b, t, d]. taps: `previous_taps(layout, w - 1)` for packed rows, None for plain rows."""
+  def __call__(self, x: jax.Array, taps: tuple[jax.Array, jax.Array] | None = None,
+               tail: jax.Array | None = None, tail_idx: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """x [b, t, d] -> [b, t, d]. taps: `previous_taps(layout, w - 1)` for packed rows, None for plain rows.
+
+    tail [b, w - 1, d]: the inputs that came before the row's first document (a cache's entry, or the previous
+    shard's last inputs), oldest first, with tail_idx = `tail_taps(layout, w - 1)`; None: nothing came before.
+    """
     w = self._w(x)
     y = x * w[-1]
     t = x.shape[1]
@@ -188,13 +211,29 @@ class ShortConvolution(nnx.Module):
       else:
         idx, ok = taps
         shifted = _gather_t(x, idx[j - 1]) * ok[j - 1][..., None].astype(x.dtype)
+      if tail is not None:
+        idx, ok = tail_idx
+        shifted = shifted + _gather_t(tail.astype(x.dtype), idx[j - 1]) * ok[j - 1][..., None].astype(x.dtype)
       y = y + shifted * w[-1 - j]
     return jax.nn.silu(y)
 
-  def tail(self, x: jax.Array, layout: TokenLayout) -> jax.Array:
-    """Decode cache after a prompt: x [b, t, d] -> [b, w - 1, d], the last inputs of each row's last document."""
-    idx, ok = last_token_taps(layout, self.width - 1)
-    return _gather_t(x, idx) * ok[..., None].astype(x.dtype)
+  def tail(self, x: jax.Array, layout: TokenLayout, previous: jax.Array | None = None) -> jax.Array:
+    """The last w - 1 inputs of each row's last document, oldest first: x [b, t, d] -> [b, w - 1, d].
+
+    previous [b, w - 1, d]: the tail this row continued (see __call__); where the last document is the row's
+    first and has fewer than w - 1 tokens, its oldest entries come from there. None: zeros.
+    """
+    n = self.width - 1
+    idx, ok = last_token_taps(layout, n)
+    new = _gather_t(x, idx) * ok[..., None].astype(x.dtype)
+    if previous is None:
+      return new
+    # With c tokens in the piece, entry i < n - c of the new tail is entry c + i of the previous one.
+    count = jnp.sum(ok, axis=1, dtype=jnp.int32)[:, None]  # [b, 1]
+    slot = jnp.arange(n, dtype=jnp.int32)[None]
+    carried = _gather_t(previous.astype(x.dtype), jnp.minimum(count + slot, n - 1))
+    keep = ((slot < n - count) & last_doc_continues(layout)[:, None])[..., None]
+    return jnp.where(keep, carried, new)
 
   def step(self, x: jax.Array, tail: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One token: x [b, d], tail [b, w - 1, d] -> (y [b, d], new tail)."""

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, fan_in_init,
-                                   next_positions, previous_taps, token_layout)
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, fan_in_init, last_doc_continues,
+                                   next_positions, previous_taps, tail_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 
 FEATURE_MAPS = ("swish", "relu", "t2r")
@@ -37,16 +37,40 @@ class GSACache(NamedTuple):
   state: GSAState(hk [b, h, dk, m], hv [b, h, m, dv]) float32.
   conv: None, or the short convolutions' last inputs (q [b, w-1, hq*dk], k [b, w-1, h*dk], v [b, w-1, h*dv]).
   pos: [b] int32, RoPE position of the next token (used only with use_rope).
+  segment_id: [b] int32, the segment id of the document the cache ends in; 0: any (plain rows, an empty past).
+    A prefill from this cache continues it only where its first document has this id (or either id is 0).
   """
 
   state: GSAState
   conv: tuple[jax.Array, jax.Array, jax.Array] | None
   pos: jax.Array
+  segment_id: jax.Array
 
 
 def _check(cond: bool, field: str, message: str) -> None:
   if not cond:
     raise ValueError(f"{field}: {message}")
+
+
+def last_segment_id(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids int [b, t] -> [b] int32: the id of each row's last non-padding token, 0 for an empty row."""
+  t = segment_ids.shape[1]
+  last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(t), -1), axis=1)
+  return jnp.where(last >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(last, 0)[:, None], axis=1)[:, 0],
+                   0).astype(jnp.int32)
+
+
+def continued_cache(cache: GSACache, segment_ids: jax.Array | None) -> GSACache:
+  """The part of `cache` a piece with `segment_ids [b, t]` continues: rows whose first document has another id
+  than the cache's last one start from an empty past (a piece split exactly at a document boundary)."""
+  if segment_ids is None:
+    return cache
+  valid = segment_ids > 0
+  first = jnp.take_along_axis(segment_ids, jnp.argmax(valid, axis=1)[:, None], axis=1)[:, 0]
+  keep = (cache.segment_id == 0) | (first == cache.segment_id) | ~jnp.any(valid, axis=1)
+  zero_other = lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+  return cache._replace(state=jax.tree.map(zero_other, cache.state), conv=jax.tree.map(zero_other, cache.conv),
+                        pos=zero_other(cache.pos))
 
 
 class GatedSlotAttention(nnx.Module):
@@ -181,20 +205,44 @@ class GatedSlotAttention(nnx.Module):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_v_dim,))
     return self.o_proj(self.g_norm(o))
 
-  def _sequence(self, x, segment_ids, initial_state, output_final_state):
+  def _sequence(self, x, segment_ids, cache, output_final_state):
+    """The sequence form; with `cache` (a GSACache) each row's first document continues it."""
     b, t, _ = x.shape
     layout = token_layout(segment_ids, b, t)
+    positions = layout.positions
+    if cache is not None:
+      positions = positions + jnp.where(layout.doc <= 1, cache.pos[:, None], 0)
     q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
     conv_in = (q, k, v)
     if self.use_short_conv:
       taps = None if segment_ids is None else previous_taps(layout, self.conv_size - 1)
-      q, k, v = self.q_conv(q, taps), self.k_conv(k, taps), self.v_conv(v, taps)
-    q, k, v, s, g = self._heads(q, k, v, f, layout.positions)
-    o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=initial_state,
+      tails, tail_idx = (None,) * 3, None
+      if cache is not None:
+        tails, tail_idx = cache.conv, tail_taps(layout, self.conv_size - 1)
+      q, k, v = (c(a, taps, tail, tail_idx) for c, a, tail in zip((self.q_conv, self.k_conv, self.v_conv),
+                                                                   (q, k, v), tails))
+    q, k, v, s, g = self._heads(q, k, v, f, positions)
+    o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=None if cache is None else cache.state,
                                     output_final_state=output_final_state, segment_ids=segment_ids,
                                     chunk_size=self.chunk_size, backend=self.backend)
     o = checkpoint_name(o, GSA_OUTPUT_NAME)  # a remat policy may keep it (gsa_jax.models: remat="matmuls_gsa")
     return self._out(o, x.dtype), state, layout, conv_in
+
+  def _next_cache(self, state, layout, conv_in, segment_ids, cache) -> GSACache:
+    """The cache after a piece: its final state, its convolution tails, the next position and segment id."""
+    conv = None
+    if self.use_short_conv:
+      previous = (None,) * 3 if cache is None else cache.conv
+      conv = tuple(c.tail(a, layout, prev) for c, a, prev in zip((self.q_conv, self.k_conv, self.v_conv),
+                                                                 conv_in, previous))
+    pos = next_positions(layout)
+    segment_id = jnp.zeros_like(pos) if cache is None else cache.segment_id
+    if cache is not None:
+      pos = pos + jnp.where(last_doc_continues(layout), cache.pos, 0)
+    if segment_ids is not None:
+      last = last_segment_id(segment_ids)
+      segment_id = jnp.where(last > 0, last, segment_id)
+    return GSACache(state=state, conv=conv, pos=pos, segment_id=segment_id)
 
   # -- public forms ------------------------------------------------------------------------------------------------
 
@@ -203,13 +251,20 @@ class GatedSlotAttention(nnx.Module):
     y, _, _, _ = self._sequence(x, segment_ids, None, False)
     return y
 
-  def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, GSACache]:
-    """The sequence form plus the cache to continue each row's last document with `step`."""
-    y, state, layout, conv_in = self._sequence(x, segment_ids, None, True)
-    conv = None
-    if self.use_short_conv:
-      conv = tuple(c.tail(a, layout) for c, a in zip((self.q_conv, self.k_conv, self.v_conv), conv_in))
-    return y, GSACache(state=state, conv=conv, pos=next_positions(layout))
+  def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None,
+              cache: GSACache | None = None) -> tuple[jax.Array, GSACache]:
+    """The sequence form plus the cache to continue each row's last document with `step` or another `prefill`.
+
+    cache: None (an empty past), or the cache of the tokens before x (`init_cache`, `prefill`, `step`): each row's
+    first document continues it (state, short-convolution inputs, RoPE position), as the op's initial_state; a
+    later document of the row starts fresh. So a prompt prefilled in pieces of any sizes, each from the previous
+    piece's cache, gives the outputs and the cache of the prompt prefilled at once (chunked prefill, multi-turn
+    continuation; differentiable, for truncated backpropagation through long documents).
+    """
+    if cache is not None:
+      cache = continued_cache(cache, segment_ids)
+    y, state, layout, conv_in = self._sequence(x, segment_ids, cache, True)
+    return y, self._next_cache(state, layout, conv_in, segment_ids, cache)
 
   def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
     """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""
@@ -221,7 +276,7 @@ class GatedSlotAttention(nnx.Module):
       conv = (tq, tk, tv)
     q, k, v, s, g = self._heads(q, k, v, f, cache.pos)
     o, state = gsa_step(q, k, v, s, g, cache.state, scale=1.0)
-    return self._out(o, x.dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1)
+    return self._out(o, x.dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id)
 
   def init_cache(self, batch_size: int) -> GSACache:
     """The cache of an empty prompt: zero state, zero convolution inputs."""
@@ -231,4 +286,5 @@ class GatedSlotAttention(nnx.Module):
       dtype = self.dtype or jnp.float32
       conv = tuple(jnp.zeros((batch_size, self.conv_size - 1, c.weight.shape[1]), dtype)
                    for c in (self.q_conv, self.k_conv, self.v_conv))
-    return GSACache(state=state, conv=conv, pos=jnp.zeros((batch_size,), jnp.int32))
+    zeros = jnp.zeros((batch_size,), jnp.int32)
+    return GSACache(state=state, conv=conv, pos=zeros, segment_id=zeros)

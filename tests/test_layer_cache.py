@@ -1,0 +1,102 @@
+"""The layer's cache API: a prompt prefilled in pieces (each from the previous piece's cache) equals the prompt
+prefilled at once (outputs and cache), for plain and packed rows, every cache part (state, short-convolution
+tails, RoPE position, segment id); the step form continues a pieced prefill."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gsa_jax.layers import GatedSlotAttention
+from tests.gsa_testing import rel_err
+
+D = 32
+# Every part of the cache matters in one of these: the short convolution (conv_size 4: tails longer than some
+# pieces), RoPE (positions), grouped kv heads, t2r.
+OPTIONS = {
+    "plain": dict(),
+    "conv_rope_gqa_t2r": dict(num_heads=4, num_kv_heads=2, use_short_conv=True, use_rope=True, feature_map="t2r"),
+}
+# Piece sizes of a 19-token row: single tokens and pieces shorter than the convolution's tail, pieces across the
+# op's chunks (chunk_size 8).
+SPLITS = ((1, 18), (2, 1, 1, 9, 6))
+
+
+def layer(**kw):
+  kw = dict(num_heads=2, num_slots=8, chunk_size=8, gate_logit_normalizer=2.0) | kw
+  return GatedSlotAttention(D, **kw, rngs=nnx.Rngs(0))
+
+
+def inputs(seed, b=3, t=19):
+  return jax.random.normal(jax.random.key(seed), (b, t, D))
+
+
+def prefill_in_pieces(m, x, seg, sizes):
+  """Prefills x [b, t, d] in consecutive pieces of `sizes` -> (y [b, t, d], the last cache)."""
+  cache, ys, start = m.init_cache(x.shape[0]), [], 0
+  for n in sizes:
+    piece_seg = None if seg is None else seg[:, start:start + n]
+    y, cache = jax.jit(lambda x, s, c: m.prefill(x, s, c))(x[:, start:start + n], piece_seg, cache)
+    ys.append(y)
+    start += n
+  return jnp.concatenate(ys, axis=1), cache
+
+
+def assert_same(got, want, tol=2e-5):
+  (y, cache), (y_w, cache_w) = got, want
+  assert rel_err(y, y_w) < tol
+  np.testing.assert_array_equal(cache.pos, cache_w.pos)
+  np.testing.assert_array_equal(cache.segment_id, cache_w.segment_id)
+  for a, b in zip(jax.tree.leaves((cache.state, cache.conv)), jax.tree.leaves((cache_w.state, cache_w.conv))):
+    assert rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+@pytest.mark.parametrize("sizes", SPLITS)
+def test_plain_rows_in_pieces_equal_at_once(name, sizes):
+  m = layer(**OPTIONS[name])
+  x = inputs(1)
+  assert_same(prefill_in_pieces(m, x, None, sizes), m.prefill(x))
+
+
+# Packed right-padded rows: documents that end exactly at a piece border (the next piece must not continue
+# them), padding inside and at the end of a row, a row that is all padding in some pieces, a one-token document.
+SEGMENTS = np.array([
+    [1] * 7 + [2] * 5 + [0] * 2 + [2] * 2 + [3] + [0] * 2,
+    [4] * 3 + [0] * 16,
+    [5] * 2 + [6] * 17,
+], np.int32)
+
+
+@pytest.mark.parametrize("sizes", ((7, 5, 7), (3, 4, 1, 11)))
+def test_packed_rows_in_pieces_equal_at_once(sizes):
+  m = layer(**OPTIONS["conv_rope_gqa_t2r"])
+  x, seg = inputs(2), jnp.asarray(SEGMENTS)
+  assert_same(prefill_in_pieces(m, x, seg, sizes), m.prefill(x, seg))
+
+
+def test_step_continues_a_pieced_prefill():
+  m = layer(**OPTIONS["conv_rope_gqa_t2r"])
+  x = inputs(3, t=12)
+  y_full = m(x)
+  _, cache = prefill_in_pieces(m, x[:, :9], None, (2, 5, 2))
+  for i in range(9, 12):
+    y, cache = m.step(x[:, i], cache)
+    assert rel_err(y, y_full[:, i]) < 2e-5
+
+
+def test_gradients_flow_into_the_cache():
+  """Truncated backpropagation through a long document: the loss of a piece has a gradient with respect to the
+  cache it started from, equal to the one through the previous piece's prefill at once."""
+  m = layer(**OPTIONS["conv_rope_gqa_t2r"])
+  x = inputs(4, t=10)
+  _, cache = m.prefill(x[:, :6])
+  loss = lambda state: jnp.sum(jnp.sin(m.prefill(x[:, 6:], None, cache._replace(state=state))[0]))
+  d_state = jax.jit(jax.grad(loss))(cache.state)
+  assert all(float(jnp.max(jnp.abs(a))) > 0 for a in jax.tree.leaves(d_state))
+  loss_through = lambda x0: jnp.sum(jnp.sin(m.prefill(x[:, 6:], None, m.prefill(x0)[1])[0]))
+  loss_at_once = lambda x0: jnp.sum(jnp.sin(m(jnp.concatenate([x0, x[:, 6:]], axis=1))[:, 6:]))
+  assert rel_err(jax.jit(jax.grad(loss_through))(x[:, :6]), jax.jit(jax.grad(loss_at_once))(x[:, :6])) < 2e-5
