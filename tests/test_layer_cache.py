@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gsa_jax.generate import generate, prefill
 from gsa_jax.layers import GatedSlotAttention
+from gsa_jax.models import GSALM, GSAConfig
 from tests.gsa_testing import rel_err
 
 D = 32
@@ -100,3 +102,60 @@ def test_gradients_flow_into_the_cache():
   loss_through = lambda x0: jnp.sum(jnp.sin(m.prefill(x[:, 6:], None, m.prefill(x0)[1])[0]))
   loss_at_once = lambda x0: jnp.sum(jnp.sin(m(jnp.concatenate([x0, x[:, 6:]], axis=1))[:, 6:]))
   assert rel_err(jax.jit(jax.grad(loss_through))(x[:, :6]), jax.jit(jax.grad(loss_at_once))(x[:, :6])) < 2e-5
+
+
+# -- the model and generate --------------------------------------------------------------------------------------
+
+VOCAB = 61
+
+
+def make_model(**kw):
+  kw = dict(vocab_size=VOCAB, hidden_size=D, num_layers=2, num_heads=2, num_slots=8, chunk_size=8,
+            intermediate_size=48, gate_logit_normalizer=2.0, use_short_conv=True, use_rope=True) | kw
+  return GSALM(GSAConfig(**kw), rngs=nnx.Rngs(0))
+
+
+def tokens(seed, b, t):
+  return jax.random.randint(jax.random.key(seed), (b, t), 1, VOCAB, dtype=jnp.int32)
+
+
+def test_model_prefill_in_pieces_equals_at_once():
+  model, toks = make_model(), tokens(0, 2, 13)
+  want_logits, want_caches = prefill(model, toks)
+  logits_a, caches = prefill(model, toks[:, :5])
+  logits_b, caches = prefill(model, toks[:, 5:], caches=caches)
+  assert rel_err(jnp.concatenate([logits_a, logits_b], axis=1), want_logits) < 2e-5
+  for a, b in zip(jax.tree.leaves(caches), jax.tree.leaves(want_caches)):
+    assert rel_err(a, b) < 2e-5
+
+
+def test_generate_continues_from_its_caches():
+  """A second turn from the first turn's caches generates what the whole conversation prefilled at once does;
+  a row stopped by eos keeps the cache of its tokens up to the eos (not of the padding fed after it)."""
+  model = make_model()
+  first, second = tokens(1, 2, 6), tokens(2, 2, 4)
+  free = generate(model, first, max_new_tokens=5, temperature=0)
+  eos = int(free.tokens[0, 1])  # row 0 stops after 2 tokens (row 1 perhaps earlier or not at all)
+  out = generate(model, first, max_new_tokens=5, temperature=0, eos_id=eos, pad_id=0)
+  n = np.asarray(out.num_tokens)
+  assert n[0] == 2
+  history = np.concatenate([np.asarray(first), np.asarray(out.tokens)], axis=1)
+  lengths = first.shape[1] + n
+  _, want = prefill(model, jnp.asarray(history), lengths=jnp.asarray(lengths))
+  # (The segment ids differ: 0 = any for the prompts without lengths, 1 for the ragged history.)
+  without_ids = lambda caches: [(c.state, c.conv, c.pos) for c in caches]
+  for a, b in zip(jax.tree.leaves(without_ids(out.caches)), jax.tree.leaves(without_ids(want))):
+    assert rel_err(a, b) < 2e-5
+  # The second turn: each row's history (ragged) followed by its new prompt, at once.
+  turn = generate(model, second, max_new_tokens=4, temperature=0, caches=out.caches)
+  for row in range(2):
+    whole = np.concatenate([history[row, :lengths[row]], np.asarray(second[row])])[None]
+    alone = generate(model, jnp.asarray(whole), max_new_tokens=4, temperature=0)
+    np.testing.assert_array_equal(turn.tokens[row], alone.tokens[0])
+
+
+def test_hybrid_models_refuse_a_cache():
+  model = make_model(attn_layers=(1,))
+  _, caches = prefill(model, tokens(0, 1, 4), max_len=8)
+  with pytest.raises(NotImplementedError, match="attention"):
+    prefill(model, tokens(1, 1, 4), caches=caches)

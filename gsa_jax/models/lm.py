@@ -72,9 +72,14 @@ class Block(nnx.Module):
     x = x + self.mixer(self.mixer_norm(x), segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
-  def prefill(self, x, segment_ids, max_len):
-    kw = dict(max_len=max_len) if self.is_attention else {}
-    y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, **kw)
+  def prefill(self, x, segment_ids, max_len, cache=None):
+    if self.is_attention:
+      if cache is not None:
+        raise NotImplementedError("prefill from a cache: the softmax attention layers of hybrid models "
+                                  "(GSAConfig.attn_layers) cannot continue a KV cache yet; only GSA layers can.")
+      y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, max_len=max_len)
+    else:
+      y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, cache)
     x = x + y
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -133,18 +138,21 @@ class GSALM(nnx.Module):
 
   # -- decoding ----------------------------------------------------------------------------------------------------
 
-  def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
-              max_len: int) -> tuple[jax.Array, list[Any]]:
+  def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *, max_len: int,
+              caches: list[Any] | None = None) -> tuple[jax.Array, list[Any]]:
     """Full-sequence logits [b, t, vocab] and one cache per layer for continuing each row's last document.
 
     max_len: the number of tokens the attention layers' KV caches hold (prompt length + new tokens).
+    caches: None, or the caches of the tokens before (`prefill`, `step`, `init_cache`): each row's first document
+      continues them (see GatedSlotAttention.prefill), so a prompt prefilled in pieces equals the prompt
+      prefilled at once. GSA layers only: a model with attention layers raises NotImplementedError.
     """
     x = self.embed(tokens)
-    caches = []
-    for block in self.blocks:
-      x, cache = block.prefill(x, segment_ids, max_len)
-      caches.append(cache)
-    return self.logits(x), caches
+    new = []
+    for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+      x, cache = block.prefill(x, segment_ids, max_len, cache)
+      new.append(cache)
+    return self.logits(x), new
 
   def step(self, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
     """One token per row: tokens int [b] -> (logits float32 [b, vocab], new caches)."""
