@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops import segment_masks
 
@@ -59,6 +60,19 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def explicit_spec(x: jax.Array, ndim: int | None = None) -> P | None:
+  """x's PartitionSpec (padded to `ndim` entries, default x.ndim) when x lives on a mesh with Explicit axes, else
+  None: the `out_sharding=` of a flax matmul or lookup whose output is laid out like x. Under Explicit sharding
+  a contraction over a sharded axis (an output projection of sharded heads) or a gather has no unambiguous
+  output sharding of its own."""
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+    return None
+  spec = tuple(sharding.spec)
+  return P(*(spec + (None,) * ((ndim or x.ndim) - len(spec))))
 
 
 # ---------------------------------------------------------------------------------------------------------------

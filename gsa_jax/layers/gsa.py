@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, fan_in_init, last_doc_continues,
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, explicit_spec, fan_in_init,
+                                   last_doc_continues,
                                    next_positions, previous_taps, tail_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 
@@ -200,10 +201,11 @@ class GatedSlotAttention(nnx.Module):
       s, g = jnp.exp(f), jax.lax.optimization_barrier(jnp.zeros_like(g))
     return s, g
 
-  def _out(self, o: jax.Array, dtype) -> jax.Array:
-    o = jax.nn.silu(o.astype(self.dtype or dtype))
+  def _out(self, o: jax.Array, x: jax.Array) -> jax.Array:
+    """o [..., hq, dv] -> y [..., d], laid out like the layer's input x [..., d] on an Explicit mesh."""
+    o = jax.nn.silu(o.astype(self.dtype or x.dtype))
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_v_dim,))
-    return self.o_proj(self.g_norm(o))
+    return self.o_proj(self.g_norm(o), out_sharding=explicit_spec(x))
 
   def _sequence(self, x, segment_ids, cache, output_final_state):
     """The sequence form; with `cache` (a GSACache) each row's first document continues it."""
@@ -226,7 +228,7 @@ class GatedSlotAttention(nnx.Module):
                                     output_final_state=output_final_state, segment_ids=segment_ids,
                                     chunk_size=self.chunk_size, backend=self.backend)
     o = checkpoint_name(o, GSA_OUTPUT_NAME)  # a remat policy may keep it (gsa_jax.models: remat="matmuls_gsa")
-    return self._out(o, x.dtype), state, layout, conv_in
+    return self._out(o, x), state, layout, conv_in
 
   def _next_cache(self, state, layout, conv_in, segment_ids, cache) -> GSACache:
     """The cache after a piece: its final state, its convolution tails, the next position and segment id."""
@@ -276,7 +278,7 @@ class GatedSlotAttention(nnx.Module):
       conv = (tq, tk, tv)
     q, k, v, s, g = self._heads(q, k, v, f, cache.pos)
     o, state = gsa_step(q, k, v, s, g, cache.state, scale=1.0)
-    return self._out(o, x.dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id)
+    return self._out(o, x), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id)
 
   def init_cache(self, batch_size: int) -> GSACache:
     """The cache of an empty prompt: zero state, zero convolution inputs."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, RMSNorm, SwiGLU
-from gsa_jax.layers.common import scaled_fan_in_init
+from gsa_jax.layers.common import explicit_spec, scaled_fan_in_init
 from gsa_jax.layers.gsa import GSA_OUTPUT_NAME
 from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME
 from gsa_jax.models.config import GSAConfig
@@ -127,7 +127,7 @@ class GSALM(nnx.Module):
   def hidden_states(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """The last block's output [b, t, hidden_size] (before the final norm): `logits` maps it to the vocabulary. A
     loss can apply `logits` a slice of positions at a time (gsa_jax.train.loss) instead of holding [b, t, vocab]."""
-    x = self.embed(tokens)
+    x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     policy = self.config.remat
     for block in self.blocks:
       if policy == "none":
@@ -147,7 +147,7 @@ class GSALM(nnx.Module):
       continues them (see GatedSlotAttention.prefill), so a prompt prefilled in pieces equals the prompt
       prefilled at once. GSA layers only: a model with attention layers raises NotImplementedError.
     """
-    x = self.embed(tokens)
+    x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     new = []
     for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
       x, cache = block.prefill(x, segment_ids, max_len, cache)
@@ -156,7 +156,7 @@ class GSALM(nnx.Module):
 
   def step(self, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
     """One token per row: tokens int [b] -> (logits float32 [b, vocab], new caches)."""
-    x = self.embed(tokens)
+    x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     new = []
     for block, cache in zip(self.blocks, caches):
       x, cache = block.step(x, cache)
