@@ -235,7 +235,8 @@ class ShortConvolution(nnx.Module):
     """The last w - 1 inputs of each row's last document, oldest first: x [b, t, d] -> [b, w - 1, d].
 
     previous [b, w - 1, d]: the tail this row continued (see __call__); where the last document is the row's
-    first and has fewer than w - 1 tokens, its oldest entries come from there. None: zeros.
+    first and has fewer than w - 1 tokens, its oldest entries come from there, and the result has its dtype.
+    None: zeros, and x's dtype.
     """
     n = self.width - 1
     idx, ok = last_token_taps(layout, n)
@@ -245,12 +246,12 @@ class ShortConvolution(nnx.Module):
     # With c tokens in the piece, entry i < n - c of the new tail is entry c + i of the previous one.
     count = jnp.sum(ok, axis=1, dtype=jnp.int32)[:, None]  # [b, 1]
     slot = jnp.arange(n, dtype=jnp.int32)[None]
-    carried = _gather_t(previous.astype(x.dtype), jnp.minimum(count + slot, n - 1))
+    carried = _gather_t(previous, jnp.minimum(count + slot, n - 1))
     keep = ((slot < n - count) & last_doc_continues(layout)[:, None])[..., None]
-    return jnp.where(keep, carried, new)
+    return jnp.where(keep, carried, new.astype(previous.dtype))  # a cache keeps its dtype (loop carries)
 
   def step(self, x: jax.Array, tail: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One token: x [b, d], tail [b, w - 1, d] -> (y [b, d], new tail)."""
+    """One token: x [b, d], tail [b, w - 1, d] -> (y [b, d], new tail in tail's dtype)."""
     window = jnp.concatenate([tail.astype(x.dtype), x[:, None]], axis=1)  # [b, w, d]
     y = jnp.einsum("bwd,wd->bd", window, self._w(x))
-    return jax.nn.silu(y), window[:, 1:]
+    return jax.nn.silu(y), window[:, 1:].astype(tail.dtype)

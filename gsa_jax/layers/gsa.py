@@ -79,7 +79,11 @@ class GatedSlotAttention(nnx.Module):
 
   Widths: key_dim = int(hidden_size * expand_k) split over num_heads query heads (dk = key_dim / num_heads) and
   num_kv_heads key/value heads; value_dim = int(hidden_size * expand_v) likewise (dv); num_slots slots per kv head.
-  dtype is the compute dtype (None: the input's), param_dtype the parameters'. The recurrent state is float32.
+  dtype is the compute dtype of the projections, the op and the output; None follows flax's rule: the promotion of
+  the input's and the parameters' dtypes (a bfloat16 input with float32 parameters computes in float32 and returns
+  float32; pass dtype=jnp.bfloat16 to compute in bfloat16 with float32 parameters). param_dtype is the
+  parameters'. The recurrent state is float32 whatever the dtypes; the short convolutions' cache entries keep the
+  dtype of the cache they continue (`init_cache`: dtype, or param_dtype when dtype is None).
   """
 
   def __init__(
@@ -201,9 +205,10 @@ class GatedSlotAttention(nnx.Module):
       s, g = jnp.exp(f), jax.lax.optimization_barrier(jnp.zeros_like(g))
     return s, g
 
-  def _out(self, o: jax.Array, x: jax.Array) -> jax.Array:
-    """o [..., hq, dv] -> y [..., d], laid out like the layer's input x [..., d] on an Explicit mesh."""
-    o = jax.nn.silu(o.astype(self.dtype or x.dtype))
+  def _out(self, o: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """o [..., hq, dv] -> y [..., d] computed in `dtype` (the projections'), laid out like the layer's input
+    x [..., d] on an Explicit mesh."""
+    o = jax.nn.silu(o.astype(dtype))
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_v_dim,))
     return self.o_proj(self.g_norm(o), out_sharding=explicit_spec(x))
 
@@ -223,12 +228,13 @@ class GatedSlotAttention(nnx.Module):
         tails, tail_idx = cache.conv, tail_taps(layout, self.conv_size - 1)
       q, k, v = (c(a, taps, tail, tail_idx) for c, a, tail in zip((self.q_conv, self.k_conv, self.v_conv),
                                                                    (q, k, v), tails))
+    dtype = q.dtype
     q, k, v, s, g = self._heads(q, k, v, f, positions)
     o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=None if cache is None else cache.state,
                                     output_final_state=output_final_state, segment_ids=segment_ids,
                                     chunk_size=self.chunk_size, backend=self.backend)
     o = checkpoint_name(o, GSA_OUTPUT_NAME)  # a remat policy may keep it (gsa_jax.models: remat="matmuls_gsa")
-    return self._out(o, x), state, layout, conv_in
+    return self._out(o, x, dtype), state, layout, conv_in
 
   def _next_cache(self, state, layout, conv_in, segment_ids, cache) -> GSACache:
     """The cache after a piece: its final state, its convolution tails, the next position and segment id."""
@@ -276,16 +282,17 @@ class GatedSlotAttention(nnx.Module):
       (q, tq), (k, tk), (v, tv) = (c.step(a, tail) for c, a, tail in
                                    zip((self.q_conv, self.k_conv, self.v_conv), (q, k, v), cache.conv))
       conv = (tq, tk, tv)
+    dtype = q.dtype
     q, k, v, s, g = self._heads(q, k, v, f, cache.pos)
     o, state = gsa_step(q, k, v, s, g, cache.state, scale=1.0)
-    return self._out(o, x), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id)
+    return self._out(o, x, dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id)
 
   def init_cache(self, batch_size: int) -> GSACache:
     """The cache of an empty prompt: zero state, zero convolution inputs."""
     state = zero_state(batch_size, self.num_kv_heads, self.head_k_dim, self.head_v_dim, self.num_slots)
     conv = None
     if self.use_short_conv:
-      dtype = self.dtype or jnp.float32
+      dtype = self.dtype or self.q_proj.param_dtype
       conv = tuple(jnp.zeros((batch_size, self.conv_size - 1, c.weight.shape[1]), dtype)
                    for c in (self.q_conv, self.k_conv, self.v_conv))
     zeros = jnp.zeros((batch_size,), jnp.int32)
