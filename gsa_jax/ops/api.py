@@ -172,7 +172,7 @@ def gated_slot_attention(
     s: jax.Array,
     g: jax.Array,
     *,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     initial_state: tuple[jax.Array, jax.Array] | None = None,
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
@@ -190,7 +190,9 @@ def gated_slot_attention(
     k: [B, T, H, K] keys.  v: [B, T, H, V] values.
     s: [B, T, H, M] slot write weights.
     g: [B, T, H, M] log forget gates. Must be <= 0 (finite); positive g is a caller bug and is not clamped.
-    scale: multiplies the slot logits; None means K ** -0.5.
+    scale: multiplies the slot logits; None means K ** -0.5. A Python number is static (compiled in: each new
+      value compiles anew); a jax.Array scalar (a learned temperature, a traced value) is traced and differentiable:
+      it is folded into q (q * scale, rounded to q's dtype).
     initial_state: None or (hk [B, H, K, M], hv [B, H, M, V]) float32; applies to the first document of a row.
     output_final_state: if True also return the state after the last non-padding token of each row.
     segment_ids: None or int [B, T]. Id > 0 names a token's document and the state resets to zero where it
@@ -204,6 +206,12 @@ def gated_slot_attention(
   """
   validate_inputs(q, k, v, s, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
   name = resolve_backend(backend)
+  if isinstance(scale, jax.Array):
+    if scale.ndim:
+      raise ValueError(f"scale must be a scalar; got an array of shape {scale.shape}.")
+    # A traced scale (a learned temperature): the logits are linear in q, so scaling q is scaling them; the
+    # backends then see one static scale, and a new value neither fails nor compiles anew.
+    q, scale = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(q.dtype), 1.0
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   if initial_state is not None:
     initial_state = GSAState(*initial_state)
