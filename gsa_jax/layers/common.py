@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops import segment_masks
+from gsa_jax.ops.common import as_segment_ids
 
 # Fan-in ("LeCun") normal initializer for projections: unit-variance outputs for unit-variance inputs.
 fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -100,7 +101,7 @@ def token_layout(segment_ids: jax.Array | None, b: int, t: int) -> TokenLayout:
   if segment_ids is None:
     return TokenLayout(valid=jnp.ones((b, t), bool), doc=jnp.ones((b, t), jnp.int32), positions=pos,
                        prev=pos - 1)
-  reset, valid = segment_masks(segment_ids)
+  reset, valid = segment_masks(as_segment_ids(segment_ids))
   count = jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # non-padding tokens so far, inclusive
   start = valid & (reset | (count == 1))
   doc = jnp.cumsum(start, axis=1, dtype=jnp.int32)

@@ -27,6 +27,7 @@ from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, explic
                                    last_doc_continues,
                                    next_positions, previous_taps, tail_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
+from gsa_jax.ops.common import as_segment_ids
 
 FEATURE_MAPS = ("swish", "relu", "t2r")
 GSA_OUTPUT_NAME = "gsa_output"  # the op's output, named for remat policies
@@ -215,6 +216,7 @@ class GatedSlotAttention(nnx.Module):
   def _sequence(self, x, segment_ids, cache, output_final_state):
     """The sequence form; with `cache` (a GSACache) each row's first document continues it."""
     b, t, _ = x.shape
+    segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     layout = token_layout(segment_ids, b, t)
     positions = layout.positions
     if cache is not None:
@@ -255,7 +257,8 @@ class GatedSlotAttention(nnx.Module):
   # -- public forms ------------------------------------------------------------------------------------------------
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x [b, t, d], segment_ids None or int [b, t] (0 = padding) -> y [b, t, d] (0 at padding)."""
+    """x [b, t, d], segment_ids None or int [b, t] (0 = padding; or a bool attention mask, see the op) ->
+    y [b, t, d] (0 at padding)."""
     y, _, _, _ = self._sequence(x, segment_ids, None, False)
     return y
 
@@ -269,6 +272,7 @@ class GatedSlotAttention(nnx.Module):
     piece's cache, gives the outputs and the cache of the prompt prefilled at once (chunked prefill, multi-turn
     continuation; differentiable, for truncated backpropagation through long documents).
     """
+    segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     if cache is not None:
       cache = continued_cache(cache, segment_ids)
     y, state, layout, conv_in = self._sequence(x, segment_ids, cache, True)

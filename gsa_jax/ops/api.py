@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState, to_varying, varying_axes
+from gsa_jax.ops.common import GSAState, as_segment_ids, to_varying, varying_axes
 from gsa_jax.ops.recurrent import recurrent_gsa
 
 BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_tpu")
@@ -106,8 +106,9 @@ def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chun
     _check_float("initial_state[1] (hv)", hv)
   if segment_ids is not None:
     _check_shape("segment_ids", segment_ids, (b, t), "B, T")
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise TypeError(f"segment_ids must be an integer array; got dtype {segment_ids.dtype}.")
+    if not (jnp.issubdtype(segment_ids.dtype, jnp.integer) or segment_ids.dtype == jnp.bool_):
+      raise TypeError(f"segment_ids must be an integer (or bool attention mask) array; got dtype "
+                      f"{segment_ids.dtype}.")
   if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive power of two.")
 
@@ -197,7 +198,8 @@ def gated_slot_attention(
     output_final_state: if True also return the state after the last non-padding token of each row.
     segment_ids: None or int [B, T]. Id > 0 names a token's document and the state resets to zero where it
       changes (relative to the previous non-padding token); id 0 is padding: it leaves the state unchanged and
-      gets o = 0.
+      gets o = 0. A Hugging Face-style attention mask (bool, or 0/1 ints; 1 = token, 0 = padding) is accepted as
+      is: one document per row, its padding (left or right) skipped.
     chunk_size: chunk length of the chunked backends; a positive power of two.
     backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_tpu".
 
@@ -215,6 +217,8 @@ def gated_slot_attention(
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   if initial_state is not None:
     initial_state = GSAState(*initial_state)
+  if segment_ids is not None:
+    segment_ids = as_segment_ids(segment_ids)
   # Under shard_map, inputs that vary over different mesh axes (say q sharded by heads, a replicated initial
   # state) are typed alike here, so that every backend sees one set of axes; autodiff sums the gradient of a
   # replicated input over the axes it was cast to.
