@@ -35,10 +35,12 @@ def scaled_fan_in_init(scale: float):
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis, computed in float32 and returned in `dtype` (default: the input's)."""
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, use_scale: bool = True, dtype=None, param_dtype=jnp.float32):
+  def __init__(self, dim: int, *, eps: float = 1e-6, use_scale: bool = True, dtype=None, param_dtype=jnp.float32,
+               axis_name: str | None = None):
     self.eps = eps
     self.dtype = dtype
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if use_scale else None
+    meta = logical_axes(axis_name) if axis_name else {}  # unnamed: replicated (the residual stream's norms)
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **meta) if use_scale else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
@@ -55,12 +57,20 @@ class SwiGLU(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, out_init=fan_in_init, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gate_proj = nnx.Linear(dim, hidden, kernel_init=fan_in_init, **kw)
-    self.up_proj = nnx.Linear(dim, hidden, kernel_init=fan_in_init, **kw)
-    self.down_proj = nnx.Linear(hidden, dim, kernel_init=out_init, **kw)
+    up = dict(kernel_init=fan_in_init, kernel_metadata=logical_axes("embed", "mlp"), **kw)
+    self.gate_proj = nnx.Linear(dim, hidden, **up)
+    self.up_proj = nnx.Linear(dim, hidden, **up)
+    self.down_proj = nnx.Linear(hidden, dim, kernel_init=out_init, kernel_metadata=logical_axes("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def logical_axes(*names: str | None) -> dict:
+  """Variable metadata naming a parameter's axes with logical names (flax's `out_sharding`), without placing it
+  at creation (no mesh needed): `nnx.get_partition_spec(state)` under `flax.core.spmd.logical_axis_rules(...)`
+  maps the names to a mesh's axes."""
+  return {"out_sharding": names, "eager_sharding": False}
 
 
 def explicit_spec(x: jax.Array, ndim: int | None = None) -> P | None:
@@ -200,11 +210,13 @@ class ShortConvolution(nnx.Module):
   document; taps reaching before the document start read zero. The decode cache is the last w - 1 inputs.
   """
 
-  def __init__(self, dim: int, width: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, dim: int, width: int, *, dtype=None, param_dtype=jnp.float32, axis_name: str | None = None,
+               rngs: nnx.Rngs):
     self.width = width
     self.dtype = dtype
     init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=1)
-    self.weight = nnx.Param(init(rngs.params(), (width, dim), param_dtype))  # [w, d]
+    self.weight = nnx.Param(init(rngs.params(), (width, dim), param_dtype),
+                            **logical_axes(None, axis_name))  # [w, d]
 
   def _w(self, x):
     return self.weight[...].astype(self.dtype or x.dtype)

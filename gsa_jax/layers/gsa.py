@@ -16,20 +16,28 @@ it `hidden_size`, which only works for expand_v = 1); grouped kv heads are share
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, explicit_spec, fan_in_init,
-                                   last_doc_continues,
+                                   last_doc_continues, logical_axes,
                                    next_positions, previous_taps, tail_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 from gsa_jax.ops.common import as_segment_ids
 
 FEATURE_MAPS = ("swish", "relu", "t2r")
+# The logical axis names on the layer's parameters (flax `out_sharding` metadata; see `logical_axes`).
+LOGICAL_AXES = {
+    "embed": "the model width (hidden_size)",
+    "heads": "heads x head width: q/k/v/f projections' outputs, the convolutions, the output norm, o_proj's inputs",
+}
 GSA_OUTPUT_NAME = "gsa_output"  # the op's output, named for remat policies
 
 
@@ -52,6 +60,24 @@ class GSACache(NamedTuple):
 def _check(cond: bool, field: str, message: str) -> None:
   if not cond:
     raise ValueError(f"{field}: {message}")
+
+
+def heads_mesh_axes(kernel: jax.Array) -> tuple[tuple[str, ...], int]:
+  """The mesh axes a "heads" parameter axis is split over, and their total size, for an input projection's kernel
+  [d, heads * width]: from its type on an Explicit mesh, else from flax's logical axis rules and the current
+  mesh. ((), 1) when it is not split."""
+  spec = explicit_spec(kernel)
+  if spec is not None:
+    axes, mesh = spec[-1], jax.typeof(kernel).sharding.mesh
+  else:
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = dict(flax.core.spmd.get_logical_axis_rules() or ())
+    axes = rules.get("heads")
+    if mesh.empty:
+      return (), 1
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  axes = tuple(a for a in axes if a in mesh.axis_names)
+  return axes, math.prod(mesh.shape[a] for a in axes)
 
 
 def last_segment_id(segment_ids: jax.Array) -> jax.Array:
@@ -145,14 +171,19 @@ class GatedSlotAttention(nnx.Module):
     self.dtype = dtype
 
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = nnx.Linear(hidden_size, num_heads * dk, kernel_init=fan_in_init, **kw)
-    self.k_proj = nnx.Linear(hidden_size, num_kv_heads * dk, kernel_init=fan_in_init, **kw)
-    self.v_proj = nnx.Linear(hidden_size, num_kv_heads * dv, kernel_init=fan_in_init, **kw)
-    self.f_proj = nnx.Linear(hidden_size, num_kv_heads * num_slots, kernel_init=fan_in_init, **kw)
-    self.o_proj = nnx.Linear(num_heads * dv, hidden_size, kernel_init=out_init, **kw)
+    # Logical axes (LOGICAL_AXES): input projections and convolutions split "heads" on their outputs, the output
+    # projection on its inputs; map the names to mesh axes with flax's logical_axis_rules.
+    proj = dict(kernel_init=fan_in_init, kernel_metadata=logical_axes("embed", "heads"), **kw)
+    self.q_proj = nnx.Linear(hidden_size, num_heads * dk, **proj)
+    self.k_proj = nnx.Linear(hidden_size, num_kv_heads * dk, **proj)
+    self.v_proj = nnx.Linear(hidden_size, num_kv_heads * dv, **proj)
+    self.f_proj = nnx.Linear(hidden_size, num_kv_heads * num_slots, **proj)
+    self.o_proj = nnx.Linear(num_heads * dv, hidden_size, kernel_init=out_init,
+                             kernel_metadata=logical_axes("heads", "embed"), **kw)
     # t2r: one learned [dk, dk] map shared by all heads and by q and k, as the reference's T2RFeatureMap.
-    self.t2r = (nnx.Linear(dk, dk, kernel_init=fan_in_init, **kw) if feature_map == "t2r" else None)
-    conv_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.t2r = (nnx.Linear(dk, dk, kernel_init=fan_in_init, kernel_metadata=logical_axes(None, None), **kw)
+                if feature_map == "t2r" else None)
+    conv_kw = dict(dtype=dtype, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
     if use_short_conv:
       self.q_conv = ShortConvolution(num_heads * dk, conv_size, **conv_kw)
       self.k_conv = ShortConvolution(num_kv_heads * dk, conv_size, **conv_kw)
@@ -160,7 +191,7 @@ class GatedSlotAttention(nnx.Module):
     else:
       self.q_conv = self.k_conv = self.v_conv = None
     self.g_norm = RMSNorm(num_heads * dv, eps=norm_eps, use_scale=elementwise_affine, dtype=dtype,
-                          param_dtype=param_dtype)
+                          param_dtype=param_dtype, axis_name="heads")
 
   # -- pieces shared by the sequence and the step forms ------------------------------------------------------------
 
@@ -213,9 +244,20 @@ class GatedSlotAttention(nnx.Module):
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_v_dim,))
     return self.o_proj(self.g_norm(o), out_sharding=explicit_spec(x))
 
+  def _warn_if_heads_split(self) -> None:
+    """A warning (once per layer shape and mesh) when "heads" are sharded over mesh axes whose size does not divide
+    the kv heads: the op runs per kv head, so XLA would gather them around it, silently, in every step."""
+    axes, size = heads_mesh_axes(self.q_proj.kernel[...])
+    if size > 1 and self.num_kv_heads % size:
+      warnings.warn(f"GatedSlotAttention: num_kv_heads={self.num_kv_heads} (num_heads={self.num_heads}) is not "
+                    f"divisible by the {size} devices of mesh axes {axes} that the 'heads' parameter axis is "
+                    "sharded over; XLA gathers the heads around the op (all-gathers in the forward and backward). "
+                    f"Use a number of kv heads divisible by {size}, or map 'heads' to fewer devices.", stacklevel=3)
+
   def _sequence(self, x, segment_ids, cache, output_final_state):
     """The sequence form; with `cache` (a GSACache) each row's first document continues it."""
     b, t, _ = x.shape
+    self._warn_if_heads_split()
     segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     layout = token_layout(segment_ids, b, t)
     positions = layout.positions

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, RMSNorm, SwiGLU
-from gsa_jax.layers.common import explicit_spec, scaled_fan_in_init
+from gsa_jax.layers.common import explicit_spec, logical_axes, scaled_fan_in_init
 from gsa_jax.layers.gsa import GSA_OUTPUT_NAME
 from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME
 from gsa_jax.models.config import GSAConfig
@@ -105,7 +105,8 @@ class GSALM(nnx.Module):
     c = self.config = config
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     self.embed = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                           embedding_init=jax.nn.initializers.normal(c.embed_init_std), rngs=rngs)
+                           embedding_init=jax.nn.initializers.normal(c.embed_init_std),
+                           embedding_metadata=logical_axes("vocab", "embed"), rngs=rngs)
     self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
     self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
     if c.tie_embeddings:
@@ -113,7 +114,7 @@ class GSALM(nnx.Module):
     else:
       self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                 kernel_init=jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-                                rngs=rngs)
+                                kernel_metadata=logical_axes("embed", "vocab"), rngs=rngs)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """The output head: hidden [..., hidden_size] (from `hidden_states`) -> logits float32 [..., vocab]."""
