@@ -27,8 +27,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, explicit_spec, fan_in_init,
-                                   last_doc_continues, logical_axes,
-                                   next_positions, previous_taps, tail_taps, token_layout)
+                                   last_doc_continues, logical_axes, next_positions, previous_taps, tail_taps,
+                                   token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 from gsa_jax.ops.common import as_segment_ids
 
