@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gsa_jax.layers import KVCache
 from gsa_jax.models.lm import GSALM
 
 
@@ -112,13 +113,18 @@ class GenerateOutput(NamedTuple):
   caches: list[Any]
 
 
-def _freeze_rows(done: jax.Array, old, new):
-  """The caches `new`, except that rows where done [b] is True keep `old` (a stopped row's cache stays at its
-  eos). Leaves without the batch axis (an attention cache's write index) take `new`."""
-  b = done.shape[0]
-  keep = lambda o, n: (jnp.where(done.reshape((b,) + (1,) * (n.ndim - 1)), o, n)
-                       if n.ndim and n.shape[0] == b else n)
-  return jax.tree.map(keep, old, new)
+def _freeze_rows(done: jax.Array, old: list[Any], new: list[Any]) -> list[Any]:
+  """The per-layer caches `new`, except that rows where done [b] is True keep `old` (a stopped row's cache stays
+  at its eos)."""
+  freeze = lambda o, n: jnp.where(done.reshape(done.shape + (1,) * (n.ndim - 1)), o, n)
+
+  def layer(o, n):
+    if isinstance(n, KVCache):
+      # What a stopped row writes into k, v stays unreadable once its mask is kept: no copy of the large arrays.
+      return n._replace(mask=freeze(o.mask, n.mask), pos=freeze(o.pos, n.pos))
+    return jax.tree.map(freeze, o, n)
+
+  return [layer(o, n) for o, n in zip(old, new)]
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "temperature", "top_k", "top_p",

@@ -107,7 +107,7 @@ def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chun
   if segment_ids is not None:
     _check_shape("segment_ids", segment_ids, (b, t), "B, T")
     if not (jnp.issubdtype(segment_ids.dtype, jnp.integer) or segment_ids.dtype == jnp.bool_):
-      raise TypeError(f"segment_ids must be an integer (or bool attention mask) array; got dtype "
+      raise TypeError(f"segment_ids must be an integer array (or a bool attention mask); got dtype "
                       f"{segment_ids.dtype}.")
   if not isinstance(chunk_size, int) or chunk_size < 1 or chunk_size & (chunk_size - 1):
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive power of two.")
