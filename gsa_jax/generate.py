@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gsa_jax.layers import KVCache
 from gsa_jax.models.lm import GSALM
 
 
@@ -85,8 +86,8 @@ def last_logits(logits: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len",))
-def _prefill(graphdef, state, tokens, segment_ids, *, max_len):
-  return nnx.merge(graphdef, state).prefill(tokens, segment_ids, max_len=max_len)
+def _prefill(graphdef, state, tokens, segment_ids, caches, *, max_len):
+  return nnx.merge(graphdef, state).prefill(tokens, segment_ids, max_len=max_len, caches=caches)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -95,17 +96,19 @@ def _decode(graphdef, state, tokens, caches):
 
 
 def prefill(model: GSALM, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-            lengths: jax.Array | None = None, max_len: int | None = None) -> tuple[jax.Array, list[Any]]:
+            lengths: jax.Array | None = None, max_len: int | None = None,
+            caches: list[Any] | None = None) -> tuple[jax.Array, list[Any]]:
   """Runs the chunked (training) form over the prompts and returns their logits and the caches.
 
   tokens int [b, t]; segment_ids int [b, t] (0 = padding) or lengths int [b]; max_len: how many tokens the
   attention layers' KV caches hold (default t: no room to decode when the model has attention layers).
+  caches: None, or the caches of what came before (`prefill`, `generate`'s output): the prompts continue them.
   Returns logits float32 [b, t, vocab] and the per-layer caches. Jitted.
   """
   check_prompts(model, tokens, lengths, segment_ids)
   segment_ids = _segment_ids(tokens, segment_ids, lengths)
   graphdef, state = nnx.split(model)
-  return _prefill(graphdef, state, tokens, segment_ids, max_len=max_len or tokens.shape[1])
+  return _prefill(graphdef, state, tokens, segment_ids, caches, max_len=max_len or tokens.shape[1])
 
 
 def decode_step(model: GSALM, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
@@ -143,19 +146,36 @@ def sample_logits(logits: jax.Array, key: jax.Array | None, *, temperature: floa
 
 class GenerateOutput(NamedTuple):
   """tokens: int32 [b, max_new_tokens], pad_id after a row's eos (the eos itself is kept).
-  num_tokens: int32 [b], the tokens each row generated, eos included."""
+  num_tokens: int32 [b], the tokens each row generated, eos included.
+  caches: the per-layer caches after the prompt and each row's generated tokens (eos included, nothing after),
+    for continuing the conversation: `generate(model, next_prompts, caches=out.caches, ...)`."""
 
   tokens: jax.Array
   num_tokens: jax.Array
+  caches: list[Any]
+
+
+def _freeze_rows(done: jax.Array, old: list[Any], new: list[Any]) -> list[Any]:
+  """The per-layer caches `new`, except that rows where done [b] is True keep `old` (a stopped row's cache stays
+  at its eos)."""
+  freeze = lambda o, n: jnp.where(done.reshape(done.shape + (1,) * (n.ndim - 1)), o, n)
+
+  def layer(o, n):
+    if isinstance(n, KVCache):
+      # What a stopped row writes into k, v stays unreadable once its mask is kept: no copy of the large arrays.
+      return n._replace(mask=freeze(o.mask, n.mask), pos=freeze(o.pos, n.pos))
+    return jax.tree.map(freeze, o, n)
+
+  return [layer(o, n) for o, n in zip(old, new)]
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "temperature", "top_k", "top_p",
                                                                  "eos_id", "pad_id"))
-def _generate(graphdef, state, prompts, segment_ids, key, *, max_new_tokens, temperature, top_k, top_p, eos_id,
-              pad_id):
+def _generate(graphdef, state, prompts, segment_ids, key, caches, *, max_new_tokens, temperature, top_k, top_p,
+              eos_id, pad_id):
   model = nnx.merge(graphdef, state)
   b, t = prompts.shape
-  logits, caches = model.prefill(prompts, segment_ids, max_len=t + max_new_tokens)
+  logits, caches = model.prefill(prompts, segment_ids, max_len=t + max_new_tokens, caches=caches)
   logits = last_logits(logits, segment_ids)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
@@ -171,23 +191,28 @@ def _generate(graphdef, state, prompts, segment_ids, key, *, max_new_tokens, tem
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
     count = count + (~done).astype(jnp.int32)
+    # The step after the last token is wasted for the logits (one of max_new_tokens) but puts the token into the
+    # returned caches; rows stopped before this token keep theirs.
+    logits, new_caches = model.step(tok, caches)
+    caches = _freeze_rows(done, caches, new_caches)
     if eos_id is not None:
       done = done | (tok == eos_id)
-    # The step after the last token is wasted (one of max_new_tokens); skipping it would need a cond in the loop.
-    logits, caches = model.step(tok, caches)
     return i + 1, logits, caches, out, done, count
 
   carry = (jnp.zeros((), jnp.int32), logits, caches, out, done, count)
-  _, _, _, out, _, count = jax.lax.while_loop(cond, body, carry)
-  return GenerateOutput(tokens=out, num_tokens=count)
+  _, _, caches, out, _, count = jax.lax.while_loop(cond, body, carry)
+  return GenerateOutput(tokens=out, num_tokens=count, caches=caches)
 
 
 def generate(model: GSALM, prompts: jax.Array, *, max_new_tokens: int, lengths: jax.Array | None = None,
              segment_ids: jax.Array | None = None, key: jax.Array | None = None, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0) -> GenerateOutput:
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+             caches: list[Any] | None = None) -> GenerateOutput:
   """Prefill + a `lax.while_loop` of decode steps, all under one `jax.jit`.
 
   prompts int [b, t], right-padded, with lengths int [b] or segment_ids [b, t] (none: every row is full).
+  caches: None, or the caches of what came before (a previous `generate`'s `caches`, `prefill`): the prompts
+  continue them (multi-turn; GSA layers only, see GSALM.prefill).
   Sampling as `sample_logits` (temperature 0: greedy, no key needed). A row stops after `eos_id`; the loop
   stops when every row has or after max_new_tokens.
   """
@@ -200,6 +225,6 @@ def generate(model: GSALM, prompts: jax.Array, *, max_new_tokens: int, lengths: 
     key = jax.random.key(0)
   segment_ids = _segment_ids(prompts, segment_ids, lengths)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompts, segment_ids, key, max_new_tokens=max_new_tokens,
+  return _generate(graphdef, state, prompts, segment_ids, key, caches, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
                    pad_id=pad_id)

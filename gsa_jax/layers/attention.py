@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsa_jax.layers.common import apply_rope, check_layer_input, fan_in_init, next_positions, token_layout
+from gsa_jax.layers.common import (apply_rope, check_layer_input, fan_in_init, logical_axes, next_positions,
+                                   token_layout)
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS, causal_attention
 
 
@@ -51,10 +52,12 @@ class CausalSelfAttention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta = num_heads, num_kv_heads, dh, rope_theta
     self.dtype, self.implementation = dtype, implementation
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = nnx.Linear(hidden_size, num_heads * dh, kernel_init=fan_in_init, **kw)
-    self.k_proj = nnx.Linear(hidden_size, num_kv_heads * dh, kernel_init=fan_in_init, **kw)
-    self.v_proj = nnx.Linear(hidden_size, num_kv_heads * dh, kernel_init=fan_in_init, **kw)
-    self.o_proj = nnx.Linear(num_heads * dh, hidden_size, kernel_init=out_init, **kw)
+    proj = dict(kernel_init=fan_in_init, kernel_metadata=logical_axes("embed", "heads"), **kw)
+    self.q_proj = nnx.Linear(hidden_size, num_heads * dh, **proj)
+    self.k_proj = nnx.Linear(hidden_size, num_kv_heads * dh, **proj)
+    self.v_proj = nnx.Linear(hidden_size, num_kv_heads * dh, **proj)
+    self.o_proj = nnx.Linear(num_heads * dh, hidden_size, kernel_init=out_init,
+                             kernel_metadata=logical_axes("heads", "embed"), **kw)
 
   def _qkv(self, x, positions):
     """x [b, t, d], positions [b, t] -> q [b, t, hq, dh], k, v [b, t, h, dh] (RoPE applied to q, k)."""

@@ -18,8 +18,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops import segment_masks
+from gsa_jax.ops.common import as_segment_ids
 
 # Fan-in ("LeCun") normal initializer for projections: unit-variance outputs for unit-variance inputs.
 fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -45,10 +47,12 @@ def check_layer_input(x, width: int, rank: int) -> None:
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis, computed in float32 and returned in `dtype` (default: the input's)."""
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, use_scale: bool = True, dtype=None, param_dtype=jnp.float32):
+  def __init__(self, dim: int, *, eps: float = 1e-6, use_scale: bool = True, dtype=None, param_dtype=jnp.float32,
+               axis_name: str | None = None):
     self.eps = eps
     self.dtype = dtype
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if use_scale else None
+    meta = logical_axes(axis_name) if axis_name else {}  # unnamed: replicated (the residual stream's norms)
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **meta) if use_scale else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype
@@ -65,12 +69,33 @@ class SwiGLU(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, out_init=fan_in_init, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gate_proj = nnx.Linear(dim, hidden, kernel_init=fan_in_init, **kw)
-    self.up_proj = nnx.Linear(dim, hidden, kernel_init=fan_in_init, **kw)
-    self.down_proj = nnx.Linear(hidden, dim, kernel_init=out_init, **kw)
+    up = dict(kernel_init=fan_in_init, kernel_metadata=logical_axes("embed", "mlp"), **kw)
+    self.gate_proj = nnx.Linear(dim, hidden, **up)
+    self.up_proj = nnx.Linear(dim, hidden, **up)
+    self.down_proj = nnx.Linear(hidden, dim, kernel_init=out_init, kernel_metadata=logical_axes("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def logical_axes(*names: str | None) -> dict:
+  """Variable metadata naming a parameter's axes with logical names (flax's `out_sharding`), without placing it
+  at creation (no mesh needed): `nnx.get_partition_spec(state)` under `flax.core.spmd.logical_axis_rules(...)`
+  maps the names to a mesh's axes."""
+  return {"out_sharding": names, "eager_sharding": False}
+
+
+def explicit_spec(x: jax.Array, ndim: int | None = None) -> P | None:
+  """x's PartitionSpec (padded to `ndim` entries, default x.ndim) when x lives on a mesh with Explicit axes, else
+  None: the `out_sharding=` of a flax matmul or lookup whose output is laid out like x. Under Explicit sharding
+  a contraction over a sharded axis (an output projection of sharded heads) or a gather has no unambiguous
+  output sharding of its own."""
+  sharding = jax.typeof(x).sharding
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:
+    return None
+  spec = tuple(sharding.spec)
+  return P(*(spec + (None,) * ((ndim or x.ndim) - len(spec))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,7 +123,7 @@ def token_layout(segment_ids: jax.Array | None, b: int, t: int) -> TokenLayout:
   if segment_ids is None:
     return TokenLayout(valid=jnp.ones((b, t), bool), doc=jnp.ones((b, t), jnp.int32), positions=pos,
                        prev=pos - 1)
-  reset, valid = segment_masks(segment_ids)
+  reset, valid = segment_masks(as_segment_ids(segment_ids))
   count = jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # non-padding tokens so far, inclusive
   start = valid & (reset | (count == 1))
   doc = jnp.cumsum(start, axis=1, dtype=jnp.int32)
@@ -146,6 +171,24 @@ def last_token_taps(layout: TokenLayout, n: int) -> tuple[jax.Array, jax.Array]:
   return jnp.stack(idx[::-1], axis=1), jnp.stack(oks[::-1], axis=1)
 
 
+def tail_taps(layout: TokenLayout, n: int) -> tuple[jax.Array, jax.Array]:
+  """For j = 1..n: where the j-th previous token of each token lies in a tail of the n inputs that came before
+  the row (a cache's short-convolution entry, oldest first), and whether it lies there.
+
+  Only the row's first document continues the tail; a token at position p of that document finds its j-th
+  previous token in the tail when j > p, at tail index n - (j - p). Returns idx [n, b, t] int32 and ok [n, b, t].
+  """
+  first_doc = layout.valid & (layout.doc == 1)
+  j = jnp.arange(1, n + 1, dtype=jnp.int32)[:, None, None]
+  p = layout.positions[None]
+  return jnp.clip(n - (j - p), 0, n - 1), first_doc[None] & (j > p)
+
+
+def last_doc_continues(layout: TokenLayout) -> jax.Array:
+  """[b] bool: whether each row's last document is the one a cache continues (its first, or the row is empty)."""
+  return layout.doc[:, -1] <= 1
+
+
 def next_positions(layout: TokenLayout) -> jax.Array:
   """[b] int32: the RoPE position the next token of each row's last document gets (0 for an empty row)."""
   b, t = layout.valid.shape
@@ -179,17 +222,24 @@ class ShortConvolution(nnx.Module):
   document; taps reaching before the document start read zero. The decode cache is the last w - 1 inputs.
   """
 
-  def __init__(self, dim: int, width: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, dim: int, width: int, *, dtype=None, param_dtype=jnp.float32, axis_name: str | None = None,
+               rngs: nnx.Rngs):
     self.width = width
     self.dtype = dtype
     init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=1)
-    self.weight = nnx.Param(init(rngs.params(), (width, dim), param_dtype))  # [w, d]
+    self.weight = nnx.Param(init(rngs.params(), (width, dim), param_dtype),
+                            **logical_axes(None, axis_name))  # [w, d]
 
   def _w(self, x):
     return self.weight[...].astype(self.dtype or x.dtype)
 
-  def __call__(self, x: jax.Array, taps: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """x [b, t, d] -> [b, t, d]. taps: `previous_taps(layout, w - 1)` for packed rows, None for plain rows."""
+  def __call__(self, x: jax.Array, taps: tuple[jax.Array, jax.Array] | None = None,
+               tail: jax.Array | None = None, tail_idx: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """x [b, t, d] -> [b, t, d]. taps: `previous_taps(layout, w - 1)` for packed rows, None for plain rows.
+
+    tail [b, w - 1, d]: the inputs that came before the row's first document (a cache's entry, or the previous
+    shard's last inputs), oldest first, with tail_idx = `tail_taps(layout, w - 1)`; None: nothing came before.
+    """
     w = self._w(x)
     y = x * w[-1]
     t = x.shape[1]
@@ -200,16 +250,33 @@ class ShortConvolution(nnx.Module):
       else:
         idx, ok = taps
         shifted = _gather_t(x, idx[j - 1]) * ok[j - 1][..., None].astype(x.dtype)
+      if tail is not None:
+        idx, ok = tail_idx
+        shifted = shifted + _gather_t(tail.astype(x.dtype), idx[j - 1]) * ok[j - 1][..., None].astype(x.dtype)
       y = y + shifted * w[-1 - j]
     return jax.nn.silu(y)
 
-  def tail(self, x: jax.Array, layout: TokenLayout) -> jax.Array:
-    """Decode cache after a prompt: x [b, t, d] -> [b, w - 1, d], the last inputs of each row's last document."""
-    idx, ok = last_token_taps(layout, self.width - 1)
-    return _gather_t(x, idx) * ok[..., None].astype(x.dtype)
+  def tail(self, x: jax.Array, layout: TokenLayout, previous: jax.Array | None = None) -> jax.Array:
+    """The last w - 1 inputs of each row's last document, oldest first: x [b, t, d] -> [b, w - 1, d].
+
+    previous [b, w - 1, d]: the tail this row continued (see __call__); where the last document is the row's
+    first and has fewer than w - 1 tokens, its oldest entries come from there, and the result has its dtype.
+    None: zeros, and x's dtype.
+    """
+    n = self.width - 1
+    idx, ok = last_token_taps(layout, n)
+    new = _gather_t(x, idx) * ok[..., None].astype(x.dtype)
+    if previous is None:
+      return new
+    # With c tokens in the piece, entry i < n - c of the new tail is entry c + i of the previous one.
+    count = jnp.sum(ok, axis=1, dtype=jnp.int32)[:, None]  # [b, 1]
+    slot = jnp.arange(n, dtype=jnp.int32)[None]
+    carried = _gather_t(previous, jnp.minimum(count + slot, n - 1))
+    keep = ((slot < n - count) & last_doc_continues(layout)[:, None])[..., None]
+    return jnp.where(keep, carried, new.astype(previous.dtype))  # a cache keeps its dtype (loop carries)
 
   def step(self, x: jax.Array, tail: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One token: x [b, d], tail [b, w - 1, d] -> (y [b, d], new tail)."""
+    """One token: x [b, d], tail [b, w - 1, d] -> (y [b, d], new tail in tail's dtype)."""
     window = jnp.concatenate([tail.astype(x.dtype), x[:, None]], axis=1)  # [b, w, d]
     y = jnp.einsum("bwd,wd->bd", window, self._w(x))
-    return jax.nn.silu(y), window[:, 1:]
+    return jax.nn.silu(y), window[:, 1:].astype(tail.dtype)

@@ -16,18 +16,28 @@ it `hidden_size`, which only works for expand_v = 1); grouped kv heads are share
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_layer_input, fan_in_init,
-                                   next_positions, previous_taps, token_layout)
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_layer_input, explicit_spec,
+                                   fan_in_init, last_doc_continues, logical_axes, next_positions, previous_taps,
+                                   tail_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
+from gsa_jax.ops.common import as_segment_ids
 
 FEATURE_MAPS = ("swish", "relu", "t2r")
+# The logical axis names on the layer's parameters (flax `out_sharding` metadata; see `logical_axes`).
+LOGICAL_AXES = {
+    "embed": "the model width (hidden_size)",
+    "heads": "heads x head width: q/k/v/f projections' outputs, the convolutions, the output norm, o_proj's inputs",
+}
 GSA_OUTPUT_NAME = "gsa_output"  # the op's output, named for remat policies
 
 
@@ -37,11 +47,14 @@ class GSACache(NamedTuple):
   state: GSAState(hk [b, h, dk, m], hv [b, h, m, dv]) float32.
   conv: None, or the short convolutions' last inputs (q [b, w-1, hq*dk], k [b, w-1, h*dk], v [b, w-1, h*dv]).
   pos: [b] int32, RoPE position of the next token (used only with use_rope).
+  segment_id: [b] int32, the segment id of the document the cache ends in; 0: any (plain rows, an empty past).
+    A prefill from this cache continues it only where its first document has this id (or either id is 0).
   """
 
   state: GSAState
   conv: tuple[jax.Array, jax.Array, jax.Array] | None
   pos: jax.Array
+  segment_id: jax.Array
 
 
 def _check(cond: bool, field: str, message: str) -> None:
@@ -49,12 +62,55 @@ def _check(cond: bool, field: str, message: str) -> None:
     raise ValueError(f"{field}: {message}")
 
 
+def heads_mesh_axes(kernel: jax.Array) -> tuple[tuple[str, ...], int]:
+  """The mesh axes a "heads" parameter axis is split over, and their total size, for an input projection's kernel
+  [d, heads * width]: from its type on an Explicit mesh, else from flax's logical axis rules and the current
+  mesh. ((), 1) when it is not split."""
+  spec = explicit_spec(kernel)
+  if spec is not None:
+    axes, mesh = spec[-1], jax.typeof(kernel).sharding.mesh
+  else:
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = dict(flax.core.spmd.get_logical_axis_rules() or ())
+    axes = rules.get("heads")
+    if mesh.empty:
+      return (), 1
+  axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  axes = tuple(a for a in axes if a in mesh.axis_names)
+  return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def last_segment_id(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids int [b, t] -> [b] int32: the id of each row's last non-padding token, 0 for an empty row."""
+  t = segment_ids.shape[1]
+  last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(t), -1), axis=1)
+  return jnp.where(last >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(last, 0)[:, None], axis=1)[:, 0],
+                   0).astype(jnp.int32)
+
+
+def continued_cache(cache: GSACache, segment_ids: jax.Array | None) -> GSACache:
+  """The part of `cache` a piece with `segment_ids [b, t]` continues: rows whose first document has another id
+  than the cache's last one start from an empty past (a piece split exactly at a document boundary)."""
+  if segment_ids is None:
+    return cache
+  valid = segment_ids > 0
+  first = jnp.take_along_axis(segment_ids, jnp.argmax(valid, axis=1)[:, None], axis=1)[:, 0]
+  keep = (cache.segment_id == 0) | (first == cache.segment_id) | ~jnp.any(valid, axis=1)
+  zero_other = lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+  return cache._replace(state=jax.tree.map(zero_other, cache.state), conv=jax.tree.map(zero_other, cache.conv),
+                        pos=zero_other(cache.pos))
+
+
 class GatedSlotAttention(nnx.Module):
   """GSA token mixer: x [b, t, d] -> y [b, t, d].
 
   Widths: key_dim = int(hidden_size * expand_k) split over num_heads query heads (dk = key_dim / num_heads) and
   num_kv_heads key/value heads; value_dim = int(hidden_size * expand_v) likewise (dv); num_slots slots per kv head.
-  dtype is the compute dtype (None: the input's), param_dtype the parameters'. The recurrent state is float32.
+  dtype is the compute dtype of the projections, the op and the output; None follows flax's rule: the promotion of
+  the input's and the parameters' dtypes (a bfloat16 input with float32 parameters computes in float32 and returns
+  float32; pass dtype=jnp.bfloat16 to compute in bfloat16 with float32 parameters). param_dtype is the
+  parameters'. The recurrent state is float32 whatever the dtypes; the short convolutions' cache entries keep the
+  dtype of the cache they continue (`init_cache`: dtype, or param_dtype when dtype is None).
   """
 
   def __init__(
@@ -115,14 +171,19 @@ class GatedSlotAttention(nnx.Module):
     self.dtype = dtype
 
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = nnx.Linear(hidden_size, num_heads * dk, kernel_init=fan_in_init, **kw)
-    self.k_proj = nnx.Linear(hidden_size, num_kv_heads * dk, kernel_init=fan_in_init, **kw)
-    self.v_proj = nnx.Linear(hidden_size, num_kv_heads * dv, kernel_init=fan_in_init, **kw)
-    self.f_proj = nnx.Linear(hidden_size, num_kv_heads * num_slots, kernel_init=fan_in_init, **kw)
-    self.o_proj = nnx.Linear(num_heads * dv, hidden_size, kernel_init=out_init, **kw)
+    # Logical axes (LOGICAL_AXES): input projections and convolutions split "heads" on their outputs, the output
+    # projection on its inputs; map the names to mesh axes with flax's logical_axis_rules.
+    proj = dict(kernel_init=fan_in_init, kernel_metadata=logical_axes("embed", "heads"), **kw)
+    self.q_proj = nnx.Linear(hidden_size, num_heads * dk, **proj)
+    self.k_proj = nnx.Linear(hidden_size, num_kv_heads * dk, **proj)
+    self.v_proj = nnx.Linear(hidden_size, num_kv_heads * dv, **proj)
+    self.f_proj = nnx.Linear(hidden_size, num_kv_heads * num_slots, **proj)
+    self.o_proj = nnx.Linear(num_heads * dv, hidden_size, kernel_init=out_init,
+                             kernel_metadata=logical_axes("heads", "embed"), **kw)
     # t2r: one learned [dk, dk] map shared by all heads and by q and k, as the reference's T2RFeatureMap.
-    self.t2r = (nnx.Linear(dk, dk, kernel_init=fan_in_init, **kw) if feature_map == "t2r" else None)
-    conv_kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.t2r = (nnx.Linear(dk, dk, kernel_init=fan_in_init, kernel_metadata=logical_axes(None, None), **kw)
+                if feature_map == "t2r" else None)
+    conv_kw = dict(dtype=dtype, param_dtype=param_dtype, axis_name="heads", rngs=rngs)
     if use_short_conv:
       self.q_conv = ShortConvolution(num_heads * dk, conv_size, **conv_kw)
       self.k_conv = ShortConvolution(num_kv_heads * dk, conv_size, **conv_kw)
@@ -130,7 +191,7 @@ class GatedSlotAttention(nnx.Module):
     else:
       self.q_conv = self.k_conv = self.v_conv = None
     self.g_norm = RMSNorm(num_heads * dv, eps=norm_eps, use_scale=elementwise_affine, dtype=dtype,
-                          param_dtype=param_dtype)
+                          param_dtype=param_dtype, axis_name="heads")
 
   # -- pieces shared by the sequence and the step forms ------------------------------------------------------------
 
@@ -176,42 +237,90 @@ class GatedSlotAttention(nnx.Module):
       s, g = jnp.exp(f), jax.lax.optimization_barrier(jnp.zeros_like(g))
     return s, g
 
-  def _out(self, o: jax.Array, dtype) -> jax.Array:
-    o = jax.nn.silu(o.astype(self.dtype or dtype))
+  def _out(self, o: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """o [..., hq, dv] -> y [..., d] computed in `dtype` (the projections'), laid out like the layer's input
+    x [..., d] on an Explicit mesh."""
+    o = jax.nn.silu(o.astype(dtype))
     o = o.reshape(o.shape[:-2] + (self.num_heads * self.head_v_dim,))
-    return self.o_proj(self.g_norm(o))
+    return self.o_proj(self.g_norm(o), out_sharding=explicit_spec(x))
 
-  def _sequence(self, x, segment_ids, initial_state, output_final_state):
+  def _warn_if_heads_split(self) -> None:
+    """A warning (once per layer shape and mesh) when "heads" are sharded over mesh axes whose size does not divide
+    the kv heads: the op runs per kv head, so XLA would gather them around it, silently, in every step."""
+    axes, size = heads_mesh_axes(self.q_proj.kernel[...])
+    if size > 1 and self.num_kv_heads % size:
+      warnings.warn(f"GatedSlotAttention: num_kv_heads={self.num_kv_heads} (num_heads={self.num_heads}) is not "
+                    f"divisible by the {size} devices of mesh axes {axes} that the 'heads' parameter axis is "
+                    "sharded over; XLA gathers the heads around the op (all-gathers in the forward and backward). "
+                    f"Use a number of kv heads divisible by {size}, or map 'heads' to fewer devices.", stacklevel=3)
+
+  def _sequence(self, x, segment_ids, cache, output_final_state):
+    """The sequence form; with `cache` (a GSACache) each row's first document continues it."""
     b, t, _ = x.shape
+    self._warn_if_heads_split()
+    segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     layout = token_layout(segment_ids, b, t)
+    positions = layout.positions
+    if cache is not None:
+      positions = positions + jnp.where(layout.doc <= 1, cache.pos[:, None], 0)
     q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
     conv_in = (q, k, v)
     if self.use_short_conv:
       taps = None if segment_ids is None else previous_taps(layout, self.conv_size - 1)
-      q, k, v = self.q_conv(q, taps), self.k_conv(k, taps), self.v_conv(v, taps)
-    q, k, v, s, g = self._heads(q, k, v, f, layout.positions)
-    o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=initial_state,
+      tails, tail_idx = (None,) * 3, None
+      if cache is not None:
+        tails, tail_idx = cache.conv, tail_taps(layout, self.conv_size - 1)
+      q, k, v = (c(a, taps, tail, tail_idx) for c, a, tail in zip((self.q_conv, self.k_conv, self.v_conv),
+                                                                   (q, k, v), tails))
+    dtype = q.dtype
+    q, k, v, s, g = self._heads(q, k, v, f, positions)
+    o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=None if cache is None else cache.state,
                                     output_final_state=output_final_state, segment_ids=segment_ids,
                                     chunk_size=self.chunk_size, backend=self.backend)
     o = checkpoint_name(o, GSA_OUTPUT_NAME)  # a remat policy may keep it (gsa_jax.models: remat="matmuls_gsa")
-    return self._out(o, x.dtype), state, layout, conv_in
+    return self._out(o, x, dtype), state, layout, conv_in
+
+  def _next_cache(self, state, layout, conv_in, segment_ids, cache) -> GSACache:
+    """The cache after a piece: its final state, its convolution tails, the next position and segment id."""
+    conv = None
+    if self.use_short_conv:
+      previous = (None,) * 3 if cache is None else cache.conv
+      conv = tuple(c.tail(a, layout, prev) for c, a, prev in zip((self.q_conv, self.k_conv, self.v_conv),
+                                                                 conv_in, previous))
+    pos = next_positions(layout)
+    segment_id = jnp.zeros_like(pos) if cache is None else cache.segment_id
+    if cache is not None:
+      pos = pos + jnp.where(last_doc_continues(layout), cache.pos, 0)
+    if segment_ids is not None:
+      last = last_segment_id(segment_ids)
+      segment_id = jnp.where(last > 0, last, segment_id)
+    return GSACache(state=state, conv=conv, pos=pos, segment_id=segment_id)
 
   # -- public forms ------------------------------------------------------------------------------------------------
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x [b, t, d], segment_ids None or int [b, t] (0 = padding) -> y [b, t, d] (0 at padding)."""
+    """x [b, t, d], segment_ids None or int [b, t] (0 = padding; or a bool attention mask, see the op) ->
+    y [b, t, d] (0 at padding)."""
     check_layer_input(x, self.q_proj.in_features, 3)
     y, _, _, _ = self._sequence(x, segment_ids, None, False)
     return y
 
-  def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, GSACache]:
-    """The sequence form plus the cache to continue each row's last document with `step`."""
+  def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None,
+              cache: GSACache | None = None) -> tuple[jax.Array, GSACache]:
+    """The sequence form plus the cache to continue each row's last document with `step` or another `prefill`.
+
+    cache: None (an empty past), or the cache of the tokens before x (`init_cache`, `prefill`, `step`): each row's
+    first document continues it (state, short-convolution inputs, RoPE position), as the op's initial_state; a
+    later document of the row starts fresh. So a prompt prefilled in pieces of any sizes, each from the previous
+    piece's cache, gives the outputs and the cache of the prompt prefilled at once (chunked prefill, multi-turn
+    continuation; differentiable, for truncated backpropagation through long documents).
+    """
     check_layer_input(x, self.q_proj.in_features, 3)
-    y, state, layout, conv_in = self._sequence(x, segment_ids, None, True)
-    conv = None
-    if self.use_short_conv:
-      conv = tuple(c.tail(a, layout) for c, a in zip((self.q_conv, self.k_conv, self.v_conv), conv_in))
-    return y, GSACache(state=state, conv=conv, pos=next_positions(layout))
+    segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
+    if cache is not None:
+      cache = continued_cache(cache, segment_ids)
+    y, state, layout, conv_in = self._sequence(x, segment_ids, cache, True)
+    return y, self._next_cache(state, layout, conv_in, segment_ids, cache)
 
   def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
     """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""
@@ -222,16 +331,18 @@ class GatedSlotAttention(nnx.Module):
       (q, tq), (k, tk), (v, tv) = (c.step(a, tail) for c, a, tail in
                                    zip((self.q_conv, self.k_conv, self.v_conv), (q, k, v), cache.conv))
       conv = (tq, tk, tv)
+    dtype = q.dtype
     q, k, v, s, g = self._heads(q, k, v, f, cache.pos)
     o, state = gsa_step(q, k, v, s, g, cache.state, scale=1.0)
-    return self._out(o, x.dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1)
+    return self._out(o, x, dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id)
 
   def init_cache(self, batch_size: int) -> GSACache:
     """The cache of an empty prompt: zero state, zero convolution inputs."""
     state = zero_state(batch_size, self.num_kv_heads, self.head_k_dim, self.head_v_dim, self.num_slots)
     conv = None
     if self.use_short_conv:
-      dtype = self.dtype or jnp.float32
+      dtype = self.dtype or self.q_proj.param_dtype
       conv = tuple(jnp.zeros((batch_size, self.conv_size - 1, c.weight.shape[1]), dtype)
                    for c in (self.q_conv, self.k_conv, self.v_conv))
-    return GSACache(state=state, conv=conv, pos=jnp.zeros((batch_size,), jnp.int32))
+    zeros = jnp.zeros((batch_size,), jnp.int32)
+    return GSACache(state=state, conv=conv, pos=zeros, segment_id=zeros)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, RMSNorm, SwiGLU
-from gsa_jax.layers.common import scaled_fan_in_init
+from gsa_jax.layers.common import explicit_spec, logical_axes, scaled_fan_in_init
 from gsa_jax.layers.gsa import GSA_OUTPUT_NAME
 from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME
 from gsa_jax.models.config import GSAConfig
@@ -72,9 +72,14 @@ class Block(nnx.Module):
     x = x + self.mixer(self.mixer_norm(x), segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
-  def prefill(self, x, segment_ids, max_len):
-    kw = dict(max_len=max_len) if self.is_attention else {}
-    y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, **kw)
+  def prefill(self, x, segment_ids, max_len, cache=None):
+    if self.is_attention:
+      if cache is not None:
+        raise NotImplementedError("prefill from a cache: the softmax attention layers of hybrid models "
+                                  "(GSAConfig.attn_layers) cannot continue a KV cache yet; only GSA layers can.")
+      y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, max_len=max_len)
+    else:
+      y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, cache)
     x = x + y
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -100,7 +105,8 @@ class GSALM(nnx.Module):
     c = self.config = config
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     self.embed = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                           embedding_init=jax.nn.initializers.normal(c.embed_init_std), rngs=rngs)
+                           embedding_init=jax.nn.initializers.normal(c.embed_init_std),
+                           embedding_metadata=logical_axes("vocab", "embed"), rngs=rngs)
     self.blocks = nnx.List([Block(c, i, rngs=rngs) for i in range(c.num_layers)])
     self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
     if c.tie_embeddings:
@@ -108,7 +114,7 @@ class GSALM(nnx.Module):
     else:
       self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
                                 kernel_init=jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
-                                rngs=rngs)
+                                kernel_metadata=logical_axes("embed", "vocab"), rngs=rngs)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """The output head: hidden [..., hidden_size] (from `hidden_states`) -> logits float32 [..., vocab]."""
@@ -123,7 +129,7 @@ class GSALM(nnx.Module):
     """The last block's output [b, t, hidden_size] (before the final norm): `logits` maps it to the vocabulary. A
     loss can apply `logits` a slice of positions at a time (gsa_jax.train.loss) instead of holding [b, t, vocab]."""
     check_tokens(tokens, 2)
-    x = self.embed(tokens)
+    x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     policy = self.config.remat
     for block in self.blocks:
       if policy == "none":
@@ -134,24 +140,27 @@ class GSALM(nnx.Module):
 
   # -- decoding ----------------------------------------------------------------------------------------------------
 
-  def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
-              max_len: int) -> tuple[jax.Array, list[Any]]:
+  def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *, max_len: int,
+              caches: list[Any] | None = None) -> tuple[jax.Array, list[Any]]:
     """Full-sequence logits [b, t, vocab] and one cache per layer for continuing each row's last document.
 
     max_len: the number of tokens the attention layers' KV caches hold (prompt length + new tokens).
+    caches: None, or the caches of the tokens before (`prefill`, `step`, `init_cache`): each row's first document
+      continues them (see GatedSlotAttention.prefill), so a prompt prefilled in pieces equals the prompt
+      prefilled at once. GSA layers only: a model with attention layers raises NotImplementedError.
     """
     check_tokens(tokens, 2)
-    x = self.embed(tokens)
-    caches = []
-    for block in self.blocks:
-      x, cache = block.prefill(x, segment_ids, max_len)
-      caches.append(cache)
-    return self.logits(x), caches
+    x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
+    new = []
+    for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+      x, cache = block.prefill(x, segment_ids, max_len, cache)
+      new.append(cache)
+    return self.logits(x), new
 
   def step(self, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
     """One token per row: tokens int [b] -> (logits float32 [b, vocab], new caches)."""
     check_tokens(tokens, 1)
-    x = self.embed(tokens)
+    x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     new = []
     for block, cache in zip(self.blocks, caches):
       x, cache = block.step(x, cache)

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState, to_varying, varying_axes
+from gsa_jax.ops.common import GSAState, as_segment_ids, to_varying, varying_axes
 from gsa_jax.ops.recurrent import recurrent_gsa
 
 BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_mgpu", "pallas_tpu")
@@ -121,8 +121,9 @@ def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chun
       raise TypeError(f"segment_ids must be None or an int array [B, T]; got {type(segment_ids).__name__} "
                       "(wrap it in jnp.asarray).")
     _check_shape("segment_ids", segment_ids, (b, t), "B, T")
-    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-      raise TypeError(f"segment_ids must be an integer array; got dtype {segment_ids.dtype}.")
+    if not (jnp.issubdtype(segment_ids.dtype, jnp.integer) or segment_ids.dtype == jnp.bool_):
+      raise TypeError(f"segment_ids must be an integer array (or a bool attention mask); got dtype "
+                      f"{segment_ids.dtype}.")
   if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool):
     raise TypeError(f"chunk_size must be an int (a positive power of two); got {type(chunk_size).__name__} "
                     f"{chunk_size!r}.")
@@ -197,7 +198,7 @@ def gated_slot_attention(
     s: jax.Array,
     g: jax.Array,
     *,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     initial_state: tuple[jax.Array, jax.Array] | None = None,
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
@@ -215,12 +216,15 @@ def gated_slot_attention(
     k: [B, T, H, K] keys.  v: [B, T, H, V] values.
     s: [B, T, H, M] slot write weights.
     g: [B, T, H, M] log forget gates. Must be <= 0 (finite); positive g is a caller bug and is not clamped.
-    scale: multiplies the slot logits; None means K ** -0.5.
+    scale: multiplies the slot logits; None means K ** -0.5. A Python number is static (compiled in: each new
+      value compiles anew); a jax.Array scalar (a learned temperature, a traced value) is traced and differentiable:
+      it is folded into q (q * scale, rounded to q's dtype).
     initial_state: None or (hk [B, H, K, M], hv [B, H, M, V]) float32; applies to the first document of a row.
     output_final_state: if True also return the state after the last non-padding token of each row.
     segment_ids: None or int [B, T]. Id > 0 names a token's document and the state resets to zero where it
       changes (relative to the previous non-padding token); id 0 is padding: it leaves the state unchanged and
-      gets o = 0.
+      gets o = 0. A Hugging Face-style attention mask (bool, or 0/1 ints; 1 = token, 0 = padding) is accepted as
+      is: one document per row, its padding (left or right) skipped.
     chunk_size: chunk length of the chunked backends; a positive power of two.
     backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_mgpu" | "pallas_tpu".
 
@@ -231,9 +235,17 @@ def gated_slot_attention(
                   scale=scale)
   chunk_size = int(chunk_size)  # a numpy integer is a different static argument of the jitted backends
   name = resolve_backend(backend)
+  if isinstance(scale, jax.Array):
+    if scale.ndim:
+      raise ValueError(f"scale must be a scalar; got an array of shape {scale.shape}.")
+    # A traced scale (a learned temperature): the logits are linear in q, so scaling q is scaling them; the
+    # backends then see one static scale, and a new value neither fails nor compiles anew.
+    q, scale = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(q.dtype), 1.0
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   if initial_state is not None:
     initial_state = GSAState(*initial_state)
+  if segment_ids is not None:
+    segment_ids = as_segment_ids(segment_ids)
   # Under shard_map, inputs that vary over different mesh axes (say q sharded by heads, a replicated initial
   # state) are typed alike here, so that every backend sees one set of axes; autodiff sums the gradient of a
   # replicated input over the axes it was cast to.

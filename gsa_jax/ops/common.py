@@ -47,6 +47,14 @@ class SegmentMasks(NamedTuple):
   valid: jax.Array
 
 
+def as_segment_ids(segment_ids_or_mask: jax.Array) -> jax.Array:
+  """segment_ids [b, t] as they are, or a Hugging Face-style attention mask (bool: True = token, False = padding)
+  as segment ids int32 (1 = the row's one document, 0 = padding). A 0/1 integer mask already is such ids."""
+  if segment_ids_or_mask.dtype == jnp.bool_:
+    return segment_ids_or_mask.astype(jnp.int32)
+  return segment_ids_or_mask
+
+
 def segment_masks(segment_ids: jax.Array) -> SegmentMasks:
   """Turns `segment_ids [b, t]` into reset/valid masks.
 

@@ -1,4 +1,5 @@
-"""Checkpoints with orbax: one composite checkpoint per step holding the train state and the data iterator."""
+"""Checkpoints with orbax: one composite checkpoint per step holding the train state and (for train.py) the data
+iterator; any pytree of arrays, such as a user's `nnx.state(model)`, can be saved without one."""
 
 from __future__ import annotations
 
@@ -32,11 +33,16 @@ class Checkpointer:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iterator: Any) -> None:
-    """Starts a save (asynchronous if so configured); the iterator's position is captured now."""
+  def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
+    """Starts a save (asynchronous if so configured); the iterator's position is captured now.
+
+    state: any pytree of arrays (a train state, a user's `nnx.state(model)`); data_iterator: a grain iterator, or
+    None to save the state alone."""
     start = time.perf_counter()
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+    items = dict(state=ocp.args.StandardSave(state))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     _log.info("checkpoint %d: save started (%.1f s blocking)", step, time.perf_counter() - start)
 
   def wait(self) -> None:
@@ -46,11 +52,12 @@ class Checkpointer:
     if time.perf_counter() - start > 1.0:
       _log.info("checkpoint: waited %.1f s for the background save to finish", time.perf_counter() - start)
 
-  def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None) -> tuple[int, Any] | None:
     """Restores the newest loadable checkpoint into `abstract_state`'s shapes and shardings.
 
     abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding` set, so that a checkpoint written on any
-    device count loads onto this run's mesh. The data iterator's state is set in place.
+    device count loads onto this run's mesh (or an abstract `nnx.State`, from `nnx.eval_shape`). The data
+    iterator's state is set in place; None restores the state alone.
     Returns (step, state), or None when there is no checkpoint. Raises RuntimeError if checkpoints exist but none
     loads: starting from scratch silently would lose the run.
     """
@@ -59,8 +66,10 @@ class Checkpointer:
     for step in reversed(steps):
       start = time.perf_counter()
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iterator is not None:
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # A damaged checkpoint can fail in many ways; each is reported, then skipped.
         reason = short_reason(e)
         # One line; the traceback goes with the record (train.py shows it only in the run's train.log).
