@@ -38,7 +38,8 @@ def _segment_ids(tokens, segment_ids, lengths):
 
 def check_prompts(model: GSALM, prompts, lengths=None, segment_ids=None) -> None:
   """Raises ValueError/TypeError for prompts the model cannot continue: prompts int [b, t] (t >= 1) of ids in
-  [0, vocab_size); lengths int [b] in [1, t]; segment_ids int [b, t] with a token (id > 0) in every row. Values are
+  [0, vocab_size); lengths int [b] in [1, t]; segment_ids int [b, t] (or a bool mask) with a token (id > 0) in
+  every row. Values are
   checked when the arrays are concrete (not traced)."""
   if not hasattr(prompts, "shape") or not hasattr(prompts, "dtype"):
     raise TypeError(f"prompts must be an int array [b, t]; got {type(prompts).__name__}.")
@@ -61,8 +62,10 @@ def check_prompts(model: GSALM, prompts, lengths=None, segment_ids=None) -> None
       continue
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
       raise TypeError(f"{name} must be an int array {legend}; got {type(x).__name__}.")
-    if tuple(x.shape) != shape or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} has shape {tuple(x.shape)} and dtype {x.dtype}; expected int {legend} = {shape}.")
+    mask_ok = name == "segment_ids" and x.dtype == jnp.bool_  # an HF-style attention mask
+    if tuple(x.shape) != shape or not (jnp.issubdtype(x.dtype, jnp.integer) or mask_ok):
+      kind = "int (or a bool mask)" if name == "segment_ids" else "int"
+      raise ValueError(f"{name} has shape {tuple(x.shape)} and dtype {x.dtype}; expected {kind} {legend} = {shape}.")
     if isinstance(x, jax.core.Tracer):
       continue
     x = np.asarray(x)

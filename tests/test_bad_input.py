@@ -141,7 +141,7 @@ def op_inputs(b=1, t=8, h=2, k=4, v=4, m=4):
     ({}, dict(chunk_size=True), TypeError, r"chunk_size must be an int \(a positive power of two\); got bool True"),
     ({}, dict(chunk_size=12), ValueError, r"chunk_size=12 must be a positive power of two"),
     ({}, dict(segment_ids=[[1] * 8]), TypeError, r"segment_ids must be None or an int array \[B, T\]; got list"),
-    ({}, dict(scale="0.5"), TypeError, r"scale must be None or a finite number; got str '0.5'"),
+    ({}, dict(scale="0.5"), TypeError, r"scale must be None or a finite number or a jax.Array scalar; got str '0.5'"),
     ({}, dict(initial_state=([0.0], [0.0])), TypeError, r"initial_state\[0\] \(hk\) must be an array; got list"),
 ])
 def test_op_arguments_are_checked(inputs, kwargs, error, message):

@@ -129,13 +129,20 @@ def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chun
                     f"{chunk_size!r}.")
   if chunk_size < 1 or chunk_size & (chunk_size - 1):
     raise ValueError(f"chunk_size={chunk_size!r} must be a positive power of two.")
+  if isinstance(scale, jax.Array):  # traced or not: its value is not checked here
+    if scale.ndim:
+      raise ValueError(f"scale must be a scalar; got an array of shape {scale.shape}.")
+    if not jnp.issubdtype(scale.dtype, jnp.floating):
+      raise TypeError(f"scale must be a floating-point scalar; got dtype {scale.dtype}.")
+    return
   try:
     scale_ok = scale is None or (not isinstance(scale, (bool, str)) and np.ndim(scale) == 0
                                  and bool(np.isfinite(float(scale))))
   except (TypeError, ValueError):
     scale_ok = False
   if not scale_ok:
-    raise TypeError(f"scale must be None or a finite number; got {type(scale).__name__} {scale!r}.")
+    raise TypeError(f"scale must be None or a finite number or a jax.Array scalar; got {type(scale).__name__} "
+                    f"{scale!r}.")
 
 
 def _explicit_axes(spec_entry) -> tuple:
