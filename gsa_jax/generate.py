@@ -39,8 +39,7 @@ def _segment_ids(tokens, segment_ids, lengths):
 def check_prompts(model: GSALM, prompts, lengths=None, segment_ids=None) -> None:
   """Raises ValueError/TypeError for prompts the model cannot continue: prompts int [b, t] (t >= 1) of ids in
   [0, vocab_size); lengths int [b] in [1, t]; segment_ids int [b, t] (or a bool mask) with a token (id > 0) in
-  every row. Values are
-  checked when the arrays are concrete (not traced)."""
+  every row. Values are checked when the arrays are concrete (not traced)."""
   if not hasattr(prompts, "shape") or not hasattr(prompts, "dtype"):
     raise TypeError(f"prompts must be an int array [b, t]; got {type(prompts).__name__}.")
   if prompts.ndim != 2:
