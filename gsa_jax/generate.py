@@ -1,8 +1,9 @@
 """Decoding for GSALM: prefill a right-padded batch of prompts, step one token at a time, sample under jit.
 
 Caches (one per layer, from `GSALM.prefill` / `GSALM.init_cache`): a GSA layer keeps `GSACache` (the float32
-state (hk, hv), the short convolutions' last inputs and the next RoPE position), its size independent of the
-context; an attention layer keeps a `KVCache` with `max_len` slots.
+state (hk, hv), the short convolutions' last inputs, the next RoPE position and segment id), its size independent
+of the context; an attention layer keeps a `KVCache` with `max_len` slots. `prefill` and `generate` continue
+either from the caches of what came before.
 
 Prompts of different lengths share a batch as right-padded rows: `lengths [b]` or `segment_ids [b, t]` with 0 for
 padding. Padding is transparent to every layer, so a row decodes exactly as its prompt alone. Every prompt needs

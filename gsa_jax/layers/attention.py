@@ -143,9 +143,7 @@ class CausalSelfAttention(nnx.Module):
       if max_len < t:
         raise ValueError(f"max_len={max_len} must be at least the prompt length {t}.")
       y, layout, k, v = self._sequence(x, segment_ids)
-      empty = self.init_cache(b, max_len, k.dtype)
-      cache = self._next_cache(empty, layout, k, v, segment_ids, continues=False)
-      return y, cache
+      return y, self._next_cache(self.init_cache(b, max_len, k.dtype), layout, k, v, segment_ids)
     cache = grown_kv_cache(cache, max_len or 0)
     check_room(cache, t)
     return self._continue(x, segment_ids, continued_kv_cache(cache, segment_ids))
@@ -163,20 +161,21 @@ class CausalSelfAttention(nnx.Module):
                                      implementation="xla")
     o = o * layout.valid[:, :, None, None].astype(o.dtype)  # padding queries read nothing
     y = self.o_proj(o.reshape(b, t, -1))
-    return y, self._next_cache(cache, layout, k, v, segment_ids, continues=True)
+    return y, self._next_cache(cache, layout, k, v, segment_ids)
 
-  def _next_cache(self, cache, layout, k, v, segment_ids, *, continues: bool) -> KVCache:
-    """`cache` with a piece's k, v [b, t, h, dh] written at its index; its mask, position and segment id moved to
-    each row's last document (which continues the cache's only where it is the piece's first; `continues`)."""
+  def _next_cache(self, cache, layout, k, v, segment_ids) -> KVCache:
+    """`cache` (continued_kv_cache, or empty) with a piece's k, v [b, t, h, dh] written at its index; its mask,
+    position and segment id moved to each row's last document (which continues the cache's where it is the
+    piece's first)."""
     t = k.shape[1]
     zero = jnp.zeros((), jnp.int32)
     write = lambda a, new, *rest: jax.lax.dynamic_update_slice(a, new.astype(a.dtype), (zero, cache.index) + rest)
-    goes_on = last_doc_continues(layout) if continues else jnp.zeros(cache.pos.shape, bool)
+    goes_on = last_doc_continues(layout)
     pos = next_positions(layout) + jnp.where(goes_on, cache.pos, 0)
     return KVCache(k=write(cache.k, k, zero, zero), v=write(cache.v, v, zero, zero),
                    mask=write(cache.mask & goes_on[:, None], _last_doc_mask(layout)), pos=pos,
                    index=cache.index + t,
-                   segment_id=next_segment_id(cache.segment_id if continues else None, segment_ids, pos.shape[0]))
+                   segment_id=next_segment_id(cache.segment_id, segment_ids, pos.shape[0]))
 
   def step(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One token per row: x [b, d] -> (y [b, d], new cache). The cache must have a free slot."""
