@@ -1,8 +1,9 @@
 """Decoding for GSALM: prefill a right-padded batch of prompts, step one token at a time, sample under jit.
 
 Caches (one per layer, from `GSALM.prefill` / `GSALM.init_cache`): a GSA layer keeps `GSACache` (the float32
-state (hk, hv), the short convolutions' last inputs and the next RoPE position), its size independent of the
-context; an attention layer keeps a `KVCache` with `max_len` slots.
+state (hk, hv), the short convolutions' last inputs, the next RoPE position and segment id), its size independent
+of the context; an attention layer keeps a `KVCache` with `max_len` slots. `prefill` and `generate` continue
+either from the caches of what came before.
 
 Prompts of different lengths share a batch as right-padded rows: `lengths [b]` or `segment_ids [b, t]` with 0 for
 padding. Padding is transparent to every layer, so a row decodes exactly as its prompt alone. Every prompt needs
@@ -87,6 +88,14 @@ def last_logits(logits: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
   return jnp.take_along_axis(logits, jnp.maximum(last, 0)[:, None, None], axis=1)[:, 0]
 
 
+def cached_tokens(caches: list[Any] | None) -> int:
+  """The slots the KV caches of `caches` have used (their index; their size where the index is traced, an upper
+  bound), 0 without KV caches."""
+  used = [c.k.shape[1] if isinstance(c.index, jax.core.Tracer) else int(c.index)
+          for c in caches or () if isinstance(c, KVCache)]
+  return max(used, default=0)
+
+
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len",))
 def _prefill(graphdef, state, tokens, segment_ids, caches, *, max_len):
   return nnx.merge(graphdef, state).prefill(tokens, segment_ids, max_len=max_len, caches=caches)
@@ -103,14 +112,19 @@ def prefill(model: GSALM, tokens: jax.Array, *, segment_ids: jax.Array | None = 
   """Runs the chunked (training) form over the prompts and returns their logits and the caches.
 
   tokens int [b, t]; segment_ids int [b, t] (0 = padding) or lengths int [b]; max_len: how many tokens the
-  attention layers' KV caches hold (default t: no room to decode when the model has attention layers).
+  attention layers' KV caches hold, those of `caches` included (default: the cached tokens + t, no room to
+  decode when the model has attention layers; a continued KV cache with fewer slots is grown to it).
   caches: None, or the caches of what came before (`prefill`, `generate`'s output): the prompts continue them.
   Returns logits float32 [b, t, vocab] and the per-layer caches. Jitted.
   """
   check_prompts(model, tokens, lengths, segment_ids)
   segment_ids = _segment_ids(tokens, segment_ids, lengths)
+  needed = cached_tokens(caches) + tokens.shape[1]
+  if max_len is not None and max_len < needed:
+    raise ValueError(f"max_len={max_len}: the caches hold {needed - tokens.shape[1]} tokens and the prompts have "
+                     f"{tokens.shape[1]}; pass max_len >= {needed}.")
   graphdef, state = nnx.split(model)
-  return _prefill(graphdef, state, tokens, segment_ids, caches, max_len=max_len or tokens.shape[1])
+  return _prefill(graphdef, state, tokens, segment_ids, caches, max_len=max_len or needed)
 
 
 def decode_step(model: GSALM, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
@@ -171,13 +185,13 @@ def _freeze_rows(done: jax.Array, old: list[Any], new: list[Any]) -> list[Any]:
   return [layer(o, n) for o, n in zip(old, new)]
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens", "temperature", "top_k", "top_p",
-                                                                 "eos_id", "pad_id"))
-def _generate(graphdef, state, prompts, segment_ids, key, caches, *, max_new_tokens, temperature, top_k, top_p,
-              eos_id, pad_id):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_len", "max_new_tokens", "temperature", "top_k",
+                                                                 "top_p", "eos_id", "pad_id"))
+def _generate(graphdef, state, prompts, segment_ids, key, caches, *, max_len, max_new_tokens, temperature, top_k,
+              top_p, eos_id, pad_id):
   model = nnx.merge(graphdef, state)
   b, t = prompts.shape
-  logits, caches = model.prefill(prompts, segment_ids, max_len=t + max_new_tokens, caches=caches)
+  logits, caches = model.prefill(prompts, segment_ids, max_len=max_len, caches=caches)
   logits = last_logits(logits, segment_ids)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
@@ -214,7 +228,8 @@ def generate(model: GSALM, prompts: jax.Array, *, max_new_tokens: int, lengths: 
 
   prompts int [b, t], right-padded, with lengths int [b] or segment_ids [b, t] (none: every row is full).
   caches: None, or the caches of what came before (a previous `generate`'s `caches`, `prefill`): the prompts
-  continue them (multi-turn; GSA layers only, see GSALM.prefill).
+  continue them (multi-turn, see GSALM.prefill). Attention layers' KV caches are sized to the cached tokens +
+  t + max_new_tokens (a continued cache with fewer slots is grown).
   Sampling as `sample_logits` (temperature 0: greedy, no key needed). A row stops after `eos_id`; the loop
   stops when every row has or after max_new_tokens.
   """
@@ -227,6 +242,7 @@ def generate(model: GSALM, prompts: jax.Array, *, max_new_tokens: int, lengths: 
     key = jax.random.key(0)
   segment_ids = _segment_ids(prompts, segment_ids, lengths)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompts, segment_ids, key, caches, max_new_tokens=max_new_tokens,
-                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), eos_id=eos_id,
-                   pad_id=pad_id)
+  max_len = cached_tokens(caches) + prompts.shape[1] + max_new_tokens
+  return _generate(graphdef, state, prompts, segment_ids, key, caches, max_len=max_len,
+                   max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                   top_p=float(top_p), eos_id=eos_id, pad_id=pad_id)

@@ -153,9 +153,3 @@ def test_generate_continues_from_its_caches():
     alone = generate(model, jnp.asarray(whole), max_new_tokens=4, temperature=0)
     np.testing.assert_array_equal(turn.tokens[row], alone.tokens[0])
 
-
-def test_hybrid_models_refuse_a_cache():
-  model = make_model(attn_layers=(1,))
-  _, caches = prefill(model, tokens(0, 1, 4), max_len=8)
-  with pytest.raises(NotImplementedError, match="attention"):
-    prefill(model, tokens(1, 1, 4), caches=caches)

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsa_jax.layers.common import (apply_rope, check_layer_input, fan_in_init, logical_axes, next_positions,
-                                   token_layout)
-from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS, causal_attention
+from gsa_jax.layers.common import (apply_rope, check_layer_input, fan_in_init, first_doc_continues,
+                                   last_doc_continues, logical_axes, next_positions, next_segment_id, token_layout)
+from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS, causal_attention, reference_mask
+from gsa_jax.ops.common import as_segment_ids
 
 
 class KVCache(NamedTuple):
@@ -20,6 +21,8 @@ class KVCache(NamedTuple):
   k, v: [b, max_len, h, dh] in the compute dtype (k after RoPE).
   mask: [b, max_len] bool, True for the entries the next token may read (its document's non-padding tokens).
   pos: [b] int32, RoPE position of the next token.  index: [] int32, the slot the next token is written to.
+  segment_id: [b] int32, the segment id of the document the cache ends in; 0: any (plain rows, an empty past).
+    A prefill from this cache continues it only where its first document has this id (or either id is 0).
   """
 
   k: jax.Array
@@ -27,6 +30,42 @@ class KVCache(NamedTuple):
   mask: jax.Array
   pos: jax.Array
   index: jax.Array
+  segment_id: jax.Array
+
+
+def continued_kv_cache(cache: KVCache, segment_ids: jax.Array | None) -> KVCache:
+  """The part of `cache` a piece with `segment_ids [b, t]` continues: rows whose first document has another id
+  than the cache's last one read none of its entries and start at position 0 (as the GSA layer's
+  `continued_cache`)."""
+  keep = first_doc_continues(cache.segment_id, segment_ids)
+  if keep is None:
+    return cache
+  return cache._replace(mask=cache.mask & keep[:, None], pos=jnp.where(keep, cache.pos, 0))
+
+
+def grown_kv_cache(cache: KVCache, max_len: int) -> KVCache:
+  """`cache` with max_len slots when it has fewer (the new ones empty); never smaller."""
+  extra = max_len - cache.k.shape[1]
+  if extra <= 0:
+    return cache
+  time = lambda a: jnp.pad(a, ((0, 0), (0, extra)) + ((0, 0),) * (a.ndim - 2))
+  return cache._replace(k=time(cache.k), v=time(cache.v), mask=time(cache.mask))
+
+
+def check_room(cache: KVCache, t: int) -> None:
+  """ValueError when a piece of t tokens does not fit behind the cache's entries. Checked only when the index is
+  concrete (not under jit, where XLA would clamp a write past the end)."""
+  if isinstance(cache.index, jax.core.Tracer):
+    return
+  max_len, index = cache.k.shape[1], int(cache.index)
+  if index + t > max_len:
+    raise ValueError(f"max_len: the KV cache has max_len={max_len} slots and holds {index} tokens; {t} more need "
+                     f"max_len >= {index + t} (pass a larger max_len).")
+
+
+def _last_doc_mask(layout) -> jax.Array:
+  """[b, t] bool: the non-padding tokens of each row's last document (what a next token may read)."""
+  return layout.valid & (layout.doc == layout.doc[:, -1:])
 
 
 class CausalSelfAttention(nnx.Module):
@@ -79,21 +118,64 @@ class CausalSelfAttention(nnx.Module):
     check_layer_input(x, self.q_proj.in_features, 3)
     return self._sequence(x, segment_ids)[0]
 
-  def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None, *,
-              max_len: int) -> tuple[jax.Array, KVCache]:
-    """The sequence form plus a cache of `max_len` slots holding this prompt's keys and values."""
+  def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None, cache: KVCache | None = None, *,
+              max_len: int | None = None) -> tuple[jax.Array, KVCache]:
+    """The sequence form plus the cache to continue each row's last document with `step` or another `prefill`.
+
+    max_len: the slots of the returned cache (this piece, what came before, the tokens to come). Required without
+      `cache`; with one, None keeps its size and a larger max_len grows it.
+    cache: None (an empty past), or the cache of the tokens before x (`init_cache`, `prefill`, `step`): x's keys
+      and values are written from its index on; each row's first document continues it (reads its entries, RoPE
+      positions go on from its position), a later document of the row starts fresh, as in
+      GatedSlotAttention.prefill. So a prompt prefilled in pieces of any sizes gives the outputs and the cache of
+      the prompt prefilled at once. The cache must have room for the t tokens (index + t <= max_len; ValueError
+      otherwise, checked where the index is concrete, i.e. not under jit).
+    Without a cache the sequence form runs `implementation` (a fused kernel where there is one); with a cache the
+    queries attend over the cache's max_len slots and the t new tokens with an explicit mask through XLA
+    ([b, t, max_len + t] scores).
+    """
     check_layer_input(x, self.q_proj.in_features, 3)
+    segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     b, t, _ = x.shape
-    if max_len < t:
-      raise ValueError(f"max_len={max_len} must be at least the prompt length {t}.")
-    y, layout, k, v = self._sequence(x, segment_ids)
-    pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
-    last = jnp.max(jnp.where(layout.valid, jnp.arange(t), -1), axis=1)
-    last_doc = jnp.take_along_axis(layout.doc, jnp.maximum(last, 0)[:, None], axis=1)
-    mask = jnp.pad(layout.valid & (layout.doc == last_doc), ((0, 0), (0, max_len - t)))
-    cache = KVCache(k=jnp.pad(k, pad), v=jnp.pad(v, pad), mask=mask, pos=next_positions(layout),
-                    index=jnp.asarray(t, jnp.int32))
-    return y, cache
+    if cache is None:
+      if max_len is None:
+        raise ValueError("max_len: prefill without a cache needs max_len, the tokens the new cache holds.")
+      if max_len < t:
+        raise ValueError(f"max_len={max_len} must be at least the prompt length {t}.")
+      y, layout, k, v = self._sequence(x, segment_ids)
+      return y, self._next_cache(self.init_cache(b, max_len, k.dtype), layout, k, v, segment_ids)
+    cache = grown_kv_cache(cache, max_len or 0)
+    check_room(cache, t)
+    return self._continue(x, segment_ids, continued_kv_cache(cache, segment_ids))
+
+  def _continue(self, x, segment_ids, cache):
+    """The sequence form of x [b, t, d] after `cache` (already continued_kv_cache): explicit mask over [cache + x]."""
+    b, t, _ = x.shape
+    layout = token_layout(segment_ids, b, t)
+    first_doc = layout.doc <= 1  # (0: padding before the row's first token, whose output is zeroed)
+    q, k, v = self._qkv(x, layout.positions + jnp.where(first_doc, cache.pos[:, None], 0))
+    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)  # as the cache holds them (and `step` reads them)
+    mask = jnp.concatenate([cache.mask[:, None, :] & first_doc[:, :, None], reference_mask(layout)], axis=2)
+    read = lambda cached, new: jnp.concatenate([cached, new], axis=1).astype(q.dtype)
+    o = jax.nn.dot_product_attention(q, read(cache.k, k), read(cache.v, v), mask=mask[:, None],
+                                     implementation="xla")
+    o = o * layout.valid[:, :, None, None].astype(o.dtype)  # padding queries read nothing
+    y = self.o_proj(o.reshape(b, t, -1))
+    return y, self._next_cache(cache, layout, k, v, segment_ids)
+
+  def _next_cache(self, cache, layout, k, v, segment_ids) -> KVCache:
+    """`cache` (continued_kv_cache, or empty) with a piece's k, v [b, t, h, dh] written at its index; its mask,
+    position and segment id moved to each row's last document (which continues the cache's where it is the
+    piece's first)."""
+    t = k.shape[1]
+    zero = jnp.zeros((), jnp.int32)
+    write = lambda a, new, *rest: jax.lax.dynamic_update_slice(a, new.astype(a.dtype), (zero, cache.index) + rest)
+    goes_on = last_doc_continues(layout)
+    pos = next_positions(layout) + jnp.where(goes_on, cache.pos, 0)
+    return KVCache(k=write(cache.k, k, zero, zero), v=write(cache.v, v, zero, zero),
+                   mask=write(cache.mask & goes_on[:, None], _last_doc_mask(layout)), pos=pos,
+                   index=cache.index + t,
+                   segment_id=next_segment_id(cache.segment_id, segment_ids, pos.shape[0]))
 
   def step(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """One token per row: x [b, d] -> (y [b, d], new cache). The cache must have a free slot."""
@@ -107,11 +189,12 @@ class CausalSelfAttention(nnx.Module):
     o = jax.nn.dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=mask[:, None, None, :],
                                      implementation=None)
     y = self.o_proj(o.reshape(b, -1))
-    return y, KVCache(k=kc, v=vc, mask=mask, pos=cache.pos + 1, index=cache.index + 1)
+    return y, cache._replace(k=kc, v=vc, mask=mask, pos=cache.pos + 1, index=cache.index + 1)
 
-  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-    """The cache of an empty prompt."""
-    dtype = self.dtype or jnp.float32
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """The cache of an empty prompt; k, v in `dtype` (default: the layer's dtype, else float32)."""
+    dtype = dtype or self.dtype or jnp.float32
     shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+    zeros = jnp.zeros((batch_size,), jnp.int32)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), mask=jnp.zeros((batch_size, max_len), bool),
-                   pos=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
+                   pos=zeros, index=jnp.zeros((), jnp.int32), segment_id=zeros)

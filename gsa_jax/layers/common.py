@@ -189,6 +189,37 @@ def last_doc_continues(layout: TokenLayout) -> jax.Array:
   return layout.doc[:, -1] <= 1
 
 
+def last_segment_id(segment_ids: jax.Array) -> jax.Array:
+  """segment_ids int [b, t] -> [b] int32: the id of each row's last non-padding token, 0 for an empty row."""
+  t = segment_ids.shape[1]
+  last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(t), -1), axis=1)
+  return jnp.where(last >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(last, 0)[:, None], axis=1)[:, 0],
+                   0).astype(jnp.int32)
+
+
+def first_doc_continues(cache_segment_id: jax.Array, segment_ids: jax.Array | None) -> jax.Array | None:
+  """[b] bool: whether each row's first document continues a cache whose last document has the segment id
+  `cache_segment_id [b]` (0: any). It does unless both ids are set and differ: a piece split exactly at a document
+  boundary starts its first document fresh. A row of padding only keeps the cache. None for segment_ids None
+  (plain rows continue)."""
+  if segment_ids is None:
+    return None
+  valid = segment_ids > 0
+  first = jnp.take_along_axis(segment_ids, jnp.argmax(valid, axis=1)[:, None], axis=1)[:, 0]
+  return (cache_segment_id == 0) | (first == cache_segment_id) | ~jnp.any(valid, axis=1)
+
+
+def next_segment_id(cache_segment_id: jax.Array | None, segment_ids: jax.Array | None, b: int) -> jax.Array:
+  """[b] int32: the segment id of the document a cache ends in after a piece with `segment_ids [b, t]` (None:
+  plain rows), from the one before (`cache_segment_id [b]`, None for an empty past): the piece's last id, or
+  the previous one where the row is all padding; 0 (any) for plain rows."""
+  segment_id = jnp.zeros((b,), jnp.int32) if cache_segment_id is None else cache_segment_id
+  if segment_ids is None:
+    return segment_id
+  last = last_segment_id(segment_ids)
+  return jnp.where(last > 0, last, segment_id)
+
+
 def next_positions(layout: TokenLayout) -> jax.Array:
   """[b] int32: the RoPE position the next token of each row's last document gets (0 for an empty row)."""
   b, t = layout.valid.shape

@@ -118,12 +118,16 @@ def by_row_layout(one_document, several):
   return attend
 
 
-def _xla(q, k, v, layout):
-  t = q.shape[1]
+def reference_mask(layout: TokenLayout) -> jax.Array:
+  """[b, t(query), t(key)] bool: the key is not after the query, is in its document and is not padding."""
+  t = layout.valid.shape[1]
   causal = jnp.tril(jnp.ones((t, t), bool))
   same_doc = layout.doc[:, :, None] == layout.doc[:, None, :]
-  mask = causal[None] & same_doc & layout.valid[:, None, :]  # [b, t(query), t(key)]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+  return causal[None] & same_doc & layout.valid[:, None, :]
+
+
+def _xla(q, k, v, layout):
+  return jax.nn.dot_product_attention(q, k, v, mask=reference_mask(layout)[:, None], implementation="xla")
 
 
 def _cudnn(q, k, v, layout):

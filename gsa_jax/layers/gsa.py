@@ -27,8 +27,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_layer_input, explicit_spec,
-                                   fan_in_init, last_doc_continues, logical_axes, next_positions, previous_taps,
-                                   tail_taps, token_layout)
+                                   fan_in_init, first_doc_continues, last_doc_continues, logical_axes,
+                                   next_positions, next_segment_id, previous_taps, tail_taps, token_layout)
 from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
 from gsa_jax.ops.common import as_segment_ids
 
@@ -80,22 +80,12 @@ def heads_mesh_axes(kernel: jax.Array) -> tuple[tuple[str, ...], int]:
   return axes, math.prod(mesh.shape[a] for a in axes)
 
 
-def last_segment_id(segment_ids: jax.Array) -> jax.Array:
-  """segment_ids int [b, t] -> [b] int32: the id of each row's last non-padding token, 0 for an empty row."""
-  t = segment_ids.shape[1]
-  last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(t), -1), axis=1)
-  return jnp.where(last >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(last, 0)[:, None], axis=1)[:, 0],
-                   0).astype(jnp.int32)
-
-
 def continued_cache(cache: GSACache, segment_ids: jax.Array | None) -> GSACache:
   """The part of `cache` a piece with `segment_ids [b, t]` continues: rows whose first document has another id
   than the cache's last one start from an empty past (a piece split exactly at a document boundary)."""
-  if segment_ids is None:
+  keep = first_doc_continues(cache.segment_id, segment_ids)
+  if keep is None:
     return cache
-  valid = segment_ids > 0
-  first = jnp.take_along_axis(segment_ids, jnp.argmax(valid, axis=1)[:, None], axis=1)[:, 0]
-  keep = (cache.segment_id == 0) | (first == cache.segment_id) | ~jnp.any(valid, axis=1)
   zero_other = lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
   return cache._replace(state=jax.tree.map(zero_other, cache.state), conv=jax.tree.map(zero_other, cache.conv),
                         pos=zero_other(cache.pos))
@@ -288,12 +278,9 @@ class GatedSlotAttention(nnx.Module):
       conv = tuple(c.tail(a, layout, prev) for c, a, prev in zip((self.q_conv, self.k_conv, self.v_conv),
                                                                  conv_in, previous))
     pos = next_positions(layout)
-    segment_id = jnp.zeros_like(pos) if cache is None else cache.segment_id
     if cache is not None:
       pos = pos + jnp.where(last_doc_continues(layout), cache.pos, 0)
-    if segment_ids is not None:
-      last = last_segment_id(segment_ids)
-      segment_id = jnp.where(last > 0, last, segment_id)
+    segment_id = next_segment_id(None if cache is None else cache.segment_id, segment_ids, pos.shape[0])
     return GSACache(state=state, conv=conv, pos=pos, segment_id=segment_id)
 
   # -- public forms ------------------------------------------------------------------------------------------------

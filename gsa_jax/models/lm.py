@@ -74,10 +74,7 @@ class Block(nnx.Module):
 
   def prefill(self, x, segment_ids, max_len, cache=None):
     if self.is_attention:
-      if cache is not None:
-        raise NotImplementedError("prefill from a cache: the softmax attention layers of hybrid models "
-                                  "(GSAConfig.attn_layers) cannot continue a KV cache yet; only GSA layers can.")
-      y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, max_len=max_len)
+      y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, cache, max_len=max_len)
     else:
       y, cache = self.mixer.prefill(self.mixer_norm(x), segment_ids, cache)
     x = x + y
@@ -144,10 +141,12 @@ class GSALM(nnx.Module):
               caches: list[Any] | None = None) -> tuple[jax.Array, list[Any]]:
     """Full-sequence logits [b, t, vocab] and one cache per layer for continuing each row's last document.
 
-    max_len: the number of tokens the attention layers' KV caches hold (prompt length + new tokens).
+    max_len: the number of tokens the attention layers' KV caches hold (cached tokens + prompt length + new
+      tokens); a continued KV cache with fewer slots is grown to it.
     caches: None, or the caches of the tokens before (`prefill`, `step`, `init_cache`): each row's first document
-      continues them (see GatedSlotAttention.prefill), so a prompt prefilled in pieces equals the prompt
-      prefilled at once. GSA layers only: a model with attention layers raises NotImplementedError.
+      continues them (see GatedSlotAttention.prefill and CausalSelfAttention.prefill), so a prompt prefilled in
+      pieces equals the prompt prefilled at once, in GSA and hybrid models alike. A KV cache must have room for
+      the prompt (ValueError where its index is concrete; `gsa_jax.generate` checks and sizes them).
     """
     check_tokens(tokens, 2)
     x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
