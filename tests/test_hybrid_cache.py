@@ -14,6 +14,7 @@ from flax import nnx
 from gsa_jax.generate import generate, prefill
 from gsa_jax.layers import CausalSelfAttention, KVCache
 from gsa_jax.models import GSALM, GSAConfig
+from tests import test_layer_cache
 from tests.gsa_testing import rel_err
 
 VOCAB, D, MAX_LEN = 61, 32, 24
@@ -83,14 +84,10 @@ def test_plain_rows_in_pieces_equal_at_once(sizes):
   assert_steps_equal(model, caches, want, seed=1)
 
 
-# Packed right-padded rows: row 0's first piece ends exactly at its document boundary (7 | 12), so the next piece
-# must start document 2 fresh; padding inside and at the end of a row; a row that is all padding in later pieces;
-# a one-token document.
-SEGMENTS = np.array([
-    [1] * 7 + [2] * 5 + [0] * 2 + [2] * 2 + [3] + [0] * 2,
-    [4] * 3 + [0] * 16,
-    [5] * 2 + [6] * 17,
-], np.int32)
+# The GSA layer tests' packed rows (tests/test_layer_cache.py): row 0's first piece ends exactly at its document
+# boundary (7 | 12), so the next piece must start document 2 fresh; padding inside and at the end of a row; a row
+# that is all padding in later pieces; a one-token document.
+SEGMENTS = test_layer_cache.SEGMENTS
 
 
 @pytest.mark.parametrize("sizes", ((7, 5, 7), (3, 4, 1, 11)))
