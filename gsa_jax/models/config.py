@@ -65,6 +65,11 @@ class GSAConfig:
   # "matmuls_gsa_keys" (also the GPU kernels' float32 key chunk states: only the value state kernel reruns) |
   # "matmuls_gsa_states" (also the value chunk states: no kernel reruns, the most memory).
   remat: str = "none"
+  # Run each stretch of consecutive identical blocks (all of a pure GSA model; a hybrid's GSA blocks between its
+  # attention layers) as one lax.scan over their stacked parameters: XLA compiles one block per stretch instead of
+  # every block, and the numbers are the same. Parameters stay one set per layer (checkpoints, converters and
+  # sharding are unchanged); the scan stacks them inside the step, a copy the size of those blocks' parameters.
+  scan_layers: bool = False
   embed_init_std: float = 0.02  # the reference's initializer_range.
 
   def __post_init__(self):

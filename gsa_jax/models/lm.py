@@ -91,6 +91,38 @@ class Block(nnx.Module):
     return self.mixer.init_cache(batch_size)
 
 
+def _apply_block(block: Block, x: jax.Array, segment_ids, policy: str) -> jax.Array:
+  if policy == "none":
+    return block(x, segment_ids)
+  return nnx.remat(lambda blk, x, seg: blk(x, seg), policy=_REMAT_POLICY[policy])(block, x, segment_ids)
+
+
+def _stretches_of_identical_blocks(blocks) -> list[list[tuple[nnx.GraphDef, nnx.State]]]:
+  """Consecutive blocks grouped by structure (graph definition, parameter shapes and dtypes): one scan each."""
+  stretches, last_key = [], None
+  for block in blocks:
+    graphdef, state = nnx.split(block)
+    key = (graphdef, jax.tree.structure(state), tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)))
+    if key != last_key:
+      stretches.append([])
+      last_key = key
+    stretches[-1].append((graphdef, state))
+  return stretches
+
+
+def _scan_blocks(stretch, x: jax.Array, segment_ids, policy: str) -> jax.Array:
+  """x through the blocks of one stretch: a lax.scan over their stacked states (a lone block runs as itself)."""
+  graphdef = stretch[0][0]
+  if len(stretch) == 1:
+    return _apply_block(nnx.merge(graphdef, stretch[0][1]), x, segment_ids, policy)
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(state for _, state in stretch))
+
+  def body(x, state):
+    return _apply_block(nnx.merge(graphdef, state), x, segment_ids, policy), None
+
+  return jax.lax.scan(body, x, stacked)[0]
+
+
 class GSALM(nnx.Module):
   """Causal LM: tokens int [b, t] (+ segment_ids [b, t], 0 = padding) -> logits float32 [b, t, vocab].
 
@@ -128,11 +160,12 @@ class GSALM(nnx.Module):
     check_tokens(tokens, 2)
     x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     policy = self.config.remat
+    if self.config.scan_layers:
+      for stretch in _stretches_of_identical_blocks(self.blocks):
+        x = _scan_blocks(stretch, x, segment_ids, policy)
+      return x
     for block in self.blocks:
-      if policy == "none":
-        x = block(x, segment_ids)
-      else:
-        x = nnx.remat(lambda blk, x, seg: blk(x, seg), policy=_REMAT_POLICY[policy])(block, x, segment_ids)
+      x = _apply_block(block, x, segment_ids, policy)
     return x
 
   # -- decoding ----------------------------------------------------------------------------------------------------
