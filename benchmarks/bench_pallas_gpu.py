@@ -109,7 +109,7 @@ def mem_mb(jitted, args):
 
 
 def _forward_and_grads_with(x, bs):
-  from tests.gsa_testing import kernel_forward_and_grads  # noqa: PLC0415
+  from gsa_jax.ops.testing import kernel_forward_and_grads  # noqa: PLC0415
   return kernel_forward_and_grads(gsa_pallas_gpu, x, fast_cpu_compile=False, scale=1.0, block_sizes=bs)
 
 
@@ -129,7 +129,7 @@ def profile(b, t, h, d, m, block_sizes, calls=5):
 
 def precision_table(block_sizes=None):
   """Relative L2 error of o, the final states and every gradient vs the float64 recurrence (random cotangent)."""
-  from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err  # noqa: PLC0415
+  from gsa_jax.ops.testing import cast, forward_and_grads, make_inputs, rel_err  # noqa: PLC0415
   with jax.enable_x64(True):
     for dtype in (jnp.bfloat16, jnp.float32):
       x = make_inputs(7, b=2, t=512, hq=4, h=4, dk=64, dv=64, m=32, with_state=True, dtype=dtype)

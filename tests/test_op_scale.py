@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from gsa_jax.ops import gated_slot_attention
-from tests.gsa_testing import rel_err
+from gsa_jax.ops.testing import rel_err
 
 
 def inputs():

@@ -23,8 +23,8 @@ import pytest
 from gsa_jax.ops import gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState
 from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_gpu, gsa_pallas_gpu
-from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
-                                make_inputs, rel_err)
+from gsa_jax.ops.testing import cast, forward_and_grads, kernel_forward_and_grads, make_inputs, rel_err
+from tests.gsa_testing import KERNEL_TOL, SEGMENTS
 
 ON_GPU = jax.default_backend() == "gpu"
 

@@ -22,7 +22,8 @@ from gsa_jax.ops import BACKENDS, gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import RESIDUALS_NAME
 from pallas_kernels import gsa_mgpu
 from pallas_kernels.gsa_mgpu import BlockSizes, gsa_pallas_mgpu, unsupported_reason
-from tests.gsa_testing import KERNEL_TOL, cast, forward_and_grads, kernel_forward_and_grads, make_inputs, rel_err
+from gsa_jax.ops.testing import cast, forward_and_grads, kernel_forward_and_grads, make_inputs, rel_err
+from tests.gsa_testing import KERNEL_TOL
 
 ON_GPU = jax.default_backend() == "gpu"
 

@@ -21,8 +21,8 @@ from gsa_jax.ops.common import RESIDUALS_NAME
 from pallas_kernels import gsa_tpu
 from pallas_kernels.gsa_common import chunk_gate_sums
 from pallas_kernels.gsa_tpu import BlockSizes, gsa_pallas_tpu
-from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
-                                make_inputs, rel_err)
+from gsa_jax.ops.testing import cast, forward_and_grads, kernel_forward_and_grads, make_inputs, rel_err
+from tests.gsa_testing import KERNEL_TOL, SEGMENTS
 
 ON_TPU = jax.default_backend() == "tpu"
 
