@@ -65,6 +65,15 @@ def make_inputs(seed, *, b=2, t=40, hq=2, h=2, dk=16, dv=16, m=8, normalizer=8.0
   return jax.tree.map(lambda a: np.asarray(jnp.asarray(a, dtype), np.float64), x)
 
 
+def anchor_inputs(b, t, h, d, m, *, dtype=jnp.bfloat16, seed=0):
+  """The benchmarks' anchor problem (q, k = swish(randn), v = randn, g = logsigmoid(randn) / 8, s = 1 - exp(g),
+  K = V = d, no grouped heads; run at scale 1) as jax arrays [q, k, v, s, g] in `dtype`, and a random output
+  cotangent do [b, t, h, d] in `dtype`."""
+  x = cast(make_inputs(seed, b=b, t=t, hq=h, h=h, dk=d, dv=d, m=m, feature_map="swish", dtype=dtype), dtype)
+  do = jnp.asarray(np.random.default_rng((seed, 1)).standard_normal((b, t, h, d)), dtype)
+  return [x[n] for n in "qkvsg"], do
+
+
 def random_segment_ids(rng: np.random.Generator, b: int, t: int) -> np.ndarray:
   """[b, t] int32 packed documents of random lengths 1..t/2 (ids 1, 2, ...), then right padding (id 0) on odd
   rows."""
