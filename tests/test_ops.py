@@ -12,12 +12,6 @@ from gsa_jax.ops import BACKENDS, gated_slot_attention, resolve_backend, segment
 from gsa_jax.ops.testing import cast, forward_and_grads, make_inputs, rel_err
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def numpy_gsa(q, k, v, s, g, scale, initial_state=None):
   """Spec section 1 written as plainly as possible, float64, one (batch, query head) at a time."""
   b, t, hq, dk = q.shape
