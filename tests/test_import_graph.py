@@ -104,6 +104,12 @@ def test_library_imports_nothing_that_is_not_installed():
   assert not bad, f"library modules importing code that is not installed with the package: {bad}"
 
 
+def test_only_the_check_command_imports_the_testing_helpers():
+  """gsa_jax.ops.testing is for tests, benchmarks and `python -m gsa_jax.ops.check`, not for the library's code."""
+  graph = import_graph(ROOT, LIBRARY)
+  assert {module for module, imports in graph.items() if "gsa_jax.ops.testing" in imports} == {"gsa_jax.ops.check"}
+
+
 def test_benchmarks_do_not_import_tests():
   modules = module_files(ROOT, ("benchmarks",))
   bad = sorted((module, imported) for module, path in modules.items() for imported in imports_of(module, path, modules)
