@@ -80,9 +80,12 @@ class TestPallasGPU(CompiledKernelTests, PublicAPIBackendTests):
     got, refs = run_case(gsa_pallas_gpu, c, list(CASES).index(case) + 100, interpret=self.INTERPRET,
                          fast_cpu_compile=self.fast_cpu_compile,
                          block_sizes=dataclasses.replace(VARIANTS[variant], chunk=c.chunk))
-    mixed_gates = c.gate == "mixed"
-    assert_matches_references(got, refs, c, tol=lambda name: TOL_MIXED_GATES if (
-        mixed_gates and name not in ("o", "hk", "hv")) else KERNEL_TOL[c.dtype])
+
+    def tol(name):
+      gradient = name not in ("o", "hk", "hv")
+      return TOL_MIXED_GATES if c.gate == "mixed" and gradient else KERNEL_TOL[c.dtype]
+
+    assert_matches_references(got, refs, c, tol)
 
 
 class TestPallasGPUInterpret(TestPallasGPU):

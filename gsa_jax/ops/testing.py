@@ -1,7 +1,8 @@
 """What tests, benchmarks and `gsa_jax.ops.check` share to exercise the op: random inputs, relative errors, outputs
 and gradients for a random cotangent, and a timer.
 
-Nothing in the library imports this module; it is here (not under tests/ or benchmarks/) so that all three can.
+It is part of the package (not of tests/ or benchmarks/, which the package must not import) so that all three can
+import it; nothing else in the library does.
 """
 
 from __future__ import annotations
