@@ -21,15 +21,14 @@ import argparse
 import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from gsa_jax.layers import KVCache
 from gsa_jax.models import GSALM, PRESETS, count_params
+from gsa_jax.ops.testing import time_calls
 
 
 def build(config):
@@ -68,14 +67,9 @@ def time_per_token_ms(model, batch, context, steps, repeats):
   run = functools.partial(run_steps, graphdef, steps)
   tokens = jnp.ones((batch,), jnp.int32)
   caches = cache_at_context(model, batch, context, steps)
-  jax.block_until_ready(run(state, tokens, caches))  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(run(state, tokens, caches))
-    times.append((time.perf_counter() - start) / steps)
+  ms = time_calls(lambda: run(state, tokens, caches), repeats, warmup=1).sync_ms  # the warm-up call compiles
   cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches))
-  return 1e3 * float(np.median(times)), cache_bytes / 2**20
+  return ms / steps, cache_bytes / 2**20
 
 
 def plot(rows, path, title):

@@ -4,8 +4,8 @@
     python benchmarks/bench_mgpu.py --shapes 2,256,4,64,32 --repeats 50 --backward
     python benchmarks/bench_mgpu.py --shapes 1,128,1,64,16 --repeats 1 --interpret   # CPU dry run of the script
 
-Inputs as `bench_pallas_gpu.py` makes them (docs/anchors.md's recipe, bf16). Per shape: the forward of both
-backends (median of host-synchronized calls after warm-up; `bench_pallas_gpu.timed`), their relative L2
+Inputs: the anchors' recipe in bf16 (`gsa_jax.ops.testing.anchor_inputs`). Per shape: the forward of both
+backends (median of host-synchronized calls after warm-up; `gsa_jax.ops.testing.time_calls`), their relative L2
 difference on o and on the final states (the compiled kernels' sanity check; tests/test_pallas_mgpu.py has the
 float64 comparisons), then each Mosaic kernel alone on its real inputs: time, the matrix-unit work it issues (every
 wgmma, hi + lo parts included) as TFLOP/s, and the bytes its TMA copies move as GB/s. A failing step (e.g. a
@@ -21,18 +21,12 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.bench_pallas_gpu import make, timed  # noqa: E402
+from gsa_jax.ops.testing import anchor_inputs, rel_err, time_calls  # noqa: E402
 from pallas_kernels import gsa_mgpu  # noqa: E402
 from pallas_kernels.gsa_gpu import gsa_pallas_gpu  # noqa: E402
-
-
-def _rel(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
 def kernel_work(b, t, hq, h, dk, dv):
@@ -108,7 +102,7 @@ def main(argv=None):
   for spec in args.shapes.split(";"):
     b, t, h, d, m = (int(x) for x in spec.split(","))
     name = f"B{b} T{t} H{h} K=V{d} M{m}"
-    xs, do = make(b, t, h, d, m)
+    xs, do = anchor_inputs(b, t, h, d, m)
     impls = {
         "pallas_gpu": lambda *x: gsa_pallas_gpu(*x, scale=1.0, interpret=args.interpret),
         "pallas_mgpu": lambda *x: gsa_mgpu.gsa_pallas_mgpu(*x, scale=1.0, interpret=args.interpret),
@@ -121,7 +115,7 @@ def main(argv=None):
                                (*xs, do))
       for what, (fn, fargs) in programs.items():
         try:
-          ms, _ = timed(fn, fargs, args.repeats)
+          ms = time_calls(lambda: fn(*fargs), args.repeats).sync_ms
           if what == "forward":
             outs[backend] = fn(*fargs)
           table.append((name, f"{backend} {what}", f"{ms:.3f}", "", ""))
@@ -130,14 +124,14 @@ def main(argv=None):
           table.append((name, f"{backend} {what}", "FAILED", "", ""))
     if len(outs) == 2:
       (o, st), (o_ref, st_ref) = outs["pallas_mgpu"], outs["pallas_gpu"]
-      print(f"{name}: mgpu vs triton relative L2: o {_rel(o, o_ref):.2e}, hk {_rel(st.hk, st_ref.hk):.2e}, "
-            f"hv {_rel(st.hv, st_ref.hv):.2e}")
+      print(f"{name}: mgpu vs triton relative L2: o {rel_err(o, o_ref):.2e}, hk {rel_err(st.hk, st_ref.hk):.2e}, "
+            f"hv {rel_err(st.hv, st_ref.hv):.2e}")
     try:
       dp = -(-d // 64) * 64
       work = kernel_work(b, t, h, h, dp, dp)
       for kernel, (fn, kargs) in kernel_calls(xs, args.interpret).items():
         try:
-          ms, _ = timed(fn, kargs, args.repeats)
+          ms = time_calls(lambda: fn(*kargs), args.repeats).sync_ms
           flops, nbytes = work[kernel]
           table.append((name, "mgpu " + kernel, f"{ms:.3f}", f"{flops / ms / 1e9:.1f}", f"{nbytes / ms / 1e6:.0f}"))
         except Exception:  # noqa: BLE001

@@ -3,10 +3,10 @@
     python benchmarks/bench_ops.py                                # anchor shapes, every implemented backend
     python benchmarks/bench_ops.py --shapes 2,256,4,64,32 --backends chunked,recurrent --dtype float32
 
-Inputs follow the anchors' recipe (docs: shared/docs/anchors.md): q, k = swish(randn), v = randn,
+Inputs follow the anchors' recipe (`gsa_jax.ops.testing.anchor_inputs`): q, k = swish(randn), v = randn,
 g = logsigmoid(randn) / 8, s = 1 - exp(g), scale = 1. "fwd" is the jitted forward; "fwd+bwd" is the forward
 plus the gradients of q, k, v, s, g for a random cotangent. Times are medians over --repeats calls, each
-synchronized from the host (as a training step sees them), after a warm-up call. "temp GiB" is the scratch memory
+synchronized from the host (as a training step sees them), after two warm-up calls. "temp GiB" is the scratch memory
 XLA allocates for the fwd+bwd executable (its memory analysis), "peak GiB" the device's peak since the process
 started (where the device reports it). A backend that fails (out of memory, not implemented) is reported as such.
 """
@@ -14,37 +14,17 @@ started (where the device reports it). A backend that fails (out of memory, not 
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gsa_jax.ops import BACKENDS, gated_slot_attention
+from gsa_jax.ops.testing import anchor_inputs, time_calls
 
 ANCHOR_SHAPES = ("8,2048,4,512,64", "1,16384,4,512,64")  # B, T, H, K=V, M
 
 
-def make_inputs(key, b, t, h, d, m, dtype):
-  kq, kk, kv, kg = jax.random.split(key, 4)
-  q = jax.nn.swish(jax.random.normal(kq, (b, t, h, d), jnp.float32)).astype(dtype)
-  k = jax.nn.swish(jax.random.normal(kk, (b, t, h, d), jnp.float32)).astype(dtype)
-  v = jax.random.normal(kv, (b, t, h, d), jnp.float32).astype(dtype)
-  g = jax.nn.log_sigmoid(jax.random.normal(kg, (b, t, h, m), jnp.float32)) / 8
-  return q, k, v, (1 - jnp.exp(g)).astype(dtype), g.astype(dtype)
-
-
-def median_ms(fn, args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
-
-
-def bench(backend, inputs, chunk_size, repeats):
+def bench(backend, inputs, ct, chunk_size, repeats):
   def fwd(*x):
     return gated_slot_attention(*x, scale=1.0, chunk_size=chunk_size, backend=backend)[0]
 
@@ -53,11 +33,11 @@ def bench(backend, inputs, chunk_size, repeats):
     o, vjp = jax.vjp(fwd, *x)
     return vjp(ct)
 
-  ct = jax.random.normal(jax.random.key(1), inputs[0].shape[:3] + inputs[2].shape[3:], inputs[0].dtype)
   fwd_j, fwd_bwd_j = jax.jit(fwd), jax.jit(fwd_bwd)
   temp = fwd_bwd_j.lower(*inputs, ct).compile().memory_analysis()
   temp_gib = getattr(temp, "temp_size_in_bytes", float("nan")) / 2**30
-  return median_ms(fwd_j, inputs, repeats), median_ms(fwd_bwd_j, (*inputs, ct), repeats), temp_gib
+  return (time_calls(lambda: fwd_j(*inputs), repeats).sync_ms,
+          time_calls(lambda: fwd_bwd_j(*inputs, ct), repeats).sync_ms, temp_gib)
 
 
 def peak_gib():
@@ -80,7 +60,7 @@ def main():
   rows = []
   for shape in args.shapes:
     b, t, h, d, m = map(int, shape.split(","))
-    inputs = make_inputs(jax.random.key(0), b, t, h, d, m, jnp.dtype(args.dtype))
+    inputs, ct = anchor_inputs(b, t, h, d, m, dtype=jnp.dtype(args.dtype))
     for backend in args.backends.split(","):
       assert backend in BACKENDS, backend
       if backend == "pallas_tpu" and jax.default_backend() != "tpu":
@@ -88,7 +68,7 @@ def main():
         print("  ".join(rows[-1]), flush=True)
         continue
       try:
-        fwd_ms, fwd_bwd_ms, temp = bench(backend, inputs, args.chunk_size, args.repeats)
+        fwd_ms, fwd_bwd_ms, temp = bench(backend, inputs, ct, args.chunk_size, args.repeats)
         rows.append((backend, shape, f"{fwd_ms:.2f}", f"{fwd_bwd_ms:.2f}", f"{temp:.2f}", f"{peak_gib():.2f}"))
       except NotImplementedError:
         rows.append((backend, shape, "not implemented", "", "", ""))

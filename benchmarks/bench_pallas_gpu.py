@@ -30,34 +30,9 @@ from benchmarks.compare_backends import torch_cuda_times_ms  # noqa: E402
 from benchmarks.profiling import print_profile_summary  # noqa: E402
 from gsa_jax.ops import gated_slot_attention  # noqa: E402
 from gsa_jax.ops.common import GSAState  # noqa: E402
+from gsa_jax.ops.testing import (anchor_inputs, cast, forward_and_grads, kernel_forward_and_grads,  # noqa: E402
+                                 make_inputs, rel_err, time_calls)
 from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_pallas_gpu  # noqa: E402
-
-
-def make(b, t, h, d, m, dtype=jnp.bfloat16, seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-  q = jax.nn.swish(jax.random.normal(ks[0], (b, t, h, d)))
-  k = jax.nn.swish(jax.random.normal(ks[1], (b, t, h, d)))
-  v = jax.random.normal(ks[2], (b, t, h, d))
-  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, m))) / 8.0
-  s = 1.0 - jnp.exp(g)
-  do = jax.random.normal(ks[4], (b, t, h, d))
-  return [x.astype(dtype) for x in (q, k, v, s, g)], do.astype(dtype)
-
-
-def timed(fn, args, repeats):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  loop = (time.perf_counter() - t0) / repeats
-  return float(np.median(times)) * 1e3, loop * 1e3
 
 
 def programs(impl):
@@ -109,13 +84,12 @@ def mem_mb(jitted, args):
 
 
 def _forward_and_grads_with(x, bs):
-  from tests.gsa_testing import kernel_forward_and_grads  # noqa: PLC0415
   return kernel_forward_and_grads(gsa_pallas_gpu, x, fast_cpu_compile=False, scale=1.0, block_sizes=bs)
 
 
 def profile(b, t, h, d, m, block_sizes, calls=5):
   """Device time of each kernel in `calls` forward+backward passes, from a jax.profiler trace."""
-  xs, do = make(b, t, h, d, m)
+  xs, do = anchor_inputs(b, t, h, d, m)
   _, fwd_bwd = programs(lambda q, k, v, s, g: gsa_pallas_gpu(q, k, v, s, g, scale=1.0, block_sizes=block_sizes)[0])
   jax.block_until_ready(fwd_bwd(*xs, do))
   path = tempfile.mkdtemp(prefix="gsa_profile_")
@@ -129,7 +103,6 @@ def profile(b, t, h, d, m, block_sizes, calls=5):
 
 def precision_table(block_sizes=None):
   """Relative L2 error of o, the final states and every gradient vs the float64 recurrence (random cotangent)."""
-  from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err  # noqa: PLC0415
   with jax.enable_x64(True):
     for dtype in (jnp.bfloat16, jnp.float32):
       x = make_inputs(7, b=2, t=512, hq=4, h=4, dk=64, dv=64, m=32, with_state=True, dtype=dtype)
@@ -192,7 +165,7 @@ def main(argv=None):
   rows = []
   for shape in args.shapes.split(";"):
     b, t, h, d, m = map(int, shape.split(","))
-    xs, do = make(b, t, h, d, m)
+    xs, do = anchor_inputs(b, t, h, d, m)
     impls = {name: (lambda bs: (lambda q, k, v, s, g: gsa_pallas_gpu(q, k, v, s, g, scale=1.0, block_sizes=bs)[0]))(bs)
              for name, bs in configs.items()}
     if not args.no_chunked:
@@ -208,8 +181,8 @@ def main(argv=None):
     for name, impl in impls.items():
       fwd, fwd_bwd = programs(impl)
       try:
-        f_ms, f_loop = timed(fwd, xs, args.repeats)
-        fb_ms, fb_loop = timed(fwd_bwd, xs + [do], args.repeats)
+        f_ms, f_loop = time_calls(lambda: fwd(*xs), args.repeats, loop=True)
+        fb_ms, fb_loop = time_calls(lambda: fwd_bwd(*xs, do), args.repeats, loop=True)
         add_row(name, f_ms, f_loop, fb_ms, fb_loop, mem_mb(fwd_bwd, xs + [do]))
       except Exception as e:  # noqa: BLE001  (the chunked reference may run out of memory)
         print(f"{name} {shape}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -228,15 +201,11 @@ def main(argv=None):
   if args.decode:
     for bsz in (1, 64):
       h, d, m = 4, 512, 64
-      ks = jax.random.split(jax.random.PRNGKey(1), 6)
-      q, k, v = (jax.random.normal(kk, (bsz, h, d), jnp.bfloat16) for kk in ks[:3])
-      g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (bsz, h, m))) / 8
-      s = 1 - jnp.exp(g)
+      token = [x[:, 0] for x in anchor_inputs(bsz, 1, h, d, m, seed=1)[0]]  # q, k, v [b, h, d]; s, g [b, h, m]
       st = GSAState(jnp.zeros((bsz, h, d, m)), jnp.zeros((bsz, h, m, d)))
       for name, fn in (("fused XLA", gsa_decode_step), ("Pallas kernel", gsa_decode_step_pallas)):
-        step = lambda q, k, v, s, g, hk, hv, fn=fn: fn(q, k, v, s, g, GSAState(hk, hv), scale=1.0)
-        ms, loop = timed(jax.jit(step), [q, k, v, s.astype(jnp.bfloat16), g.astype(jnp.bfloat16), *st],
-                         args.repeats)
+        step = jax.jit(lambda q, k, v, s, g, hk, hv, fn=fn: fn(q, k, v, s, g, GSAState(hk, hv), scale=1.0))
+        ms, loop = time_calls(lambda step=step: step(*token, *st), args.repeats, loop=True)
         print(f"decode step B{bsz} H4 K=V512 M64 ({name}): {ms:.3f} ms sync, {loop:.3f} ms loop")
 
   print("\n| shape | backend | fwd ms | fwd+bwd ms | fwd+bwd loop ms | mem MiB | chunked / this | "

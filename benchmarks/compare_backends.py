@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gsa_jax.ops import check  # noqa: E402
+from gsa_jax.ops.testing import time_calls  # noqa: E402
 
 
 def torch_cuda_times_ms(fn, repeats: int) -> tuple[float, float]:
@@ -31,20 +31,7 @@ def torch_cuda_times_ms(fn, repeats: int) -> tuple[float, float]:
   warm-up calls."""
   import torch  # noqa: PLC0415  (optional: only the reference library's modes need it)
 
-  fn()
-  fn()
-  torch.cuda.synchronize()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    times.append((time.perf_counter() - start) * 1e3)
-  start = time.perf_counter()
-  for _ in range(repeats):
-    fn()
-  torch.cuda.synchronize()
-  return float(np.median(times)), (time.perf_counter() - start) / repeats * 1e3
+  return tuple(time_calls(fn, repeats, loop=True, sync=lambda _: torch.cuda.synchronize()))
 
 
 def reference_library_runner(scale: float):

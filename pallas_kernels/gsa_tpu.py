@@ -245,6 +245,35 @@ def _softmax(z, m):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The state carried across the chunk axis of the grid (the last, sequential one) in VMEM scratch.
+# ---------------------------------------------------------------------------------------------------------------
+
+def _carried(first_ref_a, first_ref_b, scr_a, scr_b):
+  """The pair carried into this chunk in scratch (at the first chunk of a row, first_ref_a/b's values): the state
+  (hk [kp, mp], hv [mp, vp]) entering the chunk, or in the reverse pass the gradient of the state leaving it."""
+  @pl.when(pl.program_id(2) == 0)
+  def _init():
+    scr_a[...] = first_ref_a[...]
+    scr_b[...] = first_ref_b[...]
+
+  return scr_a[...], scr_b[...]
+
+
+def _store_at_last_chunk(scr_a, scr_b, out_ref_a, out_ref_b):
+  """After the row's last chunk, the carried pair is the pass's result (final state, or initial state gradient)."""
+  @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+  def _final():
+    out_ref_a[...] = scr_a[...]
+    out_ref_b[...] = scr_b[...]
+
+
+def _state_after_chunk(hk, hv, k, v, s, dec):
+  """The state leaving a chunk from the state entering it (float32): hk [kp, mp] decayed over the chunk plus the
+  chunk's keys written into the slots, k^T (s * y); hv [mp, vp] likewise with the values, (s * y)^T v."""
+  return hk * dec.total_row + _dot(k, s * dec.y, ta=True), hv * dec.total_col + _dot(s * dec.y, v, ta=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Kernels: grid (batch, kv head, chunk); refs are one chunk of one kv head (its query group for q-side tensors).
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -252,16 +281,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, g_ref, hk0_ref, hv0_ref, o_ref, z_re
                 hv_scr, *, scale, m, gq):
   """q [gq, c, kp]; k [c, kp]; v [c, vp]; s [c, mp]; g [c, mp] f32; hk0/hkt [kp, mp]; hv0/hvt [mp, vp];
   o [gq, c, vp]; z [gq, c, mp] f32. Scratch: hk [kp, mp], hv [mp, vp] f32, the state entering this chunk."""
-  ci = pl.program_id(2)
-
-  @pl.when(ci == 0)
-  def _init():
-    hk_scr[...] = hk0_ref[...]
-    hv_scr[...] = hv0_ref[...]
-
+  hk, hv = _carried(hk0_ref, hv0_ref, hk_scr, hv_scr)
   dec = _decays(g_ref[...], reverse=False)
   k, v, s = k_ref[...], v_ref[...], s_ref[...]
-  hk, hv = hk_scr[...], hv_scr[...]
   for qa in range(gq):
     q = q_ref[qa]
     z = scale * (_intra("gv", q, k, s, dec, False) + _dot(q, hk) * dec.x)
@@ -269,29 +291,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, s_ref, g_ref, hk0_ref, hv0_ref, o_ref, z_re
     p = _softmax(z, m)
     o = _intra("gk", p, s, v, dec, False) + _dot(p * dec.x, hv)
     o_ref[qa] = o.astype(o_ref.dtype)
-  hk_scr[...] = hk * dec.total_row + _dot(k, s * dec.y, ta=True)
-  hv_scr[...] = hv * dec.total_col + _dot(s * dec.y, v, ta=True)
-
-  @pl.when(ci == pl.num_programs(2) - 1)
-  def _final():
-    hkt_ref[...] = hk_scr[...]
-    hvt_ref[...] = hv_scr[...]
+  hk_scr[...], hv_scr[...] = _state_after_chunk(hk, hv, k, v, s, dec)
+  _store_at_last_chunk(hk_scr, hv_scr, hkt_ref, hvt_ref)
 
 
 def _bwd_fwd_kernel(q_ref, k_ref, v_ref, s_ref, g_ref, hk0_ref, hv0_ref, do_ref, z_ref, dq_ref, dl_ref, gsum_ref,
                     hk_scr, hv_scr, *, scale, m, gq):
   """Backward part 1, chunks forwards. do [gq, c, vp]; z [gq, c, mp] f32 (saved by the forward);
   dq [gq, c, kp]; dl [gq, c, mp] f32 (gradient of the unscaled logits); gsum [c, mp] f32 = sum_group(z dz + p dp)."""
-  ci = pl.program_id(2)
-
-  @pl.when(ci == 0)
-  def _init():
-    hk_scr[...] = hk0_ref[...]
-    hv_scr[...] = hv0_ref[...]
-
+  hk, hv = _carried(hk0_ref, hv0_ref, hk_scr, hv_scr)  # the forward's state recurrence, recomputed
   dec = _decays(g_ref[...], reverse=False)
   k, v, s = k_ref[...], v_ref[...], s_ref[...]
-  hk, hv = hk_scr[...], hv_scr[...]
   gsum = jnp.zeros(s.shape, _F32)
   for qa in range(gq):
     z = z_ref[qa]
@@ -305,24 +315,16 @@ def _bwd_fwd_kernel(q_ref, k_ref, v_ref, s_ref, g_ref, hk0_ref, hv0_ref, do_ref,
     dq_ref[qa] = dq.astype(dq_ref.dtype)
     gsum = gsum + z * dz + p * dp
   gsum_ref[...] = gsum
-  hk_scr[...] = hk * dec.total_row + _dot(k, s * dec.y, ta=True)
-  hv_scr[...] = hv * dec.total_col + _dot(s * dec.y, v, ta=True)
+  hk_scr[...], hv_scr[...] = _state_after_chunk(hk, hv, k, v, s, dec)
 
 
 def _bwd_rev_kernel(q_ref, k_ref, v_ref, s_ref, g_ref, do_ref, z_ref, dl_ref, dhkt_ref, dhvt_ref, dk_ref, dv_ref,
                     ds_ref, dhk0_ref, dhv0_ref, dhk_scr, dhv_scr, *, m, gq):
   """Backward part 2, chunks backwards (the chunk index map is reversed). dhk [kp, mp], dhv [mp, vp] f32 scratch:
   the gradient of the state leaving this chunk. dk [c, kp], dv [c, vp], ds [c, mp] f32."""
-  ci = pl.program_id(2)
-
-  @pl.when(ci == 0)
-  def _init():
-    dhk_scr[...] = dhkt_ref[...]
-    dhv_scr[...] = dhvt_ref[...]
-
+  dhk, dhv = _carried(dhkt_ref, dhvt_ref, dhk_scr, dhv_scr)
   dec = _decays(g_ref[...], reverse=True)
   k, v, s = k_ref[...], v_ref[...], s_ref[...]
-  dhk, dhv = dhk_scr[...], dhv_scr[...]
   sx = s * dec.x
   dk = _dot(sx, dhk, tb=True)
   dv = _dot(sx, dhv)
@@ -342,11 +344,7 @@ def _bwd_rev_kernel(q_ref, k_ref, v_ref, s_ref, g_ref, do_ref, z_ref, dl_ref, dh
   ds_ref[...] = ds
   dhk_scr[...] = dhk_new
   dhv_scr[...] = dhv_new
-
-  @pl.when(ci == pl.num_programs(2) - 1)
-  def _final():
-    dhk0_ref[...] = dhk_scr[...]
-    dhv0_ref[...] = dhv_scr[...]
+  _store_at_last_chunk(dhk_scr, dhv_scr, dhk0_ref, dhv0_ref)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Test-session setup: one persistent XLA compilation cache for the whole run (subprocesses included), so the many
-small training runs that compile the same programs compile them once; and float32 matmuls at full precision.
+small training runs that compile the same programs compile them once; float32 matmuls at full precision; and the
+fixtures several test files use.
 
 The suite compares float32 formulations of the same math (prefill in pieces against prefill at once, decode against
 the full forward, ...) to 1e-5..1e-4. On NVIDIA GPUs XLA's default float32 matmul uses TF32 (10-bit mantissa), which
@@ -12,6 +13,7 @@ import os
 import tempfile
 
 import jax
+import pytest
 
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "gsa_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -19,3 +21,10 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
+
+
+@pytest.fixture
+def x64():
+  """The test runs with float64 enabled (the references' precision)."""
+  with jax.enable_x64(True):
+    yield

@@ -1,13 +1,20 @@
-"""Shared test helpers: random GSA inputs, float64 references and error measures."""
+"""Shared test helpers: the kernels' error bars, packed-document segment ids, and the scaffolding the kernel tests
+(tests/test_pallas_gpu.py, test_pallas_mgpu.py, test_pallas_tpu.py) share: a case table, a compiled test class with
+an interpreted twin, one case run against the float64 references, and the residuals a remat policy keeps.
+(Random inputs, references and error measures are `gsa_jax.ops.testing`'s, which benchmarks use too.)"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from gsa_jax.ops import gated_slot_attention
-from gsa_jax.ops.common import GSAState
+from gsa_jax.ops.testing import cast, forward_and_grads, kernel_forward_and_grads, make_inputs, rel_err
 
 # Relative L2 error vs float64 that every fast path must meet (the issues' bars; float16, whose outputs are rounded
 # to 11 bits, gets the bfloat16 bar scaled by their precisions, rounded up).
@@ -17,101 +24,118 @@ SEGMENTS = np.array([
     [1] * 13 + [2] + [3] * 30 + [0] * 3 + [3] * 5 + [4] * 20 + [5] + [0] * 23,
     [7] + [0] * 4 + [7] * 40 + [8] * 20 + [9] * 15 + [10] * 16,
 ], np.int32)
-# Interpreted kernels are large programs; the CPU compiler's cheap mode halves their compile time.
-FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def make_inputs(seed, *, b=2, t=40, hq=2, h=2, dk=16, dv=16, m=8, normalizer=8.0, gate="logsigmoid",
-                with_state=False, dtype=jnp.float32):
-  """Random inputs as the layer makes them (g = logsigmoid(x) / normalizer, s = 1 - exp(g)).
+class KernelCase(NamedTuple):
+  """One kernel test problem (batch 2): its sizes, the kernel's chunk, the gate recipe of `make_inputs`, an initial
+  state or not, the input dtype's name, and packed documents (SEGMENTS[:, :t]) or not."""
+  t: int
+  dk: int
+  dv: int
+  m: int
+  hq: int
+  h: int
+  chunk: int
+  gate: str
+  with_state: bool
+  dtype: str
+  segments: bool = False
 
-  gate: "logsigmoid" (the layer's recipe), "zero" (g = 0 exactly), "very_negative" (g = -1e3), or "mixed"
-  (each entry one of 0, -1e3, or the layer's recipe). For the extreme gates s is drawn independently, since the
-  tied s = 1 - exp(g) would be 0 or 1 everywhere.
-  Returns a dict of numpy float64 arrays (already rounded through `dtype`), so that references see exactly the
-  values the tested backend sees.
-  """
-  rng = np.random.default_rng(seed)
-  x = {
-      "q": rng.standard_normal((b, t, hq, dk)),
-      "k": rng.standard_normal((b, t, h, dk)),
-      "v": rng.standard_normal((b, t, h, dv)),
-  }
-  g = np.log(1.0 / (1.0 + np.exp(-rng.standard_normal((b, t, h, m))))) / normalizer
-  s = 1.0 - np.exp(g)
-  if gate != "logsigmoid":
-    s = rng.uniform(0.0, 1.0, (b, t, h, m))
-    if gate == "zero":
-      g = np.zeros_like(g)
-    elif gate == "very_negative":
-      g = np.full_like(g, -1e3)
-    elif gate == "mixed":
-      g = np.choose(rng.integers(0, 3, g.shape), [np.zeros_like(g), np.full_like(g, -1e3), g])
+  def inputs(self, seed):
+    """(inputs as `make_inputs` returns them, segment ids [2, t] or None)."""
+    x = make_inputs(seed, b=2, t=self.t, hq=self.hq, h=self.h, dk=self.dk, dv=self.dv, m=self.m, gate=self.gate,
+                    normalizer=8.0, with_state=self.with_state, dtype=jnp.dtype(self.dtype))
+    return x, (jnp.asarray(SEGMENTS[:, :self.t]) if self.segments else None)
+
+
+def marked_slow(names, slow) -> list:
+  """pytest parameters: each of `names`, marked slow if it is in `slow`."""
+  return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in names]
+
+
+class CompiledKernelTests:
+  """Base of a kernel's test class. As is (INTERPRET = False) its tests run the compiled kernels and are skipped
+  unless JAX's default backend is PLATFORM; a subclass with INTERPRET = True runs them in Pallas' interpret mode
+  (on CPU in the default suite)."""
+
+  INTERPRET = False
+  PLATFORM = ""  # "gpu" or "tpu"
+  SKIP_REASON = ""  # why a compiled test is skipped off PLATFORM
+
+  @pytest.fixture(autouse=True)
+  def _need_device(self):
+    if not self.INTERPRET and jax.default_backend() != self.PLATFORM:
+      pytest.skip(self.SKIP_REASON)
+
+  @property
+  def fast_cpu_compile(self) -> bool:
+    """Interpreted off the device: compile the (large) interpreted programs in the CPU compiler's cheap mode."""
+    return self.INTERPRET and jax.default_backend() != self.PLATFORM
+
+
+class PublicAPIBackendTests:
+  """For a CompiledKernelTests class whose kernels are BACKEND: the public op with that backend equals `chunked`."""
+
+  BACKEND = ""
+
+  def test_public_api_backend(self):
+    if self.INTERPRET and jax.default_backend() == self.PLATFORM:
+      pytest.skip(f"the public API compiles the kernels on {self.PLATFORM}")
+    x = cast(make_inputs(2, t=33, hq=2, h=1, dk=20, dv=12, m=10), jnp.float32)
+    o, final = gated_slot_attention(**x, backend=self.BACKEND, output_final_state=True)
+    o_ref, final_ref = gated_slot_attention(**x, backend="chunked", output_final_state=True)
+    assert rel_err(o, o_ref) < 1e-5
+    assert rel_err(final.hk, final_ref.hk) < 1e-5 and rel_err(final.hv, final_ref.hv) < 1e-5
+
+
+def run_case(kernel, case: KernelCase, seed, *, interpret, fast_cpu_compile=False, grads=True,
+             references=("recurrent",), scale=0.7, **kw):
+  """The kernel entry point (gsa_pallas_gpu, ...) on the case's inputs, jitted, and the float64 references.
+
+  Returns (got, {reference backend: its values}), flat dicts of o, hk, hv and (grads=True) every input gradient for
+  a random cotangent (`gsa_jax.ops.testing.forward_and_grads`). Call it under `jax.enable_x64(True)`."""
+  x, segment_ids = case.inputs(seed)
+  dtype = jnp.dtype(case.dtype)
+  if case.segments:
+    kw["segment_ids"] = segment_ids
+  with jax.enable_x64(False):
+    if grads:
+      got = kernel_forward_and_grads(kernel, cast(x, dtype), fast_cpu_compile=fast_cpu_compile, scale=scale,
+                                     interpret=interpret, **kw)
     else:
-      raise ValueError(gate)
-  x["s"], x["g"] = s, g
-  if with_state:
-    x["initial_state"] = (rng.standard_normal((b, h, dk, m)), rng.standard_normal((b, h, m, dv)))
-  return jax.tree.map(lambda a: np.asarray(jnp.asarray(a, dtype), np.float64), x)
+      o, final = jax.jit(lambda x: kernel(**x, scale=scale, interpret=interpret, **kw))(cast(x, dtype))
+      got = {"o": o, "hk": final.hk, "hv": final.hv}
+  refs = {}
+  for backend in references:
+    if grads:
+      refs[backend] = forward_and_grads(cast(x, jnp.float64), backend=backend, scale=scale, segment_ids=segment_ids)
+    else:
+      o, final = gated_slot_attention(**cast(x, jnp.float64), scale=scale, segment_ids=segment_ids, backend=backend,
+                                      output_final_state=True)
+      refs[backend] = {"o": o, "hk": final.hk, "hv": final.hv}
+  return got, refs
 
 
-def cast(inputs, dtype, state_dtype=None):
-  """Inputs as jax arrays: q, k, v, s, g in `dtype`, the initial state in `state_dtype` (default float32 or
-  float64 to match)."""
-  state_dtype = state_dtype or (jnp.float64 if dtype == jnp.float64 else jnp.float32)
-  out = {name: jnp.asarray(inputs[name], dtype) for name in "qkvsg"}
-  if "initial_state" in inputs:
-    out["initial_state"] = tuple(jnp.asarray(x, state_dtype) for x in inputs["initial_state"])
-  return out
+def assert_matches_references(got, refs, case: KernelCase, tol: Callable[[str], float]):
+  """Every value of `got` has its reference's shape, is finite and within tol(name) relative L2 error of each
+  reference; o is in the case's dtype and the states in float32; padding tokens get exactly zero output."""
+  assert got["o"].dtype == jnp.dtype(case.dtype) and got["hk"].dtype == jnp.float32
+  for backend, ref in refs.items():
+    assert set(got) == set(ref)
+    for name, value in got.items():
+      assert value.shape == ref[name].shape, name
+      assert np.isfinite(np.asarray(value, np.float64)).all(), f"non-finite values in {name}"
+    errors = {name: rel_err(got[name], ref[name]) for name in ref}
+    for name, err in errors.items():
+      assert err <= tol(name), f"{name} vs {backend}: relative L2 error {err:.2e} > {tol(name):.1e} (all: {errors})"
+  if case.segments:
+    np.testing.assert_array_equal(np.asarray(got["o"], np.float32)[np.asarray(SEGMENTS[:, :case.t]) == 0], 0.0)
 
 
-def rel_err(x, ref) -> float:
-  """Relative L2 error ||x - ref|| / ||ref||, computed in float64. An all-zero ref needs x all (near) zero."""
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  denom = np.linalg.norm(ref)
-  num = np.linalg.norm(x - ref)
-  return float(num / denom) if denom > 0 else float(num)
-
-
-def _outputs_and_grads(fn, inputs, cotangent_seed, compiler_options=None, jit=False):
-  """Runs fn(q, k, v, s, g, initial_state or None) -> (o, hk, hv) and its VJP for a random cotangent.
-
-  Returns a flat dict: o, hk, hv, dq, dk, dv, ds, dg (+ dhk0, dhv0 with an initial state)."""
-  names = list("qkvsg")
-  has_state = "initial_state" in inputs
-  args = [inputs[n] for n in names] + (list(inputs["initial_state"]) if has_state else [])
-  call = lambda *a: fn(*a[:5], GSAState(*a[5:]) if has_state else None)
-  rng = np.random.default_rng(cotangent_seed)
-  # Rounded through bfloat16 so that every dtype under test sees exactly the same cotangent.
-  cts = tuple(jnp.asarray(jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16), x.dtype)
-              for x in jax.eval_shape(call, *args))
-
-  def fwd_bwd(*args):
-    outs, vjp = jax.vjp(call, *args)
-    return outs, vjp(cts)
-
-  if jit:
-    outs, grads = jax.jit(fwd_bwd).lower(*args).compile(compiler_options=compiler_options)(*args)
-  else:
-    outs, grads = fwd_bwd(*args)
-  result = dict(zip(("o", "hk", "hv"), outs))
-  result.update(zip(["d" + n for n in names] + (["dhk0", "dhv0"] if has_state else []), grads))
-  return result
-
-
-def forward_and_grads(inputs, *, backend, cotangent_seed=0, **kw):
-  """o, final state and every input gradient of `gated_slot_attention` for a random cotangent on (o, hk, hv)."""
-  def fn(q, k, v, s, g, state):
-    o, final = gated_slot_attention(q, k, v, s, g, initial_state=state, output_final_state=True, backend=backend,
-                                    **kw)
-    return o, final.hk, final.hv
-  return _outputs_and_grads(fn, inputs, cotangent_seed)
-
-
-def kernel_forward_and_grads(kernel, inputs, *, fast_cpu_compile, cotangent_seed=0, **kw):
-  """As `forward_and_grads`, through a kernel entry point (gsa_pallas_gpu / gsa_pallas_tpu) called with **kw,
-  jitted; `fast_cpu_compile` compiles with FAST_CPU_COMPILE (for interpreted kernels on CPU)."""
-  def fn(q, k, v, s, g, state):
-    o, final = kernel(q, k, v, s, g, initial_state=state, **kw)
-    return o, final.hk, final.hv
-  return _outputs_and_grads(fn, inputs, cotangent_seed, FAST_CPU_COMPILE if fast_cpu_compile else None, jit=True)
+def kept_residuals(loss, args, names, capsys) -> set[str]:
+  """The shapes (e.g. "f32[1,2,32,16]") of the residuals `jax.checkpoint(loss)` keeps under a policy that saves
+  only `names` (nothing when empty), read from `print_saved_residuals` (traced only: nothing runs)."""
+  policy = jax.checkpoint_policies.save_only_these_names(*names) if names else jax.checkpoint_policies.nothing_saveable
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=policy), *args)
+  return {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}

@@ -13,7 +13,7 @@ from gsa_jax.generate import generate
 from gsa_jax.layers import GatedSlotAttention
 from gsa_jax.models import GSALM, GSAConfig
 from gsa_jax.ops import gated_slot_attention
-from tests.gsa_testing import rel_err
+from gsa_jax.ops.testing import rel_err
 
 PAD = 3
 MASK = np.array([[False] * PAD + [True] * 6, [True] * 9])  # row 0 left-padded, as HF tokenizers pad for decoding

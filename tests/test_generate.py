@@ -11,7 +11,7 @@ from flax import nnx
 
 from gsa_jax.generate import decode_step, generate, last_logits, lengths_to_segment_ids, prefill, sample_logits
 from gsa_jax.models import GSALM, GSAConfig
-from tests.gsa_testing import rel_err
+from gsa_jax.ops.testing import rel_err
 
 VOCAB = 61
 

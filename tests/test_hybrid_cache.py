@@ -14,8 +14,8 @@ from flax import nnx
 from gsa_jax.generate import generate, prefill
 from gsa_jax.layers import CausalSelfAttention, KVCache
 from gsa_jax.models import GSALM, GSAConfig
+from gsa_jax.ops.testing import rel_err
 from tests import test_layer_cache
-from tests.gsa_testing import rel_err
 
 VOCAB, D, MAX_LEN = 61, 32, 24
 

@@ -13,7 +13,7 @@ from flax import nnx
 from gsa_jax.generate import generate, prefill
 from gsa_jax.layers import GatedSlotAttention
 from gsa_jax.models import GSALM, GSAConfig
-from tests.gsa_testing import rel_err
+from gsa_jax.ops.testing import rel_err
 
 D = 32
 # Every part of the cache matters in one of these: the short convolution (conv_size 4: tails longer than some

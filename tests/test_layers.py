@@ -11,7 +11,7 @@ from flax import nnx
 
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, ShortConvolution, token_layout
 from gsa_jax.ops import recurrent_gsa
-from tests.gsa_testing import rel_err
+from gsa_jax.ops.testing import rel_err
 
 D = 32
 

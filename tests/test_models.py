@@ -11,7 +11,7 @@ from flax import nnx
 
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention
 from gsa_jax.models import GSALM, PRESETS, GSAConfig, count_params, gsa_1p3b, gsa_2p7b, gsa_340m
-from tests.gsa_testing import rel_err
+from gsa_jax.ops.testing import rel_err
 
 TINY = dict(vocab_size=50, hidden_size=32, num_layers=3, num_heads=2, num_slots=8, chunk_size=8,
             intermediate_size=48)

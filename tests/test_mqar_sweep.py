@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("mqar_sweep", os.path.join(ROOT, "benchmarks", "mqar_sweep.py"))
-mqar_sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mqar_sweep)
+from benchmarks import mqar_grid, mqar_results, mqar_sweep, mqar_tables, mqar_trainer
 
 
 def row(model, width, lr, accuracy, seed=0, status="ok"):
@@ -21,9 +17,9 @@ def row(model, width, lr, accuracy, seed=0, status="ok"):
 
 
 def test_plan_runs_every_learning_rate_and_seed_of_a_cell_together():
-  a = mqar_sweep.argparse.Namespace(seq_lens=[32], kv_pairs=[4, 8], pair_kv_with_len=False, widths=[64],
+  a = argparse.Namespace(seq_lens=[32], kv_pairs=[4, 8], pair_kv_with_len=False, widths=[64],
                                     models=["attention", "gsa:8"], learning_rates=[1e-3, 1e-2], seeds=[0, 1])
-  runs = mqar_sweep.plan(a)
+  runs = mqar_grid.plan(a)
   assert len(runs) == 2 * 2 * 2 * 2  # models x lrs x seeds x kv
   assert {(r.lr, r.seed) for r in runs[:8]} == {(1e-3, 0), (1e-3, 1), (1e-2, 0), (1e-2, 1)}
   assert {r.model for r in runs[:8]} == {"attention"}
@@ -33,14 +29,14 @@ def test_tables_report_the_best_learning_rate_per_cell():
   rows = [row("attention", 64, 1e-3, 0.99), row("attention", 64, 1e-2, 0.12),
           row("gsa:8", 64, 1e-3, 0.40), row("gsa:8", 64, 1e-2, 0.90, seed=0), row("gsa:8", 64, 1e-2, 0.80, seed=1),
           row("gsa:8", 64, 1e-3, None, seed=1, status="not run")]
-  text = mqar_sweep.tables(rows)
+  text = mqar_tables.tables(rows)
   assert "| attention | 99.0 (lr 0.001) |" in text
   assert "| gsa:8 | 85.0 [80.0-90.0] (lr 0.01)* |" in text  # mean over seeds; one run of the cell did not run
   assert "| gsa:8 | 64 | 40.0 | 85.0 [80.0-90.0] |" in text  # the every-lr table
 
 
 def test_single_learning_rate_keeps_the_plain_table():
-  text = mqar_sweep.tables([row("attention", 64, 1e-2, 0.5), row("attention", 128, 1e-2, 0.75)])
+  text = mqar_tables.tables([row("attention", 64, 1e-2, 0.5), row("attention", 128, 1e-2, 0.75)])
   assert "| attention | 50.0 | 75.0 |" in text
   assert "Every learning rate" not in text and "(lr " not in text
 
@@ -82,18 +78,18 @@ def test_cell_trainer_matches_separate_runs_of_the_plain_train_step():
   from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
   from gsa_jax.train.trainer import make_train_step
 
-  a = mqar_sweep.argparse.Namespace(out="unused", batch_size=4, steps=3, warmup_steps=1, vocab_size=32,
+  a = argparse.Namespace(out="unused", batch_size=4, steps=3, warmup_steps=1, vocab_size=32,
                                     eval_batches=1, backend="chunked", chunk_size=8, dtype="float32")
   members = [(1e-3, 0), (3e-2, 0), (1e-2, 1)]
-  runs = [mqar_sweep.Run(16, 16, 2, "gsa:4", lr, seed) for lr, seed in members]
-  trainer = mqar_sweep.CellTrainer(mqar_sweep.run_config(runs[0], a), members)
+  runs = [mqar_grid.Run(16, 16, 2, "gsa:4", lr, seed) for lr, seed in members]
+  trainer = mqar_trainer.CellTrainer(mqar_grid.run_config(runs[0], a), members)
   state = trainer.init(trainer.lrs, trainer.seeds)
-  keys = jnp.stack([mqar_sweep.train_keys(seed, a.steps) for _, seed in members])
+  keys = jnp.stack([mqar_trainer.train_keys(seed, a.steps) for _, seed in members])
   state, losses = trainer.train(state, keys)
   assert losses.shape == (3, a.steps) and np.all(np.isfinite(losses))
 
   for i, run in enumerate(runs):
-    config = mqar_sweep.run_config(run, a)
+    config = mqar_grid.run_config(run, a)
     model_cfg = validate_config(config)
     model = GSALM(model_cfg, rngs=nnx.Rngs(run.seed))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -104,7 +100,7 @@ def test_cell_trainer_matches_separate_runs_of_the_plain_train_step():
     d = config.data
     make_batch = functools.partial(mqar_batch, batch_size=4, seq_len=16, vocab_size=32, num_kv_pairs=2,
                                    power_a=float(d.mqar_power_a), random_non_queries=d.mqar_random_non_queries)
-    for t, key in enumerate(mqar_sweep.train_keys(run.seed, a.steps)):
+    for t, key in enumerate(mqar_trainer.train_keys(run.seed, a.steps)):
       alone, metrics = step(alone, make_batch(key))
       np.testing.assert_allclose(losses[i, t], metrics["loss"], rtol=1e-5)
     mine = jax.tree.map(lambda x: x[i], state["params"])
@@ -139,7 +135,7 @@ def test_read_rows_prefers_a_finished_row_over_a_not_run_one(tmp_path):
     f.write(json.dumps(row("gsa:8", 64, 1e-2, 0.9)) + "\n")
   with open(tmp_path / "results.shard1of2.jsonl", "w") as f:
     f.write(json.dumps(row("gsa:8", 64, 1e-2, None, status="not run")) + "\n")
-  rows = mqar_sweep.read_rows(str(tmp_path))
+  rows = mqar_results.read_rows(str(tmp_path))
   assert [(r["status"], r["accuracy"]) for r in rows] == [("ok", 0.9)]
 
 
@@ -154,10 +150,10 @@ def test_read_rows_keeps_the_matching_settings_and_skips_a_cut_line(tmp_path):
   bf16 = {**old, "dtype": "bfloat16", "accuracy": 0.9}
   with open(tmp_path / "results.jsonl", "w") as f:
     f.write(json.dumps(old) + "\n" + json.dumps(bf16) + "\n" + '{"model": "gsa:8", "wid')
-  settings = mqar_sweep.row_settings(old)
+  settings = mqar_results.row_settings(old)
   assert settings["dtype"] == "float32"
-  assert [r["accuracy"] for r in mqar_sweep.read_rows(str(tmp_path), settings)] == [0.5]
-  assert [r["accuracy"] for r in mqar_sweep.read_rows(str(tmp_path), {**settings, "dtype": "bfloat16"})] == [0.9]
+  assert [r["accuracy"] for r in mqar_results.read_rows(str(tmp_path), settings)] == [0.5]
+  assert [r["accuracy"] for r in mqar_results.read_rows(str(tmp_path), {**settings, "dtype": "bfloat16"})] == [0.9]
   with pytest.raises(SystemExit):  # report-only refuses to put the two settings in one table
     mqar_sweep.main(["--report-only", "--out", str(tmp_path)])
 
@@ -165,7 +161,7 @@ def test_read_rows_keeps_the_matching_settings_and_skips_a_cut_line(tmp_path):
 def test_tables_order_models_and_leave_out_cells_never_planned():
   rows = [row("nogate:16", 64, 1e-3, 0.5), row("gsa:128", 64, 1e-3, 0.7), row("gsa:16", 128, 1e-3, 0.6),
           row("attention", 128, 1e-3, 0.9), row("gsa:16", 64, 1e-2, 0.3)]
-  text = mqar_sweep.tables(rows)
+  text = mqar_tables.tables(rows)
   best = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "d = " not in line
           and line.count("|") == 4]
   assert best == ["| attention", "| gsa:16", "| gsa:128", "| nogate:16"]

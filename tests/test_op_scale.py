@@ -8,16 +8,12 @@ import jax.numpy as jnp
 import pytest
 
 from gsa_jax.ops import gated_slot_attention
-from tests.gsa_testing import rel_err
+from gsa_jax.ops.testing import cast, make_inputs, rel_err
 
 
 def inputs():
-  ks = jax.random.split(jax.random.key(0), 5)
-  b, t, h, dk, dv, m = 2, 11, 2, 8, 4, 4
-  q, k = jax.random.normal(ks[0], (b, t, h, dk)), jax.random.normal(ks[1], (b, t, h, dk))
-  v = jax.random.normal(ks[2], (b, t, h, dv))
-  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, m))) / 4
-  return q, k, v, 1 - jnp.exp(g), g
+  x = cast(make_inputs(0, b=2, t=11, hq=2, h=2, dk=8, dv=4, m=4, normalizer=4.0), jnp.float32)
+  return tuple(x[n] for n in "qkvsg")
 
 
 @pytest.mark.parametrize("backend", ("recurrent", "chunked"))

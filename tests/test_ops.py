@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 
 from gsa_jax.ops import BACKENDS, gated_slot_attention, resolve_backend, segment_masks
-from tests.gsa_testing import cast, forward_and_grads, make_inputs, rel_err
-
-
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
+from gsa_jax.ops.testing import cast, forward_and_grads, make_inputs, rel_err
 
 
 def numpy_gsa(q, k, v, s, g, scale, initial_state=None):

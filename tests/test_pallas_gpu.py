@@ -22,15 +22,16 @@ import pytest
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState
+from gsa_jax.ops.testing import cast, make_inputs
 from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_gpu, gsa_pallas_gpu
-from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
-                                make_inputs, rel_err)
+from tests.gsa_testing import (KERNEL_TOL, CompiledKernelTests, KernelCase, PublicAPIBackendTests,
+                               assert_matches_references, kept_residuals, marked_slow, run_case)
 
 ON_GPU = jax.default_backend() == "gpu"
 
 # t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments. Together they cover T in {1, 63, 64, 65, 130},
 # widths that are not powers of two, GQA, initial state on/off, packed documents, extreme gates, f32, bf16 and f16.
-CASES = {
+CASES = {name: KernelCase(*fields) for name, fields in {
     "t1": (1, 16, 16, 16, 1, 1, 64, "logsigmoid", False, "float32", False),
     "t63_gqa_state": (63, 20, 36, 12, 2, 1, 64, "logsigmoid", True, "float32", False),
     "t64_bf16_state": (64, 36, 20, 12, 1, 1, 32, "logsigmoid", True, "bfloat16", False),
@@ -44,13 +45,12 @@ CASES = {
     "gates_very_negative": (40, 16, 12, 10, 1, 1, 16, "very_negative", True, "float32", False),
     # Several chunks and several feature blocks per program, widths padded to non-powers of two (192, 128).
     "wide_blocks_bf16_gqa_state": (200, 160, 96, 64, 2, 1, 64, "logsigmoid", True, "bfloat16", False),
-}
+}.items()}
 # Left out of the default CPU suite for time (each interpreted case compiles eight kernels); run with -m slow.
 SLOW = ("t65_gqa", "gates_zero", "gates_very_negative", "wide_blocks_bf16_gqa_state")
-# Relative L2 error vs float64 (the bar: 1e-4 float32, 2.5e-3 bfloat16). With g = -1e3 next to g = 0
-# the diagonal 16 x 16 sub-blocks take a difference of two prefix sums (see the kernel's docstring): those
+# Relative L2 error vs float64: KERNEL_TOL (the bar: 1e-4 float32, 2.5e-3 bfloat16). With g = -1e3 next to
+# g = 0 the diagonal 16 x 16 sub-blocks take a difference of two prefix sums (see the kernel's docstring): those
 # cases get 5e-4 on the gradients.
-TOL = KERNEL_TOL
 TOL_MIXED_GATES = 5e-4
 
 
@@ -67,58 +67,25 @@ VARIANTS = {
 SLOW_VARIANTS = ("no_split", "recompute_states")
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
+class TestPallasGPU(CompiledKernelTests, PublicAPIBackendTests):
+  PLATFORM, BACKEND = "gpu", "pallas_gpu"
+  SKIP_REASON = "compiled Triton kernels need a GPU (the interpreted class runs these cases on CPU)"
 
-
-class TestPallasGPU:
-  INTERPRET = False
-
-  @pytest.fixture(autouse=True)
-  def _need_gpu(self):
-    if not self.INTERPRET and not ON_GPU:
-      pytest.skip("compiled Triton kernels need a GPU (the interpreted class runs these cases on CPU)")
-
-  @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_VARIANTS else v
-                                       for v in VARIANTS])
-  @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
+  @pytest.mark.parametrize("variant", marked_slow(VARIANTS, SLOW_VARIANTS))
+  @pytest.mark.parametrize("case", marked_slow(CASES, SLOW))
   def test_matches_float64_recurrence(self, x64, case, variant, monkeypatch):
-    t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments = CASES[case]
-    dtype = jnp.dtype(dtype)
-    b = 2
-    x = make_inputs(list(CASES).index(case) + 100, b=b, t=t, hq=hq, h=h, dk=dk, dv=dv, m=m, gate=gate, normalizer=8.0,
-                    with_state=with_state, dtype=dtype)
-    segment_ids = jnp.asarray(SEGMENTS[:, :t]) if segments else None
+    c = CASES[case]
     # The kernels must run, not the fallback to the chunked form (which would pass these comparisons too).
     monkeypatch.setattr(gsa_gpu, "chunk_gsa", lambda *a, **k: pytest.fail(f"{case}: fell back to chunk_gsa"))
-    with jax.enable_x64(False):
-      got = kernel_forward_and_grads(gsa_pallas_gpu, cast(x, dtype), fast_cpu_compile=self.INTERPRET and not ON_GPU,
-                                     scale=0.7, interpret=self.INTERPRET, segment_ids=segment_ids,
-                                     block_sizes=dataclasses.replace(VARIANTS[variant], chunk=chunk))
-    ref = forward_and_grads(cast(x, jnp.float64), backend="recurrent", scale=0.7, segment_ids=segment_ids)
-    assert set(got) == set(ref)
-    assert got["o"].dtype == dtype and got["hk"].dtype == jnp.float32
-    for name, value in got.items():
-      assert value.shape == ref[name].shape, name
-      assert np.isfinite(np.asarray(value, np.float64)).all(), f"non-finite values in {name}"
-    errors = {name: rel_err(got[name], ref[name]) for name in ref}
-    tol = TOL[dtype.name]
-    for name, err in errors.items():
-      limit = TOL_MIXED_GATES if (gate == "mixed" and name not in ("o", "hk", "hv")) else tol
-      assert err <= limit, f"{name}: relative L2 error {err:.2e} > {limit:.1e} (all: {errors})"
-    if segments:  # padding gets exactly zero output
-      np.testing.assert_array_equal(np.asarray(got["o"], np.float32)[np.asarray(SEGMENTS[:, :t]) == 0], 0.0)
+    got, refs = run_case(gsa_pallas_gpu, c, list(CASES).index(case) + 100, interpret=self.INTERPRET,
+                         fast_cpu_compile=self.fast_cpu_compile,
+                         block_sizes=dataclasses.replace(VARIANTS[variant], chunk=c.chunk))
 
-  def test_public_api_backend(self):
-    x = cast(make_inputs(2, t=33, hq=2, h=1, dk=20, dv=12, m=10), jnp.float32)
-    if self.INTERPRET and ON_GPU:
-      pytest.skip("the public API compiles the kernels on GPU")
-    o, final = gated_slot_attention(**x, backend="pallas_gpu", output_final_state=True)
-    o_ref, final_ref = gated_slot_attention(**x, backend="chunked", output_final_state=True)
-    assert rel_err(o, o_ref) < 1e-5
-    assert rel_err(final.hk, final_ref.hk) < 1e-5 and rel_err(final.hv, final_ref.hv) < 1e-5
+    def tol(name):
+      gradient = name not in ("o", "hk", "hv")
+      return TOL_MIXED_GATES if c.gate == "mixed" and gradient else KERNEL_TOL[c.dtype]
+
+    assert_matches_references(got, refs, c, tol)
 
 
 class TestPallasGPUInterpret(TestPallasGPU):
@@ -240,15 +207,12 @@ def test_remat_policy_keeps_named_residuals(names, expected, capsys):
   b, t, h, d, m = 1, 128, 2, 48, 16  # key states [.., d, m], value states [.., m, d]: d != m tells them apart
   dp = 64  # d as the kernels pad it
   x = make_inputs(0, b=b, t=t, hq=2 * h, h=h, dk=d, dv=d, m=m)  # logits [b, t, hq, m] unlike s and g's shape
-  policy = jax.checkpoint_policies.save_only_these_names(*names) if names else jax.checkpoint_policies.nothing_saveable
 
   def loss(q, k, v, s, g):
     o, _ = gsa_pallas_gpu(q, k, v, s, g, scale=1.0, block_sizes=BlockSizes(chunk=32))
     return jnp.sum(o ** 2)
 
-  capsys.readouterr()
-  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=policy), *(x[n] for n in "qkvsg"))
-  kept = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}  # e.g. "f32[1,2,32,16]"
+  kept = kept_residuals(loss, [x[n] for n in "qkvsg"], names, capsys)
   shapes = {"logits": f"f32[{b},{t},{2 * h},{m}]", "final": f"f32[{b},{h},{dp},{m}]",
             "key_chunks": f"f32[{b},{h},{t // 32},{dp},{m}]", "value_chunks": f"f32[{b},{h},{t // 32},{m},{dp}]"}
   assert {name for name, shape in shapes.items() if shape in kept} == expected

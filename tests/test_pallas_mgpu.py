@@ -20,72 +20,41 @@ import pytest
 
 from gsa_jax.ops import BACKENDS, gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import RESIDUALS_NAME
+from gsa_jax.ops.testing import cast, make_inputs
 from pallas_kernels import gsa_mgpu
 from pallas_kernels.gsa_mgpu import BlockSizes, gsa_pallas_mgpu, unsupported_reason
-from tests.gsa_testing import KERNEL_TOL, cast, forward_and_grads, kernel_forward_and_grads, make_inputs, rel_err
+from tests.gsa_testing import (KERNEL_TOL, CompiledKernelTests, KernelCase, assert_matches_references,
+                               kept_residuals, marked_slow, run_case)
 
-ON_GPU = jax.default_backend() == "gpu"
-
-# t, dk, dv, m, hq, h, gate, with_state, dtype. One chunk (float16); several chunks with a ragged tail, widths
-# padded to 64, grouped heads and an initial state; extreme gates (g = 0 next to g = -1e3); several feature blocks
-# per program.
+# One chunk (float16); several chunks with a ragged tail, widths padded to 64, grouped heads and an initial state;
+# extreme gates (g = 0 next to g = -1e3); several feature blocks per program. The kernels' chunk is 64.
 CASES = {
-    "t64_f16": (64, 64, 64, 64, 1, 1, "logsigmoid", False, "float16"),
-    "t130_gqa_state": (130, 80, 160, 20, 2, 1, "logsigmoid", True, "bfloat16"),
-    "gates_mixed_gqa_state": (70, 16, 12, 10, 2, 1, "mixed", True, "bfloat16"),
-    "wide_blocks_gqa_state": (200, 192, 256, 64, 4, 2, "logsigmoid", True, "bfloat16"),
+    "t64_f16": KernelCase(64, 64, 64, 64, 1, 1, 64, "logsigmoid", False, "float16"),
+    "t130_gqa_state": KernelCase(130, 80, 160, 20, 2, 1, 64, "logsigmoid", True, "bfloat16"),
+    "gates_mixed_gqa_state": KernelCase(70, 16, 12, 10, 2, 1, 64, "mixed", True, "bfloat16"),
+    "wide_blocks_gqa_state": KernelCase(200, 192, 256, 64, 4, 2, 64, "logsigmoid", True, "bfloat16"),
 }
 # Relative L2 error vs float64: the bf16 bar, for float16 too (the kernels' float16 error is ~10x smaller).
 TOL = KERNEL_TOL["bfloat16"]
 SLOW = ("wide_blocks_gqa_state",)
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
+class TestPallasMGPU(CompiledKernelTests):
+  PLATFORM = "gpu"
+  SKIP_REASON = "compiled Mosaic GPU kernels need a Hopper GPU (the interpreted class runs these cases on CPU)"
 
-
-class TestPallasMGPU:
-  INTERPRET = False
-
-  @pytest.fixture(autouse=True)
-  def _need_gpu(self):
-    if not self.INTERPRET and not ON_GPU:
-      pytest.skip("compiled Mosaic GPU kernels need a Hopper GPU (the interpreted class runs these cases on CPU)")
-
-  @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
+  @pytest.mark.parametrize("case", marked_slow(CASES, SLOW))
   def test_forward_matches_float64_recurrence(self, x64, case):
-    t, dk, dv, m, hq, h, gate, with_state, dtype = CASES[case]
-    dtype = jnp.dtype(dtype)
-    x = make_inputs(list(CASES).index(case) + 200, b=2, t=t, hq=hq, h=h, dk=dk, dv=dv, m=m, gate=gate,
-                    with_state=with_state, dtype=dtype)
-    with jax.enable_x64(False):
-      xb = cast(x, dtype)
-      call = jax.jit(lambda x: gsa_pallas_mgpu(**x, scale=0.7, interpret=self.INTERPRET))
-      o, final = call(xb)
-    o_ref, final_ref = gated_slot_attention(**cast(x, jnp.float64), scale=0.7, backend="recurrent",
-                                            output_final_state=True)
-    assert o.dtype == dtype and o.shape == o_ref.shape
-    assert final.hk.dtype == jnp.float32 and final.hk.shape == final_ref.hk.shape
-    assert final.hv.shape == final_ref.hv.shape
-    for name, got, ref in (("o", o, o_ref), ("hk", final.hk, final_ref.hk), ("hv", final.hv, final_ref.hv)):
-      assert np.isfinite(np.asarray(got, np.float32)).all(), f"non-finite values in {name}"
-      err = rel_err(got, ref)
-      assert err <= TOL, f"{name}: relative L2 error {err:.2e}"
+    c = CASES[case]
+    got, refs = run_case(gsa_pallas_mgpu, c, list(CASES).index(case) + 200, interpret=self.INTERPRET, grads=False)
+    assert_matches_references(got, refs, c, tol=lambda name: TOL)
 
   @pytest.mark.slow
   def test_gradients_match_float64_recurrence(self, x64):
     """The backward (the Triton kernels', on this forward's residuals), every input gradient."""
-    x = make_inputs(300, b=2, t=70, hq=2, h=1, dk=16, dv=24, m=10, with_state=True, dtype=jnp.bfloat16)
-    with jax.enable_x64(False):
-      got = kernel_forward_and_grads(gsa_pallas_mgpu, cast(x, jnp.bfloat16), fast_cpu_compile=not ON_GPU,
-                                     scale=0.7, interpret=self.INTERPRET)
-    ref = forward_and_grads(cast(x, jnp.float64), backend="recurrent", scale=0.7)
-    assert set(got) == set(ref)
-    for name in ref:
-      err = rel_err(got[name], ref[name])
-      assert err <= KERNEL_TOL["bfloat16"], f"{name}: relative L2 error {err:.2e}"
+    c = KernelCase(70, 16, 24, 10, 2, 1, 64, "logsigmoid", True, "bfloat16")
+    got, refs = run_case(gsa_pallas_mgpu, c, 300, interpret=self.INTERPRET, fast_cpu_compile=self.fast_cpu_compile)
+    assert_matches_references(got, refs, c, tol=lambda name: KERNEL_TOL["bfloat16"])
 
 
 class TestPallasMGPUInterpret(TestPallasMGPU):
@@ -144,14 +113,11 @@ def test_remat_policy_keeps_named_residuals(names, expected, capsys):
   (instead of rerunning the forward kernels in the backward). Traced only (nothing runs)."""
   b, t, h, d, m = 1, 128, 2, 48, 16  # key states [.., d, m]: d != m tells them apart
   x = cast(make_inputs(0, b=b, t=t, hq=2 * h, h=h, dk=d, dv=d, m=m), jnp.bfloat16)
-  policy = jax.checkpoint_policies.save_only_these_names(*names) if names else jax.checkpoint_policies.nothing_saveable
 
   def loss(q, k, v, s, g):
     o, _ = gsa_pallas_mgpu(q, k, v, s, g, scale=1.0, interpret=False)  # traced only: the compiled kernels
     return jnp.sum(o.astype(jnp.float32) ** 2)
 
-  capsys.readouterr()
-  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=policy), *(x[n] for n in "qkvsg"))
-  kept = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+  kept = kept_residuals(loss, [x[n] for n in "qkvsg"], names, capsys)
   shapes = {"logits": f"f32[{b},{t},{2 * h},{m}]", "final": f"f32[{b},{h},{d},{m}]"}
   assert {name for name, shape in shapes.items() if shape in kept} == expected

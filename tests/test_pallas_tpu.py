@@ -18,18 +18,17 @@ from jax.experimental.pallas import tpu as pltpu
 
 from gsa_jax.ops import gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import RESIDUALS_NAME
+from gsa_jax.ops.testing import cast, make_inputs, rel_err
 from pallas_kernels import gsa_tpu
 from pallas_kernels.gsa_common import chunk_gate_sums
 from pallas_kernels.gsa_tpu import BlockSizes, gsa_pallas_tpu
-from tests.gsa_testing import (KERNEL_TOL, SEGMENTS, cast, forward_and_grads, kernel_forward_and_grads,
-                                make_inputs, rel_err)
-
-ON_TPU = jax.default_backend() == "tpu"
+from tests.gsa_testing import (KERNEL_TOL, CompiledKernelTests, KernelCase, PublicAPIBackendTests,
+                               assert_matches_references, marked_slow, run_case)
 
 # t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments. Together they cover T in {1, 33, 63, 64, 65, 130},
 # widths that are not powers of two (padded to 128 lanes), GQA, initial state on/off, packed documents, g = 0,
 # g = -1e3 and both side by side, float32 and bfloat16, one and several chunks and sub-chunks.
-CASES = {
+CASES = {name: KernelCase(*fields) for name, fields in {
     "t1": (1, 16, 16, 16, 1, 1, 64, "logsigmoid", False, "float32", False),
     "t63_gqa_state": (63, 20, 36, 12, 2, 1, 32, "logsigmoid", True, "float32", False),
     "t64_bf16_state": (64, 36, 20, 12, 1, 1, 32, "logsigmoid", True, "bfloat16", False),
@@ -41,57 +40,22 @@ CASES = {
     "gates_very_negative": (40, 16, 12, 10, 1, 1, 16, "very_negative", True, "float32", False),
     "t130_bf16_gqa_state": (130, 32, 48, 16, 2, 1, 64, "logsigmoid", True, "bfloat16", False),
     "wide_m130_bf16": (70, 130, 40, 130, 1, 1, 64, "mixed", True, "bfloat16", False),
-}
+}.items()}
 # Left out of the default CPU suite for time; run with -m slow.
 SLOW = ("t65_gqa2_state", "gates_very_negative", "t130_bf16_gqa_state", "wide_m130_bf16")
-TOL = KERNEL_TOL
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
+class TestPallasTPU(CompiledKernelTests, PublicAPIBackendTests):
+  PLATFORM, BACKEND = "tpu", "pallas_tpu"
+  SKIP_REASON = "compiled Mosaic kernels need a TPU (the interpreted class runs these cases on CPU)"
 
-
-class TestPallasTPU:
-  INTERPRET = False
-
-  @pytest.fixture(autouse=True)
-  def _need_tpu(self):
-    if not self.INTERPRET and not ON_TPU:
-      pytest.skip("compiled Mosaic kernels need a TPU (the interpreted class runs these cases on CPU)")
-
-  @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
+  @pytest.mark.parametrize("case", marked_slow(CASES, SLOW))
   def test_matches_float64_references(self, x64, case):
-    t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments = CASES[case]
-    dtype = jnp.dtype(dtype)
-    x = make_inputs(list(CASES).index(case) + 200, b=2, t=t, hq=hq, h=h, dk=dk, dv=dv, m=m, gate=gate,
-                    normalizer=8.0, with_state=with_state, dtype=dtype)
-    segment_ids = jnp.asarray(SEGMENTS[:, :t]) if segments else None
-    with jax.enable_x64(False):
-      got = kernel_forward_and_grads(gsa_pallas_tpu, cast(x, dtype), fast_cpu_compile=self.INTERPRET and not ON_TPU,
-                                     scale=0.7, interpret=self.INTERPRET, segment_ids=segment_ids,
-                                     block_sizes=BlockSizes(chunk=chunk))
-    refs = {backend: forward_and_grads(cast(x, jnp.float64), backend=backend, scale=0.7, segment_ids=segment_ids)
-            for backend in ("recurrent", "chunked")}
-    assert got["o"].dtype == dtype and got["hk"].dtype == jnp.float32
-    tol = TOL[dtype.name]
-    for backend, ref in refs.items():
-      assert set(got) == set(ref)
-      errors = {name: rel_err(got[name], ref[name]) for name in ref}
-      for name, value in got.items():
-        assert value.shape == ref[name].shape, name
-        assert np.isfinite(np.asarray(value, np.float64)).all(), f"non-finite values in {name}"
-        assert errors[name] <= tol, f"{name} vs {backend}: relative L2 error {errors[name]:.2e} > {tol:.1e} ({errors})"
-    if segments:  # padding gets exactly zero output
-      np.testing.assert_array_equal(np.asarray(got["o"], np.float32)[np.asarray(SEGMENTS[:, :t]) == 0], 0.0)
-
-  def test_public_api_backend(self):
-    x = cast(make_inputs(2, t=33, hq=2, h=1, dk=20, dv=12, m=10), jnp.float32)
-    o, final = gated_slot_attention(**x, backend="pallas_tpu", output_final_state=True)
-    o_ref, final_ref = gated_slot_attention(**x, backend="chunked", output_final_state=True)
-    assert rel_err(o, o_ref) < 1e-5
-    assert rel_err(final.hk, final_ref.hk) < 1e-5 and rel_err(final.hv, final_ref.hv) < 1e-5
+    c = CASES[case]
+    got, refs = run_case(gsa_pallas_tpu, c, list(CASES).index(case) + 200, interpret=self.INTERPRET,
+                         fast_cpu_compile=self.fast_cpu_compile, references=("recurrent", "chunked"),
+                         block_sizes=BlockSizes(chunk=c.chunk))
+    assert_matches_references(got, refs, c, tol=lambda name: KERNEL_TOL[c.dtype])
 
 
 class TestPallasTPUInterpret(TestPallasTPU):

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from gsa_jax.ops import gated_slot_attention
+from gsa_jax.ops.testing import rel_err
 from gsa_jax.train import NonFiniteError, train_and_evaluate
 from gsa_jax.train import trainer as trainer_lib
 from gsa_jax.train.metrics import read_jsonl
-from tests.gsa_testing import rel_err
 from tests.test_train import ROOT, final_state, losses, run_train_py, tiny_config
 
 # The same run as tests.test_train.tiny_config, as train.py flags.

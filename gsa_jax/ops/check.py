@@ -6,6 +6,10 @@
 Errors are relative L2 norms against the recurrence run in float64 on the same (dtype-rounded) inputs, for the
 output and for the gradients of a random cotangent. Timings are medians of jitted calls on this machine's default
 device. Exits non-zero if a backend's error exceeds its dtype's tolerance or produces a non-finite value.
+
+It ships with the package (a check of an installation needs no repository checkout); `benchmarks/compare_backends.py`
+is this command with the reference library added (`compare(extra=...)`). Inputs, errors and timer are
+`gsa_jax.ops.testing`'s, as the tests and benchmarks use them.
 """
 
 from __future__ import annotations
@@ -13,42 +17,19 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gsa_jax.ops.api import BACKENDS, gated_slot_attention
+from gsa_jax.ops.testing import cast, make_inputs, random_segment_ids, rel_err, time_calls
 
 # Tolerances for the relative L2 error against float64, by input dtype (the chunked reference meets these).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-3}
 
 
-def _inputs(rng, b, t, hq, h, dk, dv, m, normalizer):
-  g = -np.logaddexp(0.0, -rng.standard_normal((b, t, h, m))) / normalizer  # logsigmoid(x) / normalizer
-  return dict(
-      q=rng.standard_normal((b, t, hq, dk)), k=rng.standard_normal((b, t, h, dk)),
-      v=rng.standard_normal((b, t, h, dv)), s=1.0 - np.exp(g), g=g,
-      initial_state=(rng.standard_normal((b, h, dk, m)), rng.standard_normal((b, h, m, dv))))
-
-
-def _packed_segment_ids(rng, b, t):
-  """Random documents of length 1..t/2, then right padding on odd rows."""
-  ids = np.zeros((b, t), np.int32)
-  for row in range(b):
-    pos, doc = 0, 1
-    end = t - (rng.integers(0, t // 4 + 1) if row % 2 else 0)
-    while pos < end:
-      length = int(rng.integers(1, max(2, t // 2)))
-      ids[row, pos:min(end, pos + length)] = doc
-      pos, doc = pos + length, doc + 1
-  return ids
-
-
 def _loss_and_grads(backend, dtype, x, segment_ids, cotangent, chunk_size):
-  names = ("q", "k", "v", "s", "g")
-
   def fn(q, k, v, s, g, hk, hv):
     o, _ = gated_slot_attention(q, k, v, s, g, initial_state=(hk, hv), segment_ids=segment_ids,
                                 chunk_size=chunk_size, backend=backend)
@@ -58,25 +39,8 @@ def _loss_and_grads(backend, dtype, x, segment_ids, cotangent, chunk_size):
     o, vjp = jax.vjp(fn, *args)
     return o, vjp(cotangent.astype(o.dtype))
 
-  args = [jnp.asarray(x[n], dtype) for n in names]
-  state_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
-  args += [jnp.asarray(a, state_dtype) for a in x["initial_state"]]
-  return jax.jit(fn), jax.jit(fwd_bwd), args
-
-
-def _median_ms(fn, args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return float(np.median(times))
-
-
-def _rel(a, ref):
-  a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
+  x = cast(x, dtype)
+  return jax.jit(fn), jax.jit(fwd_bwd), [x[n] for n in "qkvsg"] + list(x["initial_state"])
 
 
 def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=64, normalizer=8.0,
@@ -88,17 +52,16 @@ def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=
   rounded through the dtype; grads in the order q, k, v, s, g, hk0, hv0), or raise NotImplementedError.
   Returns (rows, failures): rows of (name, dtype, err o, max err grad, fwd ms, fwd+bwd ms, verdict).
   """
-  b, t = shape[:2]
+  dims = dict(zip(("b", "t", "hq", "h", "dk", "dv", "m"), shape))
   backends = backends or [name for name in BACKENDS if name != "auto"]
-  rng = np.random.default_rng(seed)
-  x = _inputs(rng, *shape, normalizer)
-  segment_ids = jnp.asarray(_packed_segment_ids(rng, b, t)) if segments else None
-  cotangent = rng.standard_normal((b, t, shape[2], shape[5]))
+  rng = np.random.default_rng((seed, 1))  # a stream apart from the inputs' (make_inputs draws from `seed`)
+  segment_ids = jnp.asarray(random_segment_ids(rng, dims["b"], dims["t"])) if segments else None
+  cotangent = rng.standard_normal((dims["b"], dims["t"], dims["hq"], dims["dv"]))
   failures, rows = 0, []
   for dtype_name in dtypes:
     dtype = jnp.dtype(dtype_name)
-    # The reference sees exactly the values the backend sees: inputs rounded through the tested dtype.
-    rounded = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, dtype), np.float64), x)
+    # The same draws for every dtype; the reference sees exactly the values the backend sees (rounded through it).
+    rounded = make_inputs(seed, **dims, normalizer=normalizer, with_state=True, dtype=dtype)
     with jax.enable_x64(True):
       _, ref_fn, ref_args = _loss_and_grads("recurrent", jnp.float64, rounded, segment_ids,
                                             jnp.asarray(cotangent, jnp.float64), chunk_size)
@@ -108,7 +71,8 @@ def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=
       fwd, fwd_bwd, call_args = _loss_and_grads(backend, dtype, rounded, segment_ids, jnp.asarray(cotangent),
                                                 chunk_size)
       o, grads = fwd_bwd(*call_args)
-      return o, grads, _median_ms(fwd, call_args, repeats), _median_ms(fwd_bwd, call_args, repeats)
+      return (o, grads, time_calls(lambda: fwd(*call_args), repeats).sync_ms,
+              time_calls(lambda: fwd_bwd(*call_args), repeats).sync_ms)
 
     runs = {name: functools.partial(run_backend, name) for name in backends}
     runs.update({name: functools.partial(fn, dtype_name, rounded, segment_ids, cotangent, repeats)
@@ -119,8 +83,8 @@ def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=
       except NotImplementedError as e:
         rows.append((name, dtype_name, "not run", "", "", "", str(e)[:60] or "not implemented"))
         continue
-      err_o = _rel(o, ref_o)
-      err_g = max(_rel(a, r) for a, r in zip(grads, ref_grads))
+      err_o = rel_err(o, ref_o)
+      err_g = max(rel_err(a, r) for a, r in zip(grads, ref_grads))
       finite = all(np.isfinite(np.asarray(a, np.float64)).all() for a in (o, *grads))
       ok = finite and max(err_o, err_g) <= TOLERANCE.get(dtype_name, 1e-4)
       failures += not ok
