@@ -278,3 +278,24 @@ def test_compare_backends_flags_a_wrong_implementation():
                                  extra={"right": chunked_outside(1.0), "wrong": chunked_outside(1.01)})
   verdicts = {row[0]: row[-1] for row in rows}
   assert verdicts == {"recurrent": "ok", "right": "ok", "wrong": "FAIL"} and failures == 1
+
+
+def test_every_entry_point_defaults_to_the_one_chunk_size():
+  """The chunk of the chunked form has one default (`DEFAULT_CHUNK_SIZE`), whatever entry point a user starts from."""
+  import argparse  # noqa: PLC0415
+  import dataclasses  # noqa: PLC0415
+  import inspect  # noqa: PLC0415
+
+  from gsa_jax.layers import GatedSlotAttention  # noqa: PLC0415
+  from gsa_jax.models import GSAConfig  # noqa: PLC0415
+  from gsa_jax.ops import DEFAULT_CHUNK_SIZE, chunk_gsa, context_parallel_gsa, validate_inputs  # noqa: PLC0415
+  from gsa_jax.ops import check  # noqa: PLC0415
+
+  defaults = {fn.__qualname__: inspect.signature(fn).parameters["chunk_size"].default
+              for fn in (gated_slot_attention, validate_inputs, chunk_gsa, context_parallel_gsa,
+                         GatedSlotAttention.__init__, check.compare)}
+  defaults["GSAConfig"] = {f.name: f.default for f in dataclasses.fields(GSAConfig)}["chunk_size"]
+  parser = argparse.ArgumentParser()
+  check.add_arguments(parser)
+  defaults["python -m gsa_jax.ops.check"] = parser.parse_args([]).chunk_size
+  assert defaults == dict.fromkeys(defaults, DEFAULT_CHUNK_SIZE)

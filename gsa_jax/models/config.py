@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS
 from gsa_jax.layers.gsa import FEATURE_MAPS
-from gsa_jax.ops import BACKENDS
+from gsa_jax.ops import BACKENDS, DEFAULT_CHUNK_SIZE
 
 REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states")
 
@@ -39,7 +39,7 @@ class GSAConfig:
   use_rope: bool = False  # RoPE on the GSA layers' q, k (the reference has none).
   elementwise_affine: bool = True  # learned scale of the GSA output norm.
   backend: str = "auto"
-  chunk_size: int = 64
+  chunk_size: int = DEFAULT_CHUNK_SIZE
   # MLP: None means the reference's rule, 2/3 * hidden_ratio * hidden_size rounded up to a multiple of 256.
   intermediate_size: int | None = None
   hidden_ratio: int = 4

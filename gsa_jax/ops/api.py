@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState, as_segment_ids, to_varying, varying_axes
+from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE, GSAState, as_segment_ids, to_varying, varying_axes
 from gsa_jax.ops.recurrent import recurrent_gsa
 
 BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_mgpu", "pallas_tpu")
@@ -81,7 +81,8 @@ def _check_shape(name: str, x, expected: tuple, legend: str) -> None:
     raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(expected)} ({legend}).")
 
 
-def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chunk_size=64, scale=None) -> None:
+def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE,
+                    scale=None) -> None:
   """Raises ValueError/TypeError naming the offending argument, its shape and the expected one."""
   for name, x, dims in (("q", q, "[B, T, HQ, K]"), ("k", k, "[B, T, H, K]"), ("v", v, "[B, T, H, V]"),
                         ("s", s, "[B, T, H, M]"), ("g", g, "[B, T, H, M]")):
@@ -209,7 +210,7 @@ def gated_slot_attention(
     initial_state: tuple[jax.Array, jax.Array] | None = None,
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
 ) -> tuple[jax.Array, GSAState | None]:
   """Gated Slot Attention (Zhang et al., NeurIPS 2024), spec section 1.

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsa_jax.ops.api import BACKENDS, gated_slot_attention
+from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE
 
 # Tolerances for the relative L2 error against float64, by input dtype (the chunked reference meets these).
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-3}
@@ -79,7 +80,7 @@ def _rel(a, ref):
   return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
-def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=64, normalizer=8.0,
+def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=DEFAULT_CHUNK_SIZE, normalizer=8.0,
             segments=False, repeats=5, seed=0, extra=None):
   """Errors vs the float64 recurrence and timings of each backend on one random problem.
 
@@ -140,7 +141,7 @@ def print_table(rows) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   for name, default in (("b", 2), ("t", 300), ("hq", 4), ("h", 2), ("dk", 32), ("dv", 48), ("m", 24)):
     parser.add_argument(f"--{name}", type=int, default=default)
-  parser.add_argument("--chunk-size", type=int, default=64)
+  parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
   parser.add_argument("--normalizer", type=float, default=8.0, help="g = logsigmoid(x) / normalizer")
   parser.add_argument("--segments", action="store_true", help="pack random documents with padding per row")
   parser.add_argument("--dtypes", default="float32,bfloat16")
