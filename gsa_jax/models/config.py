@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS
 from gsa_jax.layers.gsa import FEATURE_MAPS
-from gsa_jax.ops import BACKENDS, DEFAULT_CHUNK_SIZE
+from gsa_jax.ops import DEFAULT_CHUNK_SIZE, check_backend
 
 REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states")
 
@@ -92,7 +92,7 @@ class GSAConfig:
     check(self.gate_logit_normalizer > 0, "gate_logit_normalizer", f"must be positive; got {self.gate_logit_normalizer}.")
     check(not self.use_rope or (self.key_dim // self.num_heads) % 2 == 0, "use_rope",
           f"needs an even GSA head key width; got {self.key_dim // self.num_heads}.")
-    check(self.backend in BACKENDS, "backend", f"{self.backend!r} is unknown; expected one of {BACKENDS}.")
+    check_backend(self.backend, "GSAConfig.backend")
     check(self.chunk_size & (self.chunk_size - 1) == 0, "chunk_size", f"must be a power of two; got {self.chunk_size}.")
     check(self.intermediate_size is None or self.intermediate_size > 0, "intermediate_size",
           f"must be positive or None; got {self.intermediate_size}.")
