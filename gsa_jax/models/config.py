@@ -11,6 +11,10 @@ from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS
 from gsa_jax.layers.gsa import FEATURE_MAPS
 from gsa_jax.ops import DEFAULT_CHUNK_SIZE, check_backend
 
+# Remat policies (`gsa_jax.models.lm`). What the "matmuls_gsa*" ones keep beyond the projections' outputs is named by
+# the op's backends: the op's output (every backend), the Pallas kernels' small residuals (pallas_gpu, pallas_mgpu,
+# pallas_tpu) and chunk states that only the pallas_gpu kernels make: on any other backend "matmuls_gsa_keys" and
+# "matmuls_gsa_states" keep what "matmuls_gsa" keeps.
 REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states")
 
 
@@ -61,9 +65,10 @@ class GSAConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   # "none" | "block" (recompute each block) | "matmuls" (keep only matmul outputs) | "matmuls_gsa" (also keep the
-  # GSA op's output and its kernels' small residuals: the backward then reruns only the GPU state kernels) |
-  # "matmuls_gsa_keys" (also the GPU kernels' float32 key chunk states: only the value state kernel reruns) |
-  # "matmuls_gsa_states" (also the value chunk states: no kernel reruns, the most memory).
+  # GSA op's output, and the Pallas kernels' small residuals: on pallas_gpu the backward then reruns only the state
+  # kernels) | "matmuls_gsa_keys" (also the pallas_gpu kernels' float32 key chunk states: only the value state
+  # kernel reruns) | "matmuls_gsa_states" (also their value chunk states: no kernel reruns, the most memory). The
+  # last two differ from "matmuls_gsa" only on backend pallas_gpu (REMAT_POLICIES).
   remat: str = "none"
   embed_init_std: float = 0.02  # the reference's initializer_range.
 
@@ -110,7 +115,8 @@ class GSAConfig:
           f"RoPE needs an even attention head width; got {self.hidden_size // ah}.")
     check(self.attn_implementation in ATTENTION_IMPLEMENTATIONS, "attn_implementation",
           f"{self.attn_implementation!r} is unknown; expected one of {ATTENTION_IMPLEMENTATIONS}.")
-    check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is unknown; expected one of {REMAT_POLICIES}.")
+    check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is unknown; expected one of {REMAT_POLICIES} "
+          "(gsa_jax.models.config.REMAT_POLICIES says which backends each one is for).")
     for field in ("dtype", "param_dtype"):
       try:
         ok = jnp.issubdtype(jnp.dtype(getattr(self, field)), jnp.floating)
