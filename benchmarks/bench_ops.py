@@ -18,7 +18,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from gsa_jax.ops import BACKENDS, gated_slot_attention
+from gsa_jax.ops import BACKENDS, DEFAULT_CHUNK_SIZE, gated_slot_attention
 from gsa_jax.ops.testing import anchor_inputs, time_calls
 
 ANCHOR_SHAPES = ("8,2048,4,512,64", "1,16384,4,512,64")  # B, T, H, K=V, M
@@ -50,7 +50,7 @@ def main():
   parser.add_argument("--shapes", nargs="+", default=ANCHOR_SHAPES, help="B,T,H,D,M with K = V = D")
   parser.add_argument("--backends", default="chunked,recurrent,pallas_gpu,pallas_tpu")
   parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--chunk-size", type=int, default=64)
+  parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
   parser.add_argument("--repeats", type=int, default=20)
   args = parser.parse_args()
 

@@ -57,7 +57,6 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gsa_jax.ops.chunked import chunk_gsa
 from gsa_jax.ops.common import (KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState, kernel_output,
                                 to_varying, varying_axes)
 from gsa_jax.ops.recurrent import gsa_step
@@ -140,13 +139,19 @@ def auto_state_segments(batch: int, kv_heads: int, width: int, n_chunks: int) ->
   return segments
 
 
-def unsupported_reason(q, k, v, s, g) -> str | None:
-  """Why the Pallas GPU kernels cannot run these inputs (None if they can)."""
+def unsupported_reason(q, k, v, s, g, segment_ids=None, *, interpret: bool | None = None) -> str | None:
+  """Why the Pallas GPU kernels cannot run these inputs (None if they can); `gsa_jax.ops.select_backend` runs
+  such calls with 'chunked'. `interpret` as in `gsa_pallas_gpu` (None: interpreted off a GPU)."""
   dtypes = {x.dtype for x in (q, k, v, s, g)}
   if any(d not in (jnp.float32, jnp.bfloat16, jnp.float16) for d in dtypes):
     return f"dtypes {sorted(str(d) for d in dtypes)} (the kernels take float32, bfloat16 or float16)"
   if s.shape[-1] > _MAX_SLOTS:
     return f"M={s.shape[-1]} slots > {_MAX_SLOTS} (the kernels keep a [block, M] state per program)"
+  interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+  if interpret and varying_axes(q, k, v, s, g, segment_ids):
+    # Pallas' HLO interpreter (jax 0.11.2) runs the kernel body on values typed with shard_map's varying axes
+    # while its buffers carry none, and its loops then reject the mismatch; compiled kernels are not affected.
+    return "inputs inside shard_map when interpreted (no GPU): Pallas' interpreter rejects shard_map's typed values"
   return None
 
 
@@ -639,33 +644,26 @@ def gsa_pallas_gpu(
     scale: float,
     initial_state: GSAState | None = None,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, GSAState]:
-  """GSA with the Pallas GPU kernels; arguments and results as `gsa_jax.ops.chunked.chunk_gsa`.
+  """GSA with the Pallas GPU kernels; arguments and results as `gsa_jax.ops.chunked.chunk_gsa` (the kernels' chunk
+  is `block_sizes.chunk`).
 
   q [b, t, hq, dk]; k [b, t, h, dk]; v [b, t, h, dv]; s, g [b, t, h, m]. Differentiable in every array input
-  (custom_vjp). Inputs the kernels do not support (see `unsupported_reason`) go to `chunk_gsa`, with the reason
-  logged once. `interpret=None` interprets the kernels on non-GPU platforms (slow; for tests).
+  (custom_vjp). Raises ValueError on inputs the kernels do not support (`unsupported_reason`);
+  `gated_slot_attention(..., backend="pallas_gpu")` runs those with 'chunked'. `interpret=None` interprets the
+  kernels on non-GPU platforms (slow; for tests).
   """
-  reason = unsupported_reason(q, k, v, s, g)
+  reason = unsupported_reason(q, k, v, s, g, segment_ids, interpret=interpret)
   if reason is not None:
-    _log_once(f"gated_slot_attention: backend 'pallas_gpu' does not support {reason}; using 'chunked'.")
-    return chunk_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-                     chunk_size=chunk_size)
+    raise ValueError(f"gsa_pallas_gpu does not support {reason}; gated_slot_attention(..., backend='pallas_gpu') "
+                     "runs such inputs with 'chunked'.")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
     if interpret:  # asked for by name off its platform: correct, but orders of magnitude slower
       _log_once(f"gated_slot_attention: backend 'pallas_gpu' on {jax.default_backend()} runs its kernels in Pallas "
                 "interpret mode (correct but slow, meant for tests); use backend='auto' or 'chunked' there.")
-  if interpret and varying_axes(q, k, v, s, g, segment_ids):
-    # Pallas' HLO interpreter (jax 0.11.2) runs the kernel body on values typed with shard_map's varying axes
-    # while its buffers carry none, and its loops then reject the mismatch; compiled kernels are not affected.
-    _log_once("gated_slot_attention: backend 'pallas_gpu' is interpreted (no GPU) inside shard_map, which "
-              "Pallas' interpreter does not support; using 'chunked'.")
-    return chunk_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-                     chunk_size=chunk_size)
   cfg = make_config(q, k, v, s, scale=scale, block_sizes=block_sizes, interpret=interpret,
                     vary=varying_axes(q, k, v, s, g, segment_ids))
   b, h, dk, dv, m = q.shape[0], k.shape[2], k.shape[3], v.shape[3], s.shape[3]

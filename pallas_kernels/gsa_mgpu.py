@@ -32,7 +32,7 @@ sub-chunk), `KF_a` = the decay from a key to the start of query sub-chunk a (0 f
 Precision: every float32 operand of a product is carried as bf16 (or fp16) hi + lo, as the Triton kernels do
 with `split_all=True`; accumulation is float32.
 
-Scope today (everything else goes to `gsa_gpu.gsa_pallas_gpu`, the Triton kernels, with the reason logged once;
+Scope today (the op runs everything else with `pallas_gpu`, the Triton kernels, with the reason logged once;
 `unsupported_reason` says which): 16-bit inputs (bfloat16/float16; the kernels' wgmma operands), no segment ids,
 M <= 64. Supported inside: grouped kv heads, initial and final states, any T (padded to the chunk; padding
 tokens have s = g = 0, which leaves the state unchanged), any K and V (zero-padded to multiples of 64).
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +61,6 @@ from pallas_kernels.gsa_common import SUB as _SUB
 from pallas_kernels.gsa_common import chunk_gate_sums as _chunk_gate_sums
 from pallas_kernels.gsa_common import pad_to as _pad_to
 from pallas_kernels.gsa_common import softmax as _softmax
-
-_log = logging.getLogger(__name__)
 
 _CHUNK = 64  # tokens per chunk: the row count of one warpgroup's wgmma
 _TILE = 64  # feature tiles: 64 bf16 = one 128-byte swizzle row
@@ -87,13 +84,10 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{name}={value!r}; expected a positive multiple of {_TILE}.")
 
 
-@functools.cache
-def _log_once(message: str) -> None:
-  _log.warning(message)
-
-
-def unsupported_reason(q, k, v, s, g, segment_ids=None) -> str | None:
-  """Why the Mosaic GPU kernels cannot run these inputs (None if they can); such calls go to `pallas_gpu`."""
+def unsupported_reason(q, k, v, s, g, segment_ids=None, *, interpret=None) -> str | None:
+  """Why the Mosaic GPU kernels cannot run these inputs (None if they can), interpreted or not;
+  `gsa_jax.ops.select_backend` runs such calls with 'pallas_gpu'."""
+  del interpret
   cd = jnp.result_type(q.dtype, k.dtype, v.dtype, s.dtype)
   if cd not in (jnp.bfloat16, jnp.float16) or g.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     dtypes = sorted({str(x.dtype) for x in (q, k, v, s, g)})
@@ -102,6 +96,8 @@ def unsupported_reason(q, k, v, s, g, segment_ids=None) -> str | None:
     return "segment_ids (document resets are not in the Mosaic GPU kernels yet)"
   if s.shape[-1] > _SLOTS:
     return f"M={s.shape[-1]} slots > {_SLOTS}"
+  if varying_axes(q, k, v, s, g, segment_ids):
+    return "shard_map-varying inputs (the Mosaic GPU kernels do not type their outputs for shard_map yet)"
   return None
 
 
@@ -536,24 +532,20 @@ def gsa_pallas_mgpu(
     scale: float,
     initial_state: GSAState | None = None,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, GSAState]:
   """GSA with the Mosaic GPU forward kernels; arguments and results as `gsa_jax.ops.chunked.chunk_gsa`.
 
   q [b, t, hq, dk]; k [b, t, h, dk]; v [b, t, h, dv]; s, g [b, t, h, m]. Differentiable in every array input
-  (custom_vjp; the backward is the Triton kernels'). Inputs these kernels do not support (`unsupported_reason`;
-  also calls inside shard_map) go to `gsa_gpu.gsa_pallas_gpu`, with the reason logged once. `interpret=None`
-  interprets the kernels on non-GPU platforms (slow; for tests).
+  (custom_vjp; the backward is the Triton kernels'). Raises ValueError on inputs these kernels do not support
+  (`unsupported_reason`; also calls inside shard_map); `gated_slot_attention(..., backend="pallas_mgpu")` runs
+  those with 'pallas_gpu'. `interpret=None` interprets the kernels on non-GPU platforms (slow; for tests).
   """
   reason = unsupported_reason(q, k, v, s, g, segment_ids)
-  if reason is None and varying_axes(q, k, v, s, g, segment_ids):
-    reason = "shard_map-varying inputs (the Mosaic GPU kernels do not type their outputs for shard_map yet)"
   if reason is not None:
-    _log_once(f"gated_slot_attention: backend 'pallas_mgpu' does not support {reason}; using 'pallas_gpu'.")
-    return gsa_gpu.gsa_pallas_gpu(q, k, v, s, g, scale=scale, initial_state=initial_state,
-                                  segment_ids=segment_ids, chunk_size=chunk_size, interpret=interpret)
+    raise ValueError(f"gsa_pallas_mgpu does not support {reason}; gated_slot_attention(..., "
+                     "backend='pallas_mgpu') runs such inputs with 'pallas_gpu'.")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   bs = block_sizes or BlockSizes()

@@ -51,7 +51,6 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from gsa_jax.ops.chunked import chunk_gsa
 from gsa_jax.ops.common import RESIDUALS_NAME, GSAState, kernel_output, to_varying, varying_axes
 from pallas_kernels.gsa_common import SUB, documents, gate_grad, pad_to
 
@@ -81,8 +80,11 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def unsupported_reason(q, k, v, s, g) -> str | None:
-  """Why the Pallas TPU kernels cannot run these inputs (None if they can)."""
+def unsupported_reason(q, k, v, s, g, segment_ids=None, *, interpret=None) -> str | None:
+  """Why the Pallas TPU kernels cannot run these inputs (None if they can); `gsa_jax.ops.select_backend` runs
+  such calls with 'chunked'. Any segment ids, interpreted or not (the arguments every kernel module's
+  `unsupported_reason` takes)."""
+  del segment_ids, interpret
   dtypes = {x.dtype for x in (q, k, v, s, g)}
   if any(d not in (jnp.float32, jnp.bfloat16) for d in dtypes):
     return f"dtypes {sorted(str(d) for d in dtypes)} (the TPU kernels take float32 or bfloat16)"
@@ -523,23 +525,21 @@ def gsa_pallas_tpu(
     scale: float,
     initial_state: GSAState | None = None,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
     block_sizes: BlockSizes | None = None,
     interpret=None,
 ) -> tuple[jax.Array, GSAState]:
-  """GSA with the Pallas TPU kernels; arguments and results as `gsa_jax.ops.chunked.chunk_gsa`.
+  """GSA with the Pallas TPU kernels; arguments and results as `gsa_jax.ops.chunked.chunk_gsa` (the kernels' chunk
+  is `block_sizes.chunk`).
 
   q [b, t, hq, dk]; k [b, t, h, dk]; v [b, t, h, dv]; s, g [b, t, h, m]. Differentiable in every array input
-  (custom_vjp). Inputs the kernels do not support (`unsupported_reason`) go to `chunk_gsa`, with the reason logged
-  once. `interpret=None` runs TPU interpret mode (`interpret_params`) on non-TPU platforms (slow; for tests);
-  True forces it, False compiles for a TPU. `block_sizes.chunk` is the kernels' chunk; `chunk_size` is only used
-  by the fallback.
+  (custom_vjp). Raises ValueError on inputs the kernels do not support (`unsupported_reason`);
+  `gated_slot_attention(..., backend="pallas_tpu")` runs those with 'chunked'. `interpret=None` runs TPU interpret
+  mode (`interpret_params`) on non-TPU platforms (slow; for tests); True forces it, False compiles for a TPU.
   """
-  reason = unsupported_reason(q, k, v, s, g)
+  reason = unsupported_reason(q, k, v, s, g, segment_ids, interpret=interpret)
   if reason is not None:
-    _log_once(f"gated_slot_attention: backend 'pallas_tpu' does not support {reason}; using 'chunked'.")
-    return chunk_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-                     chunk_size=chunk_size)
+    raise ValueError(f"gsa_pallas_tpu does not support {reason}; gated_slot_attention(..., backend='pallas_tpu') "
+                     "runs such inputs with 'chunked'.")
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
     if interpret:  # asked for by name off its platform: correct, but orders of magnitude slower

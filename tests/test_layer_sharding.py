@@ -66,7 +66,7 @@ def test_parameters_carry_logical_axes_that_users_map_to_their_mesh():
       "['blocks'][0]['mlp']['down_proj']['kernel']": P("tp", "fsdp"),
       "['blocks'][1]['mixer']['v_proj']['kernel']": P("fsdp", "tp"),
       "['blocks'][1]['mixer']['o_proj']['kernel']": P("tp", "fsdp"),
-      "['blocks'][0]['mixer_norm']['scale']": P(),
+      "['blocks'][0]['mixer_norm']['scale']": P(None),  # named replicated: the residual stream's norms
   }
   assert {name: flat[name] for name in want} == want
 

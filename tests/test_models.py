@@ -234,6 +234,16 @@ def test_jit_forward_matches_eager():
   np.testing.assert_allclose(nnx.jit(lambda m, x, s: m(x, s))(m, x, seg), m(x, seg), rtol=1e-5, atol=1e-6)
 
 
+def test_pallas_gpu_remat_policies_keep_what_matmuls_gsa_keeps_on_other_backends(capsys):
+  """"_keys" / "_states" name chunk states that only the pallas_gpu kernels make (REMAT_POLICIES says so): on the
+  chunked backend they keep exactly what "matmuls_gsa" keeps."""
+  x = tokens(4, 2, 12)
+  saved = {policy: sorted(_saved_residuals(tiny(num_layers=1, backend="chunked", remat=policy), x, capsys))
+           for policy in ("matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states")}
+  assert saved["matmuls_gsa"] and saved["matmuls_gsa_keys"] == saved["matmuls_gsa"]
+  assert saved["matmuls_gsa_states"] == saved["matmuls_gsa"]
+
+
 # -- scan over layers ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [

@@ -3,12 +3,14 @@ packed-sequence semantics, numerical safety and input validation."""
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gsa_jax.ops import BACKENDS, gated_slot_attention, resolve_backend, segment_masks
+from gsa_jax.ops import BACKENDS, api, gated_slot_attention, resolve_backend, segment_masks, select_backend
 from gsa_jax.ops.testing import cast, forward_and_grads, make_inputs, rel_err
 
 
@@ -201,6 +203,28 @@ def test_auto_backend_is_resolved_in_one_place():
   np.testing.assert_array_equal(o_auto, o_chunked)
 
 
+def test_one_function_chooses_the_implementation_and_logs_each_fallback_once(caplog, x64):
+  """float64 inputs asked of 'pallas_mgpu': neither the Mosaic GPU nor the Triton kernels take them, so the op goes
+  down the chain to 'chunked', saying why at each step, once however often it is called."""
+  x = cast(make_inputs(3, b=1, t=9, hq=1, h=1, dk=8, dv=8, m=4), jnp.float64)
+  args = [x[n] for n in "qkvsg"]
+  api._log_once.cache_clear()  # pylint: disable=protected-access  (logged once per process)
+  with caplog.at_level(logging.WARNING):
+    assert select_backend("pallas_mgpu", *args) == "chunked"
+    o, _ = gated_slot_attention(**x, backend="pallas_mgpu")
+  np.testing.assert_array_equal(o, gated_slot_attention(**x, backend="chunked")[0])
+  assert [r.getMessage() for r in caplog.records] == [
+      "gated_slot_attention: backend 'pallas_mgpu' does not support dtypes ['float64'] (the wgmma kernels take "
+      "bfloat16 or float16 q, k, v, s); using 'pallas_gpu'.",
+      "gated_slot_attention: backend 'pallas_gpu' does not support dtypes ['float64'] (the kernels take float32, "
+      "bfloat16 or float16); using 'chunked'."]
+  x16 = [a.astype(jnp.bfloat16) for a in args]
+  assert select_backend("pallas_mgpu", *x16) == "pallas_mgpu"
+  assert select_backend("pallas_mgpu", *x16, jnp.ones((1, 9), jnp.int32)) == "pallas_gpu"  # no segment ids there
+  assert select_backend("pallas_tpu", *x16) == "pallas_tpu"
+  assert select_backend("auto", *x16) == resolve_backend("auto")
+
+
 def test_jit_and_grad_through_public_api():
   x = cast(make_inputs(2, t=33), jnp.float32)
 
@@ -272,3 +296,24 @@ def test_compare_backends_flags_a_wrong_implementation():
                                  extra={"right": chunked_outside(1.0), "wrong": chunked_outside(1.01)})
   verdicts = {row[0]: row[-1] for row in rows}
   assert verdicts == {"recurrent": "ok", "right": "ok", "wrong": "FAIL"} and failures == 1
+
+
+def test_every_entry_point_defaults_to_the_one_chunk_size():
+  """The chunk of the chunked form has one default (`DEFAULT_CHUNK_SIZE`), whatever entry point a user starts from."""
+  import argparse  # noqa: PLC0415
+  import dataclasses  # noqa: PLC0415
+  import inspect  # noqa: PLC0415
+
+  from gsa_jax.layers import GatedSlotAttention  # noqa: PLC0415
+  from gsa_jax.models import GSAConfig  # noqa: PLC0415
+  from gsa_jax.ops import DEFAULT_CHUNK_SIZE, chunk_gsa, context_parallel_gsa, validate_inputs  # noqa: PLC0415
+  from gsa_jax.ops import check  # noqa: PLC0415
+
+  defaults = {fn.__qualname__: inspect.signature(fn).parameters["chunk_size"].default
+              for fn in (gated_slot_attention, validate_inputs, chunk_gsa, context_parallel_gsa,
+                         GatedSlotAttention.__init__, check.compare)}
+  defaults["GSAConfig"] = {f.name: f.default for f in dataclasses.fields(GSAConfig)}["chunk_size"]
+  parser = argparse.ArgumentParser()
+  check.add_arguments(parser)
+  defaults["python -m gsa_jax.ops.check"] = parser.parse_args([]).chunk_size
+  assert defaults == dict.fromkeys(defaults, DEFAULT_CHUNK_SIZE)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gsa_jax.ops import gated_slot_attention, resolve_backend
+from gsa_jax.ops import api, gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME, GSAState
 from gsa_jax.ops.testing import cast, make_inputs
 from pallas_kernels import BlockSizes, gsa_decode_step, gsa_decode_step_pallas, gsa_gpu, gsa_pallas_gpu
@@ -73,10 +73,9 @@ class TestPallasGPU(CompiledKernelTests, PublicAPIBackendTests):
 
   @pytest.mark.parametrize("variant", marked_slow(VARIANTS, SLOW_VARIANTS))
   @pytest.mark.parametrize("case", marked_slow(CASES, SLOW))
-  def test_matches_float64_recurrence(self, x64, case, variant, monkeypatch):
+  def test_matches_float64_recurrence(self, x64, case, variant):
     c = CASES[case]
-    # The kernels must run, not the fallback to the chunked form (which would pass these comparisons too).
-    monkeypatch.setattr(gsa_gpu, "chunk_gsa", lambda *a, **k: pytest.fail(f"{case}: fell back to chunk_gsa"))
+    # The entry point runs its kernels or raises: there is no fallback to pass these comparisons instead.
     got, refs = run_case(gsa_pallas_gpu, c, list(CASES).index(case) + 100, interpret=self.INTERPRET,
                          fast_cpu_compile=self.fast_cpu_compile,
                          block_sizes=dataclasses.replace(VARIANTS[variant], chunk=c.chunk))
@@ -98,22 +97,25 @@ def test_auto_picks_pallas_gpu_on_gpu():
 
 
 def test_unsupported_shape_falls_back_to_chunked(caplog):
+  """The op runs what the kernels do not support with 'chunked' (and says why); the kernels' entry point raises."""
   x = cast(make_inputs(3, b=1, t=9, hq=1, h=1, dk=8, dv=8, m=130), jnp.float32)
   with caplog.at_level(logging.WARNING):
-    o, _ = gsa_pallas_gpu(**x, scale=0.5, interpret=True)
+    o, _ = gated_slot_attention(**x, scale=0.5, backend="pallas_gpu")
   o_ref, _ = gated_slot_attention(**x, scale=0.5, backend="chunked")
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
   assert any("M=130" in r.getMessage() for r in caplog.records)
+  with pytest.raises(ValueError, match=r"gsa_pallas_gpu does not support M=130 slots > 128 .*with 'chunked'"):
+    gsa_pallas_gpu(**x, scale=0.5, interpret=True)
 
 
 def test_unsupported_dtype_falls_back_to_chunked(caplog, x64):
   """float64 inputs (not a kernel dtype) run the chunked form (float64 accuracy, which the float32 kernels could not
   give) and say so once."""
   x = cast(make_inputs(3, b=1, t=20, hq=2, h=1, dk=8, dv=8, m=6, with_state=True), jnp.float64)
-  gsa_gpu._log_once.cache_clear()
+  api._log_once.cache_clear()  # pylint: disable=protected-access  (logged once per process)
   with caplog.at_level(logging.WARNING):
-    o, final = gsa_pallas_gpu(**x, scale=0.5, interpret=True)
-    gsa_pallas_gpu(**x, scale=0.5, interpret=True)
+    o, final = gated_slot_attention(**x, scale=0.5, backend="pallas_gpu", output_final_state=True)
+    gated_slot_attention(**x, scale=0.5, backend="pallas_gpu")
   o_ref, final_ref = gated_slot_attention(**x, scale=0.5, backend="chunked", output_final_state=True)
   assert o.dtype == jnp.float64
   np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-14)

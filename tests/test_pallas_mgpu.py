@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gsa_jax.ops import BACKENDS, gated_slot_attention, resolve_backend
+from gsa_jax.ops import BACKENDS, api, gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import RESIDUALS_NAME
 from gsa_jax.ops.testing import cast, make_inputs
-from pallas_kernels import gsa_mgpu
 from pallas_kernels.gsa_mgpu import BlockSizes, gsa_pallas_mgpu, unsupported_reason
 from tests.gsa_testing import (KERNEL_TOL, CompiledKernelTests, KernelCase, assert_matches_references,
                                kept_residuals, marked_slow, run_case)
@@ -84,14 +83,18 @@ def test_unsupported_reason():
 
 
 def test_unsupported_inputs_go_to_pallas_gpu(caplog):
-  """float32 inputs are not the wgmma kernels' (16-bit operands): the call is the Triton backend's, logged."""
+  """float32 inputs are not the wgmma kernels' (16-bit operands): the op gives the call to the Triton backend,
+  logged; the Mosaic GPU entry point raises."""
   x = cast(make_inputs(3, b=1, t=9, hq=1, h=1, dk=8, dv=8, m=6), jnp.float32)
-  gsa_mgpu._log_once.cache_clear()  # the reason is logged once per process; other tests may have logged it
+  api._log_once.cache_clear()  # pylint: disable=protected-access  (the reason is logged once per process)
   with caplog.at_level(logging.WARNING):
-    o, _ = gsa_pallas_mgpu(**x, scale=0.5, interpret=True)
+    o, _ = gated_slot_attention(**x, scale=0.5, backend="pallas_mgpu")
   o_ref, _ = gated_slot_attention(**x, scale=0.5, backend="chunked")
   np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-6)
-  assert any("'pallas_mgpu' does not support dtypes" in r.getMessage() for r in caplog.records)
+  assert any("'pallas_mgpu' does not support dtypes" in r.getMessage() and "using 'pallas_gpu'" in r.getMessage()
+             for r in caplog.records)
+  with pytest.raises(ValueError, match=r"gsa_pallas_mgpu does not support dtypes .*with 'pallas_gpu'"):
+    gsa_pallas_mgpu(**x, scale=0.5, interpret=True)
 
 
 def test_block_sizes_are_validated():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from gsa_jax.ops import gated_slot_attention, resolve_backend
+from gsa_jax.ops import api, gated_slot_attention, resolve_backend
 from gsa_jax.ops.common import RESIDUALS_NAME
 from gsa_jax.ops.testing import cast, make_inputs, rel_err
 from pallas_kernels import gsa_tpu
@@ -140,12 +140,16 @@ def test_auto_picks_pallas_tpu_on_tpu():
 
 
 def test_unsupported_dtype_falls_back_to_chunked(caplog):
+  """The op runs float16 (not a TPU kernel dtype) with 'chunked' and says why; the kernels' entry point raises."""
   x = cast(make_inputs(3, b=1, t=9, hq=1, h=1, dk=8, dv=8, m=4), jnp.float16)
+  api._log_once.cache_clear()  # pylint: disable=protected-access  (logged once per process)
   with caplog.at_level(logging.WARNING):
-    o, _ = gsa_pallas_tpu(**x, scale=0.5, interpret=True)
+    o, _ = gated_slot_attention(**x, scale=0.5, backend="pallas_tpu")
   o_ref, _ = gated_slot_attention(**x, scale=0.5, backend="chunked")
   np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(o_ref, np.float32), rtol=1e-3, atol=1e-3)
-  assert any("float16" in r.getMessage() for r in caplog.records)
+  assert any("'pallas_tpu' does not support dtypes ['float16']" in r.getMessage() for r in caplog.records)
+  with pytest.raises(ValueError, match=r"gsa_pallas_tpu does not support dtypes \['float16'\]"):
+    gsa_pallas_tpu(**x, scale=0.5, interpret=True)
 
 
 def test_vmem_budget_at_paper_sizes_fits_default_scoped_limit():

@@ -51,8 +51,8 @@ class RMSNorm(nnx.Module):
                axis_name: str | None = None):
     self.eps = eps
     self.dtype = dtype
-    meta = logical_axes(axis_name) if axis_name else {}  # unnamed: replicated (the residual stream's norms)
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **meta) if use_scale else None
+    # axis_name None: replicated (the residual stream's norms).
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **logical_axes(axis_name)) if use_scale else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.dtype or x.dtype

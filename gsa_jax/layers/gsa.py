@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_layer_input, explicit_spec,
                                    fan_in_init, first_doc_continues, last_doc_continues, logical_axes,
                                    next_positions, next_segment_id, previous_taps, tail_taps, token_layout)
-from gsa_jax.ops import BACKENDS, GSAState, gated_slot_attention, gsa_step, zero_state
+from gsa_jax.ops import DEFAULT_CHUNK_SIZE, GSAState, check_backend, gated_slot_attention, gsa_step, zero_state
 from gsa_jax.ops.common import as_segment_ids
 
 FEATURE_MAPS = ("swish", "relu", "t2r")
@@ -121,7 +121,7 @@ class GatedSlotAttention(nnx.Module):
       use_rope: bool = False,
       rope_theta: float = 10000.0,
       backend: str = "auto",
-      chunk_size: int = 64,
+      chunk_size: int = DEFAULT_CHUNK_SIZE,
       *,
       out_init=fan_in_init,
       dtype=None,
@@ -145,7 +145,7 @@ class GatedSlotAttention(nnx.Module):
     _check(feature_map in FEATURE_MAPS, "feature_map", f"{feature_map!r} is unknown; expected one of {FEATURE_MAPS}.")
     _check(conv_size >= 1, "conv_size", f"must be at least 1; got {conv_size}.")
     _check(gate_logit_normalizer > 0, "gate_logit_normalizer", f"must be positive; got {gate_logit_normalizer}.")
-    _check(backend in BACKENDS, "backend", f"{backend!r} is unknown; expected one of {BACKENDS}.")
+    check_backend(backend)
     _check(chunk_size >= 1 and chunk_size & (chunk_size - 1) == 0, "chunk_size",
            f"must be a positive power of two; got {chunk_size}.")
     dk, dv = key_dim // num_heads, value_dim // num_heads

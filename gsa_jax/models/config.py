@@ -9,8 +9,12 @@ import jax.numpy as jnp
 
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS
 from gsa_jax.layers.gsa import FEATURE_MAPS
-from gsa_jax.ops import BACKENDS
+from gsa_jax.ops import DEFAULT_CHUNK_SIZE, check_backend
 
+# Remat policies (`gsa_jax.models.lm`). What the "matmuls_gsa*" ones keep beyond the projections' outputs is named by
+# the op's backends: the op's output (every backend), the Pallas kernels' small residuals (pallas_gpu, pallas_mgpu,
+# pallas_tpu) and chunk states that only the pallas_gpu kernels make: on any other backend "matmuls_gsa_keys" and
+# "matmuls_gsa_states" keep what "matmuls_gsa" keeps.
 REMAT_POLICIES = ("none", "block", "matmuls", "matmuls_gsa", "matmuls_gsa_keys", "matmuls_gsa_states")
 
 
@@ -39,7 +43,7 @@ class GSAConfig:
   use_rope: bool = False  # RoPE on the GSA layers' q, k (the reference has none).
   elementwise_affine: bool = True  # learned scale of the GSA output norm.
   backend: str = "auto"
-  chunk_size: int = 64
+  chunk_size: int = DEFAULT_CHUNK_SIZE
   # MLP: None means the reference's rule, 2/3 * hidden_ratio * hidden_size rounded up to a multiple of 256.
   intermediate_size: int | None = None
   hidden_ratio: int = 4
@@ -61,9 +65,10 @@ class GSAConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   # "none" | "block" (recompute each block) | "matmuls" (keep only matmul outputs) | "matmuls_gsa" (also keep the
-  # GSA op's output and its kernels' small residuals: the backward then reruns only the GPU state kernels) |
-  # "matmuls_gsa_keys" (also the GPU kernels' float32 key chunk states: only the value state kernel reruns) |
-  # "matmuls_gsa_states" (also the value chunk states: no kernel reruns, the most memory).
+  # GSA op's output, and the Pallas kernels' small residuals: on pallas_gpu the backward then reruns only the state
+  # kernels) | "matmuls_gsa_keys" (also the pallas_gpu kernels' float32 key chunk states: only the value state
+  # kernel reruns) | "matmuls_gsa_states" (also their value chunk states: no kernel reruns, the most memory). The
+  # last two differ from "matmuls_gsa" only on backend pallas_gpu (REMAT_POLICIES).
   remat: str = "none"
   # Run each stretch of consecutive identical blocks (all of a pure GSA model; a hybrid's GSA blocks between its
   # attention layers) as one lax.scan over their stacked parameters: XLA compiles one block per stretch instead of
@@ -97,7 +102,7 @@ class GSAConfig:
     check(self.gate_logit_normalizer > 0, "gate_logit_normalizer", f"must be positive; got {self.gate_logit_normalizer}.")
     check(not self.use_rope or (self.key_dim // self.num_heads) % 2 == 0, "use_rope",
           f"needs an even GSA head key width; got {self.key_dim // self.num_heads}.")
-    check(self.backend in BACKENDS, "backend", f"{self.backend!r} is unknown; expected one of {BACKENDS}.")
+    check_backend(self.backend, "GSAConfig.backend")
     check(self.chunk_size & (self.chunk_size - 1) == 0, "chunk_size", f"must be a power of two; got {self.chunk_size}.")
     check(self.intermediate_size is None or self.intermediate_size > 0, "intermediate_size",
           f"must be positive or None; got {self.intermediate_size}.")
@@ -115,7 +120,8 @@ class GSAConfig:
           f"RoPE needs an even attention head width; got {self.hidden_size // ah}.")
     check(self.attn_implementation in ATTENTION_IMPLEMENTATIONS, "attn_implementation",
           f"{self.attn_implementation!r} is unknown; expected one of {ATTENTION_IMPLEMENTATIONS}.")
-    check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is unknown; expected one of {REMAT_POLICIES}.")
+    check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} is unknown; expected one of {REMAT_POLICIES} "
+          "(gsa_jax.models.config.REMAT_POLICIES says which backends each one is for).")
     for field in ("dtype", "param_dtype"):
       try:
         ok = jnp.issubdtype(jnp.dtype(getattr(self, field)), jnp.floating)

@@ -29,14 +29,18 @@ def _save_matmuls_and(*names):
 
 # A ladder of memory for speed (gsa_jax.ops.common says what each name is). At 1.3B, B4 x T4096 on the H100
 # (docs/benchmarks.md) each step down the list keeps more per layer and reruns fewer GSA kernels in the backward.
+# The names are the backends': "_keys" and "_states" keep what only the pallas_gpu kernels make (on any other
+# backend they keep what "matmuls_gsa" keeps).
 _REMAT_POLICY = {
     "block": None,  # save nothing inside a block: recompute it all in the backward pass
     "matmuls": _SAVE_MATMULS,  # keep projection outputs only
-    # Also the op's output and the kernels' small residuals: the backward reruns only the GPU state kernels.
+    # Also the op's output (any backend) and the Pallas kernels' small residuals: on pallas_gpu the backward reruns
+    # only the state kernels.
     "matmuls_gsa": _save_matmuls_and(GSA_OUTPUT_NAME, RESIDUALS_NAME),
-    # Also the GPU kernels' key chunk states (float32 [T / 64, K, M] a head): only the value state kernel reruns.
+    # Also the pallas_gpu kernels' key chunk states (float32 [T / 64, K, M] a head): only the value state kernel
+    # reruns.
     "matmuls_gsa_keys": _save_matmuls_and(GSA_OUTPUT_NAME, RESIDUALS_NAME, KEY_STATES_NAME),
-    # Also the value chunk states: no GSA kernel reruns.
+    # Also the pallas_gpu kernels' value chunk states: no GSA kernel reruns.
     "matmuls_gsa_states": _save_matmuls_and(GSA_OUTPUT_NAME, RESIDUALS_NAME, KEY_STATES_NAME, VALUE_STATES_NAME),
 }
 

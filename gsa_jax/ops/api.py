@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from typing import Callable
 
@@ -12,7 +13,7 @@ import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.ops.chunked import chunk_gsa
-from gsa_jax.ops.common import GSAState, as_segment_ids, to_varying, varying_axes
+from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE, GSAState, as_segment_ids, to_varying, varying_axes
 from gsa_jax.ops.recurrent import recurrent_gsa
 
 BACKENDS = ("auto", "recurrent", "chunked", "pallas_gpu", "pallas_mgpu", "pallas_tpu")
@@ -25,21 +26,32 @@ def _recurrent(q, k, v, s, g, *, scale, initial_state, segment_ids, chunk_size):
   return recurrent_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
 
 
-# The kernels import this package (for the references they fall back to), so they are imported on first use: an
-# import of `pallas_kernels` before `gsa_jax.ops` must not meet a half-initialised module.
-def _pallas_gpu(q, k, v, s, g, **kwargs):
-  from pallas_kernels.gsa_gpu import gsa_pallas_gpu  # noqa: PLC0415
-  return gsa_pallas_gpu(q, k, v, s, g, **kwargs)
+# The kernel backends: the module of each (imported on first use: the kernels import this package, and an import of
+# `pallas_kernels` before `gsa_jax.ops` must not meet a half-initialised module) and the backend that runs the
+# inputs its kernels do not support (the module's `unsupported_reason` says which).
+_KERNEL_MODULES = {"pallas_gpu": "pallas_kernels.gsa_gpu", "pallas_mgpu": "pallas_kernels.gsa_mgpu",
+                   "pallas_tpu": "pallas_kernels.gsa_tpu"}
+_FALLBACK = {"pallas_gpu": "chunked", "pallas_mgpu": "pallas_gpu", "pallas_tpu": "chunked"}
 
 
-def _pallas_mgpu(q, k, v, s, g, **kwargs):
-  from pallas_kernels.gsa_mgpu import gsa_pallas_mgpu  # noqa: PLC0415
-  return gsa_pallas_mgpu(q, k, v, s, g, **kwargs)
+def _kernel_module(name: str):
+  return importlib.import_module(_KERNEL_MODULES[name])
 
 
-def _pallas_tpu(q, k, v, s, g, **kwargs):
-  from pallas_kernels.gsa_tpu import gsa_pallas_tpu  # noqa: PLC0415
-  return gsa_pallas_tpu(q, k, v, s, g, **kwargs)
+# The kernels' chunk is their own (their BlockSizes.chunk); `chunk_size` is the chunked form's.
+def _pallas_gpu(q, k, v, s, g, *, chunk_size, **kwargs):
+  del chunk_size
+  return _kernel_module("pallas_gpu").gsa_pallas_gpu(q, k, v, s, g, **kwargs)
+
+
+def _pallas_mgpu(q, k, v, s, g, *, chunk_size, **kwargs):
+  del chunk_size
+  return _kernel_module("pallas_mgpu").gsa_pallas_mgpu(q, k, v, s, g, **kwargs)
+
+
+def _pallas_tpu(q, k, v, s, g, *, chunk_size, **kwargs):
+  del chunk_size
+  return _kernel_module("pallas_tpu").gsa_pallas_tpu(q, k, v, s, g, **kwargs)
 
 
 # Implemented backends: name -> function with the signature of `chunk_gsa`, jitted with static scale and chunk.
@@ -50,10 +62,15 @@ _IMPLEMENTATIONS: dict[str, Callable] = {
 }
 
 
+def check_backend(backend, field: str = "backend") -> None:
+  """ValueError naming `field` unless `backend` is one of BACKENDS (the op, the layer and GSAConfig call this)."""
+  if backend not in BACKENDS:
+    raise ValueError(f"{field}={backend!r} is unknown; expected one of {BACKENDS}.")
+
+
 def resolve_backend(backend: str, platform: str | None = None) -> str:
   """Maps 'auto' to the best implemented backend for `platform` (default: JAX's default backend)."""
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r} is unknown; expected one of {BACKENDS}.")
+  check_backend(backend)
   if backend != "auto":
     return backend
   platform = platform or jax.default_backend()
@@ -64,6 +81,24 @@ def resolve_backend(backend: str, platform: str | None = None) -> str:
     _log_once(f"gated_slot_attention: backend='auto' on {platform} uses 'chunked' ({preferred!r} is not "
               "implemented yet).")
   return "chunked"
+
+
+def select_backend(backend: str, q, k, v, s, g, segment_ids=None) -> str:
+  """The backend that runs these inputs (q [b, t, hq, dk]; k [b, t, h, dk]; v [b, t, h, dv]; s, g [b, t, h, m];
+  segment_ids None or [b, t]; as the implementation receives them, so per shard under shard_map).
+
+  `resolve_backend`'s choice, or else the first backend down its fallback chain (pallas_mgpu -> pallas_gpu ->
+  chunked, pallas_tpu -> chunked) whose kernels support the inputs; each fallback is logged once, with its reason.
+  The kernel entry points themselves raise on inputs they do not support.
+  """
+  name = resolve_backend(backend)
+  while name in _FALLBACK:
+    reason = _kernel_module(name).unsupported_reason(q, k, v, s, g, segment_ids)
+    if reason is None:
+      break
+    _log_once(f"gated_slot_attention: backend {name!r} does not support {reason}; using {_FALLBACK[name]!r}.")
+    name = _FALLBACK[name]
+  return name
 
 
 @functools.cache
@@ -81,7 +116,8 @@ def _check_shape(name: str, x, expected: tuple, legend: str) -> None:
     raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(expected)} ({legend}).")
 
 
-def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chunk_size=64, scale=None) -> None:
+def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chunk_size=DEFAULT_CHUNK_SIZE,
+                    scale=None) -> None:
   """Raises ValueError/TypeError naming the offending argument, its shape and the expected one."""
   for name, x, dims in (("q", q, "[B, T, HQ, K]"), ("k", k, "[B, T, H, K]"), ("v", v, "[B, T, H, V]"),
                         ("s", s, "[B, T, H, M]"), ("g", g, "[B, T, H, M]")):
@@ -209,7 +245,7 @@ def gated_slot_attention(
     initial_state: tuple[jax.Array, jax.Array] | None = None,
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
 ) -> tuple[jax.Array, GSAState | None]:
   """Gated Slot Attention (Zhang et al., NeurIPS 2024), spec section 1.
@@ -232,7 +268,7 @@ def gated_slot_attention(
       changes (relative to the previous non-padding token); id 0 is padding: it leaves the state unchanged and
       gets o = 0. A Hugging Face-style attention mask (bool, or 0/1 ints; 1 = token, 0 = padding) is accepted as
       is: one document per row, its padding (left or right) skipped.
-    chunk_size: chunk length of the chunked backends; a positive power of two.
+    chunk_size: chunk length of the 'chunked' backend (the kernels have their own); a positive power of two.
     backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_mgpu" | "pallas_tpu".
 
   Returns:
@@ -266,8 +302,12 @@ def gated_slot_attention(
   if name not in _IMPLEMENTATIONS:
     raise NotImplementedError(f"backend={name!r} is not implemented yet; use backend='chunked' (exact, any "
                               "platform), 'recurrent' or 'auto'.")
-  impl = functools.partial(_IMPLEMENTATIONS[name], scale=scale, chunk_size=chunk_size)
-  fn = lambda q, k, v, s, g, state, seg: impl(q, k, v, s, g, initial_state=state, segment_ids=seg)
+
+  def fn(q, k, v, s, g, state, seg):
+    # Chosen on the values the implementation gets: per shard, typed as varying, when split over a mesh.
+    impl = _IMPLEMENTATIONS[select_backend(name, q, k, v, s, g, seg)]
+    return impl(q, k, v, s, g, scale=scale, chunk_size=chunk_size, initial_state=state, segment_ids=seg)
+
   split = _split_over_batch_and_heads(fn, q, k, v, s, g, initial_state, segment_ids)
   o, state = split if split is not None else fn(q, k, v, s, g, initial_state, segment_ids)
   return o, (state if output_final_state else None)

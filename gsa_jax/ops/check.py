@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsa_jax.ops.api import BACKENDS, gated_slot_attention
+from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE
 from gsa_jax.ops.testing import cast, make_inputs, random_segment_ids, rel_err, time_calls
 
 # Tolerances for the relative L2 error against float64, by input dtype (the chunked reference meets these).
@@ -43,7 +44,7 @@ def _loss_and_grads(backend, dtype, x, segment_ids, cotangent, chunk_size):
   return jax.jit(fn), jax.jit(fwd_bwd), [x[n] for n in "qkvsg"] + list(x["initial_state"])
 
 
-def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=64, normalizer=8.0,
+def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=DEFAULT_CHUNK_SIZE, normalizer=8.0,
             segments=False, repeats=5, seed=0, extra=None):
   """Errors vs the float64 recurrence and timings of each backend on one random problem.
 
@@ -104,7 +105,7 @@ def print_table(rows) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   for name, default in (("b", 2), ("t", 300), ("hq", 4), ("h", 2), ("dk", 32), ("dv", 48), ("m", 24)):
     parser.add_argument(f"--{name}", type=int, default=default)
-  parser.add_argument("--chunk-size", type=int, default=64)
+  parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
   parser.add_argument("--normalizer", type=float, default=8.0, help="g = logsigmoid(x) / normalizer")
   parser.add_argument("--segments", action="store_true", help="pack random documents with padding per row")
   parser.add_argument("--dtypes", default="float32,bfloat16")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gsa_jax.ops.common import GSAState, accumulation_dtype, segment_masks, to_varying, varying_axes
+from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE, GSAState, accumulation_dtype, segment_masks, to_varying, varying_axes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -46,7 +46,7 @@ def chunk_gsa(
     scale: float,
     initial_state: GSAState | None = None,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[jax.Array, GSAState]:
   """GSA in chunks of `chunk_size`. Arguments as in `gated_slot_attention` (already validated).
 

@@ -13,6 +13,10 @@ import jax
 import jax.numpy as jnp
 
 
+# The chunk length of the chunked form (`chunk_size` of the op, the layer and GSAConfig) when none is given. The
+# Pallas kernels have their own chunk (their BlockSizes), a tuning parameter of each kernel.
+DEFAULT_CHUNK_SIZE = 64
+
 # Names the Pallas kernels give what their forward leaves for the backward, for remat policies (`jax.checkpoint`
 # with `save_only_these_names`; gsa_jax.models: remat="matmuls_gsa" / "matmuls_gsa_keys" / "matmuls_gsa_states").
 # RESIDUALS_NAME: the float32 slot logits [b, t, hq, m] and final states, small; a policy that keeps them spares

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from gsa_jax.ops.api import gated_slot_attention, validate_inputs
-from gsa_jax.ops.common import GSAState, accumulation_dtype, segment_masks, to_varying, varying_axes
+from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE, GSAState, accumulation_dtype, segment_masks, to_varying, varying_axes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -178,7 +178,7 @@ def context_parallel_gsa(
     initial_state: tuple[jax.Array, jax.Array] | None = None,
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
 ) -> tuple[jax.Array, GSAState | None]:
   """`gated_slot_attention` with the sequence split over the mesh axis `axis_name`; the same results.

@@ -3,34 +3,28 @@
 from __future__ import annotations
 
 import math
-import re
 
+import flax
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp additionally shards parameters
 
-# Logical axes -> mesh axes. Parameters and activations name logical axes; this table alone decides placement.
+# Logical axes -> mesh axes: this table alone decides placement. Parameters name their logical axes where they are
+# created (flax `out_sharding` metadata, `gsa_jax.layers.common.logical_axes`), activations where the train step
+# constrains them. Input projections shard their outputs ("heads", "mlp") over "tensor" and output projections
+# their inputs, so a block's matmuls need one reduction over "tensor" (the Megatron layout); "embed" on parameters
+# is fully sharded data parallel.
 LOGICAL_AXIS_RULES = {
     "batch": BATCH_AXES,  # sequences of a batch
-    "embed": "fsdp",  # the model width, on parameters (fully sharded data parallel)
-    "features": "tensor",  # projected features: heads x head width, MLP hidden units (Megatron tensor parallel)
+    "embed": "fsdp",  # the model width
+    "heads": "tensor",  # heads x head width (GSA and attention projections, convolutions, GSA's output norm)
+    "mlp": "tensor",  # MLP hidden units
     "vocab": "tensor",
-    "conv_width": None,
     "length": None,
 }
-
-# Parameter logical axes by the parameter's path, first match wins. Input projections shard their output features
-# over "tensor" and output projections their input features, so a block's matmuls need one reduction over
-# "tensor" (the Megatron layout).
-_PARAM_AXES = (
-    (r"\['embed'\]\['embedding'\]", ("vocab", "embed")),
-    (r"\['lm_head'\]\['kernel'\]", ("embed", "vocab")),
-    (r"\['(o_proj|down_proj)'\]\['kernel'\]", ("features", "embed")),
-    (r"_proj'\]\['kernel'\]", ("embed", "features")),
-    (r"_conv'\]\['weight'\]", ("conv_width", "features")),
-)
 
 # Activation logical axes, for the largest activations the train step constrains.
 LOGITS_AXES = ("batch", "length", "vocab")
@@ -59,30 +53,47 @@ def make_mesh(shape: tuple[int, int, int]) -> Mesh:
   return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
+def axis_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """LOGICAL_AXIS_RULES as flax's logical axis rules (`flax.core.spmd.logical_axis_rules(axis_rules())`)."""
+  return tuple(LOGICAL_AXIS_RULES.items())
+
+
 def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-  """Mesh PartitionSpec of logical axes; a mesh axis that does not divide its dimension is dropped (replicated)."""
-  def mesh_axes(name, dim):
-    target = LOGICAL_AXIS_RULES[name] if name is not None else None
-    if target is None:
-      return None
-    size = math.prod(mesh.shape[a] for a in ((target,) if isinstance(target, str) else target))
-    return target if dim % size == 0 else None
+  """Mesh PartitionSpec of logical axes (None: replicated); a mesh axis that does not divide its dimension is
+  dropped (replicated). Raises ValueError for a logical name that LOGICAL_AXIS_RULES does not list."""
+  unknown = [a for a in axes if a is not None and a not in LOGICAL_AXIS_RULES]
+  if unknown:
+    raise ValueError(f"logical axes {unknown} are not in gsa_jax.train.sharding.LOGICAL_AXIS_RULES "
+                     f"{sorted(LOGICAL_AXIS_RULES)}; add a rule mapping them to mesh axes (or None).")
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {axes} name {len(axes)} dimensions; the array has shape {tuple(shape)}.")
 
-  return P(*(mesh_axes(a, d) for a, d in zip(axes, shape)))
+  def divides(target, dim):
+    names = () if target is None else ((target,) if isinstance(target, str) else target)
+    return dim % math.prod(mesh.shape[a] for a in names) == 0
 
-
-def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """The PartitionSpec of a parameter, from its logical axes (norm scales and unlisted parameters: replicated)."""
-  for pattern, axes in _PARAM_AXES:
-    if re.search(pattern, path) and len(axes) == len(shape):
-      return logical_spec(axes, shape, mesh)
-  return P()
+  targets = flax.core.spmd.from_sharding_rules(axes, axis_rules())
+  return P(*(t if divides(t, d) else None for t, d in zip(targets, shape)))
 
 
-def param_shardings(abstract_params, mesh: Mesh):
-  """NamedShardings for a pytree of parameters (arrays or ShapeDtypeStructs), by `param_spec`."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, param_spec(jax.tree_util.keystr(path), x.shape, mesh)), abstract_params)
+def param_logical_axes(param: nnx.Variable, path: str) -> tuple[str | None, ...]:
+  """The logical axes a parameter was created with (its `out_sharding` metadata); ValueError naming `path` when
+  it has none, so that no parameter is replicated by omission."""
+  axes = param.get_metadata().get("out_sharding")
+  if axes is None:
+    raise ValueError(f"parameter {path} {tuple(param.shape)} names no logical axes; create it with "
+                     "gsa_jax.layers.common.logical_axes(...) metadata (None for a replicated axis).")
+  return tuple(axes)
+
+
+def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> nnx.State:
+  """NamedShardings for an nnx.State of parameters (arrays or ShapeDtypeStructs), from each parameter's logical
+  axes through LOGICAL_AXIS_RULES (`logical_spec`)."""
+  def sharding(path, param):
+    name = jax.tree_util.keystr(path)
+    return param.replace(NamedSharding(mesh, logical_spec(param_logical_axes(param, name), param.shape, mesh)))
+
+  return jax.tree_util.tree_map_with_path(sharding, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
