@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -23,12 +22,12 @@ try:  # The flag's context manager has no public alias (jax.config.update would 
 except ImportError:  # a JAX without it: initialization compiles slower on GPU, nothing else changes
   _threefry_gpu_kernel_lowering = lambda _: contextlib.nullcontext()
 
+from gsa_jax import run_dir as run_dir_lib
 from gsa_jax.data import make_iterator
 from gsa_jax.models import GSALM, GSAConfig
 from gsa_jax.train import sharding as shd
-from gsa_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from gsa_jax.train.config import (ConfigError, check_mesh, describe_differences, differing_keys,
-                                  model_flops_per_token, to_json, validate_config)
+                                  model_flops_per_token, validate_config)
 from gsa_jax.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from gsa_jax.train.metrics import MetricsWriter, console_line, peak_flops, read_jsonl
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -82,11 +81,10 @@ def _workdir_start_over(config: ml_collections.ConfigDict) -> bool:
                       f"lies under {existing!r}, which is a file") + "; give a directory path.")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise ConfigError(f"config.workdir: cannot write {existing!r} (permission denied); give a writable directory.")
-  saved_path = os.path.join(workdir, "config.json")
+  saved_path = run_dir_lib.config_path(workdir)
   if os.path.exists(saved_path):
     try:
-      with open(saved_path) as f:
-        saved = json.load(f)
+      saved = run_dir_lib.read_config(workdir).to_dict()
     except (OSError, ValueError) as e:
       raise ConfigError(f"config.workdir: cannot read {saved_path!r} ({e}); repair or move that file, or use "
                         "--config.overwrite=True to delete that run.") from None
@@ -124,11 +122,9 @@ def past_end_step(config: ml_collections.ConfigDict) -> int | None:
 
   None when there is no such run, or when the workdir will be overwritten.
   """
-  from gsa_jax.train.restore import checkpoint_steps  # pylint: disable=import-outside-toplevel  (imports this)
-
-  if config.overwrite or not os.path.exists(os.path.join(config.workdir, "config.json")):
+  if config.overwrite or not os.path.exists(run_dir_lib.config_path(config.workdir)):
     return None
-  steps = checkpoint_steps(config.workdir)
+  steps = run_dir_lib.checkpoint_steps(config.workdir)
   return steps[-1] if steps and steps[-1] >= config.train.steps else None
 
 
@@ -140,16 +136,10 @@ def _barrier(name: str) -> None:
 
 
 def _write_workdir(config: ml_collections.ConfigDict, start_over: bool) -> None:
-  workdir = config.workdir
-  saved_path = os.path.join(workdir, "config.json")
   if start_over:
-    _log.warning("config.overwrite=True: deleting the run in %s", workdir)
-    shutil.rmtree(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  tmp = saved_path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(to_json(config))
-  os.replace(tmp, saved_path)
+    _log.warning("config.overwrite=True: deleting the run in %s", config.workdir)
+    shutil.rmtree(config.workdir)
+  run_dir_lib.write_config(config.workdir, config)
 
 
 def _loss_sums(graphdef, params, batch, constrain=lambda x, axes: x, loss_chunk: int = 0):
@@ -256,7 +246,7 @@ class TrainRun:
         "opt_state": optax.tree_map_params(self.tx, lambda _, s: s, abstract["opt_state"], param_sh,
                                            transform_non_params=lambda _: rep),
     }
-    self.abstract_state = abstract_with_shardings(abstract, self.state_shardings)
+    self.abstract_state = run_dir_lib.abstract_with_shardings(abstract, self.state_shardings)
     self.param_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]]
     self._init_state = jax.jit(init_state, out_shardings=self.state_shardings)
     self.batch_sharding = shd.batch_sharding(self.mesh)
@@ -393,16 +383,13 @@ def _log_file(path: str):
 def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_step, say) -> dict[str, Any]:
   """The loop of `train_and_evaluate`, once the workdir is written: restore or initialize, train, save."""
   t = config.train
-  ckpt = Checkpointer(os.path.join(os.path.abspath(config.workdir), "checkpoints"), keep=config.checkpoint.keep,
+  ckpt = run_dir_lib.Checkpointer(run_dir_lib.checkpoints_dir(config.workdir), keep=config.checkpoint.keep,
                       async_save=config.checkpoint.async_save)
   restored = ckpt.restore_latest(run.abstract_state, train_it)
   if restored is None:
     start_step, state = 0, run.init_state()
     if t.init_from:
-      from gsa_jax.train.restore import resolve_step, restore_params  # pylint: disable=import-outside-toplevel
-
-      source_step = resolve_step(t.init_from)
-      state["params"] = restore_params(t.init_from, source_step, run.abstract_state["params"])
+      source_step, state["params"] = run_dir_lib.restore_params(t.init_from, run.abstract_state["params"])
       _log.info("parameters initialized from %s (step %d)", t.init_from, source_step)
     _log.info("no checkpoint in %s: starting from step 0", config.workdir)
   else:
