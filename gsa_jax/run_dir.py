@@ -193,6 +193,22 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 # -- checkpoints: training (read-write) -------------------------------------------------------------------------------
 
 
+def save_policy(every_steps: int, last_step: int | None = None, every_minutes: float = 0.0
+                ) -> ocp.checkpoint_managers.SaveDecisionPolicy:
+  """When `Checkpointer.save` writes: every `every_steps` steps, at `last_step`, and (every_minutes > 0) when that
+  long has passed since the newest checkpoint (decided on process 0 and shared, so all processes agree; a run
+  without checkpoints saves at its first step; skipped while a save is still being written)."""
+  policies = [ocp.checkpoint_managers.FixedIntervalPolicy(every_steps)]
+  if last_step is not None:
+    policies.append(ocp.checkpoint_managers.SpecificStepsPolicy((last_step,)))
+  if every_minutes > 0:
+    policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+        minimum_interval_secs=max(1, round(60 * every_minutes))))
+  # On preemption train.py forces the save itself (`save(..., force=True)`): orbax's PreemptionCheckpointingPolicy
+  # reads JAX's preemption sync manager, which only a jax.distributed job has, so a single process never sees it.
+  return ocp.checkpoint_managers.AnySavePolicy(policies)
+
+
 class Checkpointer:
   """Saves and restores {train state, data iterator} under `directory`/<step>.
 
@@ -201,17 +217,21 @@ class Checkpointer:
   walks back from the newest step: one that fails to load is skipped with a warning naming it and the reason.
   """
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool):
-    self._directory = directory
+  def __init__(self, directory: str, *, keep: int, async_save: bool,
+               policy: ocp.checkpoint_managers.SaveDecisionPolicy | None = None):
+    """keep: the newest checkpoints kept; policy: at which steps `save` writes (`save_policy`; None: at every call)."""
+    self._directory, self._save_every_call = directory, policy is None
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep), save_decision_policy=policy, create=True,
+        cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(directory, options=options, item_names=(STATE, DATA))
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iterator: Any = None) -> None:
-    """Starts a save (asynchronous if so configured); the iterator's position is captured now.
+  def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False) -> bool:
+    """Starts a save (asynchronous if so configured) if the policy asks for one at `step`, or `force`; the
+    iterator's position is captured now. Returns whether a save started.
 
     state: any pytree of arrays (a train state, a user's `nnx.state(model)`); data_iterator: a grain iterator, or
     None to save the state alone."""
@@ -219,8 +239,10 @@ class Checkpointer:
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-    _log.info("checkpoint %d: save started (%.1f s blocking)", step, time.perf_counter() - start)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force or self._save_every_call)
+    if saved:
+      _log.info("checkpoint %d: save started (%.1f s blocking)", step, time.perf_counter() - start)
+    return saved
 
   def wait(self) -> None:
     """Blocks until every started save is on disk."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -110,3 +111,52 @@ def test_evaluation_and_conversion_read_runs_without_the_training_library(tmp_pa
   result = subprocess.run([sys.executable, "-c", _READ_WITHOUT_TRAINING, str(tmp_path / "run"),
                            str(tmp_path / "text.txt")], capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ---- when training saves: orbax's policies --------------------------------------------------------------------------
+
+def _decide(policy, step, previous=(), *, seconds=0.0, saving=False):
+  """policy.should_save at `step`, `seconds` after the checkpoints `previous` (steps) were written."""
+  import datetime  # pylint: disable=import-outside-toplevel
+
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  cm = ocp.checkpoint_managers
+  t0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+  info = lambda s, t: types.SimpleNamespace(step=s, time=t, metrics=None)  # a cm.PolicyCheckpointInfo
+  context = cm.DecisionContext(is_saving_in_progress=saving, reached_preemption=False,
+                               multiprocessing_options=ocp.options.MultiprocessingOptions())
+  return policy.should_save(info(step, t0 + datetime.timedelta(seconds=seconds)),
+                            [info(s, t0) for s in previous], context=context)
+
+
+def test_save_policy_every_n_steps_the_last_step_and_every_n_minutes():
+  steps_only = run_dir.save_policy(every_steps=4, last_step=10)
+  assert [s for s in range(1, 11) if _decide(steps_only, s, [0])] == [4, 8, 10]
+  timed = run_dir.save_policy(every_steps=100, last_step=1000, every_minutes=1.5)
+  assert not _decide(timed, 7, [4], seconds=89) and _decide(timed, 7, [4], seconds=90)
+  assert not _decide(timed, 7, [4], seconds=600, saving=True)  # one write at a time
+  assert _decide(timed, 1)  # a run without checkpoints saves at its first step
+  assert not _decide(steps_only, 1)
+
+
+def test_checkpointer_saves_what_the_policy_asks_or_is_forced_and_keeps_the_newest(tmp_path):
+  ckpt = run_dir.Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=False, policy=run_dir.save_policy(2))
+  state = {"w": np.arange(3.0)}
+  assert [ckpt.save(s, state) for s in range(1, 7)] == [False, True, False, True, False, True]
+  assert ckpt.steps() == [4, 6]
+  assert ckpt.save(7, state, force=True)  # e.g. on SIGTERM
+  assert ckpt.steps() == [6, 7]
+  ckpt.close()
+
+
+def test_a_time_policy_run_saves_its_first_step(tmp_path):
+  """checkpoint.every_minutes reaches orbax: a run without checkpoints saves at step 1 (then every N steps, the
+  last step, and when the minutes have passed)."""
+  from gsa_jax.train import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  from tests.test_train import tiny_config  # pylint: disable=import-outside-toplevel
+
+  config = tiny_config(tmp_path / "run", train__steps=3, train__eval_every=0, checkpoint__every_steps=100,
+                       checkpoint__every_minutes=60.0)
+  train_and_evaluate(config)
+  assert run_dir.checkpoint_steps(config.workdir) == [1, 3]

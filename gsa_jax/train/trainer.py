@@ -188,6 +188,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = total / denom
     grad_norm = optax.tree.norm(grads)
+    # Not optax.apply_if_finite: it looks at the gradients only (a NaN loss with finite gradients passes), applies
+    # the update after max_consecutive_errors where we stop, and keeps its counters in opt_state (a new layout).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
@@ -383,8 +385,9 @@ def _log_file(path: str):
 def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_step, say) -> dict[str, Any]:
   """The loop of `train_and_evaluate`, once the workdir is written: restore or initialize, train, save."""
   t = config.train
-  ckpt = run_dir_lib.Checkpointer(run_dir_lib.checkpoints_dir(config.workdir), keep=config.checkpoint.keep,
-                      async_save=config.checkpoint.async_save)
+  c = config.checkpoint
+  ckpt = run_dir_lib.Checkpointer(run_dir_lib.checkpoints_dir(config.workdir), keep=c.keep, async_save=c.async_save,
+                                  policy=run_dir_lib.save_policy(c.every_steps, t.steps, c.every_minutes))
   restored = ckpt.restore_latest(run.abstract_state, train_it)
   if restored is None:
     start_step, state = 0, run.init_state()
@@ -406,7 +409,6 @@ def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_ste
   if config.checkpoint.save_on_sigterm:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
 
-  last_save_time = time.monotonic()
   timer = {"start": time.perf_counter(), "steps": 0}
   last_row: dict[str, Any] = {}
 
@@ -446,11 +448,7 @@ def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_ste
       if pending is not None:
         report(*pending)
       pending = (step, metrics, eval_metrics)
-      minutes = config.checkpoint.every_minutes
-      if (step % config.checkpoint.every_steps == 0 or step == t.steps or preempted
-          or (minutes and time.monotonic() - last_save_time > 60 * minutes)):
-        ckpt.save(step, state, train_it)
-        last_save_time = time.monotonic()
+      ckpt.save(step, state, train_it, force=bool(preempted))  # the policy decides, unless preempted
       if preempted:
         report(*pending)
         ckpt.wait()
