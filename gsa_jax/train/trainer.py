@@ -17,11 +17,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-try:  # The flag's context manager has no public alias (jax.config.update would set it process-wide).
-  from jax._src.config import threefry_gpu_kernel_lowering as _threefry_gpu_kernel_lowering
-except ImportError:  # a JAX without it: initialization compiles slower on GPU, nothing else changes
-  _threefry_gpu_kernel_lowering = lambda _: contextlib.nullcontext()
-
 from gsa_jax import run_dir as run_dir_lib
 from gsa_jax.data import make_iterator
 from gsa_jax.models import GSALM, GSAConfig
@@ -217,6 +212,21 @@ def make_eval_step(graphdef, constrain=lambda x, axes: x, loss_chunk: int = 0):
   return eval_step
 
 
+@contextlib.contextmanager
+def _config_set(name: str, value: Any):
+  """jax.config's `name` set to `value` inside the block, put back after it.
+
+  JAX's scoped form of a flag is private (jax._src.config); the public `jax.config.update` sets it for the process,
+  so it is undone here. Flags that change compiled code are part of the jit cache key: a function compiled inside
+  the block is not reused outside it."""
+  before = getattr(jax.config, name)
+  jax.config.update(name, value)
+  try:
+    yield
+  finally:
+    jax.config.update(name, before)
+
+
 class TrainRun:
   """One training run's compiled pieces: mesh, optimizer, shardings, the jitted train and eval steps, iterators.
 
@@ -264,7 +274,7 @@ class TrainRun:
     """A fresh train state (parameters from `config.train.seed`), laid out with `state_shardings`."""
     # Every initializer is a threefry computation; as XLA fusions, the 1.3B model's ~200 of them took 3.5 minutes
     # to compile on an H100. The kernel lowering (same bits) compiles in seconds; it only matters on GPU.
-    with _threefry_gpu_kernel_lowering(True):
+    with _config_set("jax_threefry_gpu_kernel_lowering", True):
       return self._init_state()
 
   def iterator(self, split: str):
