@@ -27,8 +27,9 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 
-from gsa_jax.models import GSAConfig
+from gsa_jax.models import GSALM, GSAConfig
 
 _log = logging.getLogger(__name__)
 
@@ -159,10 +160,6 @@ def load_model(run_dir: str, step: int | None = None, **model_overrides):
   model_overrides replace fields of the model config that do not change parameter shapes (e.g. backend="recurrent",
   dtype="float32"). Returns (model, run config, step).
   """
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from gsa_jax.models import GSALM  # pylint: disable=import-outside-toplevel
-
   config = read_config(run_dir)
   for key, value in model_overrides.items():
     config.model[key] = value
