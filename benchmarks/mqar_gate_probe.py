@@ -28,7 +28,7 @@ import numpy as np
 
 from gsa_jax.data.mqar import mqar_example
 from gsa_jax.layers import GatedSlotAttention
-from gsa_jax.train.restore import load_model
+from gsa_jax.run_dir import load_model
 
 ROLES = ("key", "value", "query", "filler")
 

@@ -95,7 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 200  # save every N steps (and at the end)
-  c.checkpoint.every_minutes = 0.0  # also save when this much time passed since the last save (0: off)
+  # Also save when this much time has passed since the newest checkpoint, and at the first step of a run that has
+  # none (orbax's ContinuousCheckpointingPolicy; not while a save is still being written). 0: off.
+  c.checkpoint.every_minutes = 0.0
   c.checkpoint.keep = 3  # keep the newest N checkpoints
   c.checkpoint.async_save = True  # write in the background while training continues
   c.checkpoint.save_on_sigterm = True  # on SIGTERM (preemption) save the current step, then exit with code 143

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from gsa_jax.layers import GatedSlotAttention
-from gsa_jax.train.checkpointing import Checkpointer
+from gsa_jax.run_dir import Checkpointer
 
 
 def make():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 
 import pytest
 from flax import nnx
 
+from gsa_jax import run_dir
 from gsa_jax.models import GSALM, PRESETS, count_params
 from gsa_jax.train.config import check_mesh, validate_config
 from tests.test_convert import MISTRAL_7B_CONFIG
@@ -43,10 +43,10 @@ def _converted_mistral_run(tmp_path):
   from gsa_jax.convert.io import config_to_json  # noqa: PLC0415
   from gsa_jax.convert.llama import config_from_llama  # noqa: PLC0415
 
-  run = tmp_path / "mistral_gsa_init"
-  (run / "checkpoints" / "0").mkdir(parents=True)
-  (run / "config.json").write_text(json.dumps({"model": config_to_json(config_from_llama(MISTRAL_7B_CONFIG))}))
-  return str(run)
+  run = str(tmp_path / "mistral_gsa_init")
+  run_dir.write_config(run, {"model": config_to_json(config_from_llama(MISTRAL_7B_CONFIG))})
+  os.makedirs(os.path.join(run_dir.checkpoints_dir(run), "0"))  # a step without its 7B of weights
+  return run
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)

@@ -22,7 +22,7 @@ from gsa_jax.convert import ConversionError, read_run_params, read_safetensors_d
 from gsa_jax.convert import fla as fla_map
 from gsa_jax.convert.__main__ import main as convert_main
 from gsa_jax.models import GSALM, GSAConfig
-from gsa_jax.train.restore import load_model
+from gsa_jax.run_dir import load_model
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 LLAMA = os.path.join(DATA, "tiny_llama")

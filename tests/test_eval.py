@@ -15,17 +15,16 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from configs import lm_tiny
+from gsa_jax import run_dir as run_dir_lib
 from gsa_jax.data import ByteTokenizer
 from gsa_jax.eval import DataError, Request, Scorer, load_examples, run_task
 from gsa_jax.eval import __main__ as cli
 from gsa_jax.eval.scoring import bucket_length
 from gsa_jax.models import GSALM, GSAConfig
-from gsa_jax.train.config import to_json
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 BOS, EOS = 1, 2
@@ -251,10 +250,8 @@ def run_dir(tmp_path_factory, model):
   c.train.seq_len = 64
   for key, value in vars(model_config()).items():
     c.model[key] = value
-  (path / "config.json").write_text(to_json(c))
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(str(path / "checkpoints" / "7" / "state"), {"params": nnx.state(model, nnx.Param)})
-  ckpt.wait_until_finished()
+  run_dir_lib.write_config(str(path), c)
+  run_dir_lib.save_params(str(path), nnx.state(model, nnx.Param), step=7)
   return str(path)
 
 

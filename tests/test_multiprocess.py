@@ -20,9 +20,9 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from gsa_jax import run_dir
 from gsa_jax.data import make_iterator
 from gsa_jax.train import train_and_evaluate
 from gsa_jax.train import trainer as trainer_lib
@@ -74,11 +74,8 @@ def _launch(workdir, tmp_path, tag: str):
 
 def _final_params(workdir, like):
   """The newest checkpoint's parameters, read in this (single) process onto one device, shaped like `like`."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
-  return step, ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "state"), target)["params"]
+  return run_dir.restore_params(workdir, run_dir.abstract_with_shardings(like["params"], device))
 
 
 def _assert_params_close(a, b):

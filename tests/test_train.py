@@ -13,10 +13,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import mqar
+from gsa_jax import run_dir
 from gsa_jax.train import ConfigError, Preempted, train_and_evaluate, validate_config
 from gsa_jax.train.metrics import read_jsonl
 
@@ -51,9 +51,8 @@ def losses(workdir):
 
 
 def final_state(workdir):
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  step = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  return step, ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), "state"))
+  """(step, train state) of the newest checkpoint, as saved."""
+  return run_dir.restore_state(workdir)
 
 
 def run_train_py(*args, env=None, timeout=300):

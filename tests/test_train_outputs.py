@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from gsa_jax import run_dir
 from gsa_jax.train import train_and_evaluate
 from gsa_jax.train.metrics import MetricsWriter, read_jsonl
 from tests.test_reliability import TINY_FLAGS
@@ -44,10 +45,8 @@ def test_exit_code_3_on_nonfinite_gradients(tmp_path):
   assert errors[0].startswith("error: step 2: non-finite loss or gradient (first parameter with a non-finite "
                               "gradient: ['"), errors[0]
   assert "train.nonfinite='skip'" in errors[0]
-  ckpts = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
-  assert ckpts[-1] == 2  # step 2 was saved before its metrics were read; its update was not applied
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  one, two = (ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / str(s) / "state")) for s in (1, 2))
+  assert run_dir.checkpoint_steps(workdir)[-1] == 2  # step 2 was saved before its metrics were read; not applied
+  (_, one), (_, two) = (run_dir.restore_state(workdir, s) for s in (1, 2))
   jax.tree.map(np.testing.assert_array_equal, two["params"], one["params"])
 
 

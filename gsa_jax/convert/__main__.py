@@ -8,7 +8,7 @@
     python -m gsa_jax.convert from-llama Mistral-7B-v0.1/ runs/mistral_gsa_init --num-slots 64
 
 A run directory holds config.json and checkpoints/0/state (parameters only); `python -m gsa_jax.eval
---checkpoint OUT`, `gsa_jax.train.restore.load_model(OUT)` and `train.py --config.train.init_from=OUT` read it.
+--checkpoint OUT`, `gsa_jax.run_dir.load_model(OUT)` and `train.py --config.train.init_from=OUT` read it.
 The tokenizer (tokenizer.json, else tokenizer.model) of SRC is copied into OUT and named in its config; --tokenizer
 names another. Every tensor name is mapped explicitly: missing or unexpected tensors, unknown config keys and
 options we do not support are errors that list them. Exit codes: 0 done, 2 bad input (message on stderr).

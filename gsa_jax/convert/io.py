@@ -1,8 +1,8 @@
 """Files of the conversions: Hugging Face safetensors checkpoints (numpy, no torch) and our run directories.
 
-A run directory written here is what `gsa_jax.train.restore.load_model`, `python -m gsa_jax.eval` and
-`train.init_from` read: `config.json` (the model config, the tokenizer and the sequence length) and an orbax
-checkpoint `checkpoints/0/state` holding `{"params": ...}` only (no optimizer state: it is not a run to resume).
+A run directory written here (the format is `gsa_jax.run_dir`'s) is what `gsa_jax.run_dir.load_model`,
+`python -m gsa_jax.eval` and `train.init_from` read: `config.json` (the model config, the tokenizer and the sequence
+length) and a checkpoint of step 0 holding `{"params": ...}` only (no optimizer state: it is not a run to resume).
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def write_run_dir(out_dir: str, model_cfg, params: dict[tuple, np.ndarray], *, t
 
   params: {('blocks', 0, 'mixer', 'q_proj', 'kernel'): array, ...}, exactly the model's parameters (checked).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
+  from gsa_jax import run_dir  # pylint: disable=import-outside-toplevel
   from gsa_jax.data import data_config_defaults  # pylint: disable=import-outside-toplevel
   from gsa_jax.models import GSALM  # pylint: disable=import-outside-toplevel
 
@@ -114,17 +114,14 @@ def write_run_dir(out_dir: str, model_cfg, params: dict[tuple, np.ndarray], *, t
   state = jax.tree_util.tree_map_with_path(
       lambda path, _: np.asarray(params[_path_key(path)], dtype=param_dtype), abstract)
 
-  os.makedirs(out_dir, exist_ok=True)
   data = data_config_defaults()
   data.source = "text"
   data.tokenizer = tokenizer
   data.bos_id, data.eos_id = bos_id, eos_id
   config = {"model": config_to_json(model_cfg), "data": data.to_dict(), "train": {"seq_len": seq_len},
             "converted_from": source or {}}
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  path = os.path.join(os.path.abspath(out_dir), "checkpoints", "0", "state")
-  ocp.PyTreeCheckpointer().save(path, {"params": state})
+  run_dir.write_config(out_dir, config)
+  run_dir.save_params(out_dir, state)
 
 
 def _path_key(path) -> tuple:
@@ -143,12 +140,12 @@ def read_run_params(run_dir: str, step: int | None = None):
   """(GSAConfig, {path tuple: float32 numpy array}, config dict, step) of a run directory's checkpoint."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from gsa_jax.train.restore import load_model  # pylint: disable=import-outside-toplevel
+  from gsa_jax import run_dir as run_dir_lib  # pylint: disable=import-outside-toplevel
 
-  if not os.path.isfile(os.path.join(run_dir, "config.json")):
+  if not os.path.isfile(run_dir_lib.config_path(run_dir)):
     raise ConversionError(f"{run_dir!r} is not a run directory (no config.json): give the output directory of "
                           "train.py or of `python -m gsa_jax.convert from-*`.")
-  model, config, step = load_model(run_dir, step)
+  model, config, step = run_dir_lib.load_model(run_dir, step)
   params = {path: np.asarray(v[...]) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   return model.config, params, config.to_dict(), step
 

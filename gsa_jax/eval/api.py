@@ -42,13 +42,13 @@ def evaluate(run_dir: str, task: str, data_path: str, *, step: int | None = None
   """
   # Imported here: the checkpoint loader pulls in orbax, which `--help` and data errors do not need.
   from gsa_jax.data import load_tokenizer  # pylint: disable=import-outside-toplevel
-  from gsa_jax.train.restore import load_model, load_run_config  # pylint: disable=import-outside-toplevel
+  from gsa_jax.run_dir import load_model, read_config  # pylint: disable=import-outside-toplevel
 
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
   if not os.path.isdir(run_dir):
     raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
-  config = load_run_config(run_dir)
+  config = read_config(run_dir)
   if config.data.source != "text":
     # An MQAR run has no tokenizer for text: its ids are synthetic. Scoring text with it would be meaningless.
     raise ValueError(f"{run_dir!r} was trained on data.source={config.data.source!r}; text tasks need a run "

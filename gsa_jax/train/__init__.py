@@ -1,4 +1,4 @@
-"""Training library: config validation, optimizer, sharding, checkpoints, metrics and the loop."""
+"""Training library: config validation, optimizer, sharding, metrics and the loop (checkpoints: gsa_jax.run_dir)."""
 
 from gsa_jax.train.config import ConfigError, validate_config
 from gsa_jax.train.trainer import EXIT_NONFINITE, EXIT_SIGTERM, NonFiniteError, Preempted, train_and_evaluate

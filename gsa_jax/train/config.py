@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import ml_collections
 
+from gsa_jax import run_dir as run_dir_lib
 from gsa_jax.data import dataset_vocab_size, validate_data_config
 from gsa_jax.models import GSAConfig
 
@@ -30,9 +32,9 @@ RESUMABLE_PREFIXES = (
 def model_config(config: ml_collections.ConfigDict) -> GSAConfig:
   """The GSAConfig of `config.model`; its validation errors are re-raised naming `config.model.<field>`."""
   try:
-    return GSAConfig(**config.model.to_dict())
+    return run_dir_lib.model_config(config)
   except ValueError as e:
-    raise ConfigError(str(e).replace("GSAConfig.", "config.model.", 1)) from None
+    raise ConfigError(str(e)) from None
 
 
 def _require(cond: bool, key: str, message: str) -> None:
@@ -70,9 +72,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
 
   model = model_config(config)
   if t.init_from:
-    from gsa_jax.train.restore import checkpoint_steps  # pylint: disable=import-outside-toplevel  (imports this)
-
-    if not checkpoint_steps(config.workdir):  # a resumed run never reads it (its source may be gone by then)
+    if not run_dir_lib.checkpoint_steps(config.workdir):  # a resumed run never reads it (its source may be gone)
       check_init_from(t.init_from, model)
   if not check_data:
     return model
@@ -105,17 +105,13 @@ _FUNCTION_FIELDS = ("feature_map", "gate_logit_normalizer", "norm_eps", "output_
 
 def check_init_from(run_dir: str, model: GSAConfig) -> None:
   """train.init_from must be a run directory (of train.py or gsa_jax.convert) whose parameters fit `model`."""
-  import os  # pylint: disable=import-outside-toplevel
-
-  from gsa_jax.train.restore import checkpoint_steps, load_run_config  # pylint: disable=import-outside-toplevel
-
   key = "train.init_from"
-  _require(os.path.isfile(os.path.join(run_dir, "config.json")), key,
+  _require(os.path.isfile(run_dir_lib.config_path(run_dir)), key,
            f"{run_dir!r} is not a run directory (no config.json); give the output directory of train.py or of "
            "`python -m gsa_jax.convert`.")
-  _require(bool(checkpoint_steps(run_dir)), key, f"{run_dir!r} has no checkpoint under checkpoints/.")
+  _require(bool(run_dir_lib.checkpoint_steps(run_dir)), key, f"{run_dir!r} has no checkpoint under checkpoints/.")
   try:
-    source = model_config(load_run_config(run_dir))
+    source = model_config(run_dir_lib.read_config(run_dir))
   except ConfigError as e:
     raise ConfigError(f"config.{key}: the model config of {run_dir!r} is not valid: {e}") from None
   mine, theirs = param_shapes(model), param_shapes(source)
@@ -163,8 +159,7 @@ def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[
   return out
 
 
-def to_json(config: ml_collections.ConfigDict) -> str:
-  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+to_json = run_dir_lib.config_json  # the text of config.json: what a saved config is compared as
 
 
 def _effective(flat: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -18,17 +17,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-try:  # The flag's context manager has no public alias (jax.config.update would set it process-wide).
-  from jax._src.config import threefry_gpu_kernel_lowering as _threefry_gpu_kernel_lowering
-except ImportError:  # a JAX without it: initialization compiles slower on GPU, nothing else changes
-  _threefry_gpu_kernel_lowering = lambda _: contextlib.nullcontext()
-
+from gsa_jax import run_dir as run_dir_lib
 from gsa_jax.data import make_iterator
 from gsa_jax.models import GSALM, GSAConfig
 from gsa_jax.train import sharding as shd
-from gsa_jax.train.checkpointing import Checkpointer, abstract_with_shardings
 from gsa_jax.train.config import (ConfigError, check_mesh, describe_differences, differing_keys,
-                                  model_flops_per_token, to_json, validate_config)
+                                  model_flops_per_token, validate_config)
 from gsa_jax.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from gsa_jax.train.metrics import MetricsWriter, console_line, peak_flops, read_jsonl
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -82,11 +76,10 @@ def _workdir_start_over(config: ml_collections.ConfigDict) -> bool:
                       f"lies under {existing!r}, which is a file") + "; give a directory path.")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise ConfigError(f"config.workdir: cannot write {existing!r} (permission denied); give a writable directory.")
-  saved_path = os.path.join(workdir, "config.json")
+  saved_path = run_dir_lib.config_path(workdir)
   if os.path.exists(saved_path):
     try:
-      with open(saved_path) as f:
-        saved = json.load(f)
+      saved = run_dir_lib.read_config(workdir).to_dict()
     except (OSError, ValueError) as e:
       raise ConfigError(f"config.workdir: cannot read {saved_path!r} ({e}); repair or move that file, or use "
                         "--config.overwrite=True to delete that run.") from None
@@ -124,11 +117,9 @@ def past_end_step(config: ml_collections.ConfigDict) -> int | None:
 
   None when there is no such run, or when the workdir will be overwritten.
   """
-  from gsa_jax.train.restore import checkpoint_steps  # pylint: disable=import-outside-toplevel  (imports this)
-
-  if config.overwrite or not os.path.exists(os.path.join(config.workdir, "config.json")):
+  if config.overwrite or not os.path.exists(run_dir_lib.config_path(config.workdir)):
     return None
-  steps = checkpoint_steps(config.workdir)
+  steps = run_dir_lib.checkpoint_steps(config.workdir)
   return steps[-1] if steps and steps[-1] >= config.train.steps else None
 
 
@@ -140,16 +131,10 @@ def _barrier(name: str) -> None:
 
 
 def _write_workdir(config: ml_collections.ConfigDict, start_over: bool) -> None:
-  workdir = config.workdir
-  saved_path = os.path.join(workdir, "config.json")
   if start_over:
-    _log.warning("config.overwrite=True: deleting the run in %s", workdir)
-    shutil.rmtree(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  tmp = saved_path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(to_json(config))
-  os.replace(tmp, saved_path)
+    _log.warning("config.overwrite=True: deleting the run in %s", config.workdir)
+    shutil.rmtree(config.workdir)
+  run_dir_lib.write_config(config.workdir, config)
 
 
 def _loss_sums(graphdef, params, batch, constrain=lambda x, axes: x, loss_chunk: int = 0):
@@ -198,6 +183,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = total / denom
     grad_norm = optax.tree.norm(grads)
+    # Not optax.apply_if_finite: it looks at the gradients only (a NaN loss with finite gradients passes), applies
+    # the update after max_consecutive_errors where we stop, and keeps its counters in opt_state (a new layout).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
@@ -223,6 +210,21 @@ def make_eval_step(graphdef, constrain=lambda x, axes: x, loss_chunk: int = 0):
     return {"total": total, "count": count, "correct": correct}
 
   return eval_step
+
+
+@contextlib.contextmanager
+def _config_set(name: str, value: Any):
+  """jax.config's `name` set to `value` inside the block, put back after it.
+
+  JAX's scoped form of a flag is private (jax._src.config); the public `jax.config.update` sets it for the process,
+  so it is undone here. Flags that change compiled code are part of the jit cache key: a function compiled inside
+  the block is not reused outside it."""
+  before = getattr(jax.config, name)
+  jax.config.update(name, value)
+  try:
+    yield
+  finally:
+    jax.config.update(name, before)
 
 
 class TrainRun:
@@ -256,7 +258,7 @@ class TrainRun:
         "opt_state": optax.tree_map_params(self.tx, lambda _, s: s, abstract["opt_state"], param_sh,
                                            transform_non_params=lambda _: rep),
     }
-    self.abstract_state = abstract_with_shardings(abstract, self.state_shardings)
+    self.abstract_state = run_dir_lib.abstract_with_shardings(abstract, self.state_shardings)
     self.param_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract["params"])[0]]
     self._init_state = jax.jit(init_state, out_shardings=self.state_shardings)
     self.batch_sharding = shd.batch_sharding(self.mesh)
@@ -272,7 +274,7 @@ class TrainRun:
     """A fresh train state (parameters from `config.train.seed`), laid out with `state_shardings`."""
     # Every initializer is a threefry computation; as XLA fusions, the 1.3B model's ~200 of them took 3.5 minutes
     # to compile on an H100. The kernel lowering (same bits) compiles in seconds; it only matters on GPU.
-    with _threefry_gpu_kernel_lowering(True):
+    with _config_set("jax_threefry_gpu_kernel_lowering", True):
       return self._init_state()
 
   def iterator(self, split: str):
@@ -393,16 +395,14 @@ def _log_file(path: str):
 def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_step, say) -> dict[str, Any]:
   """The loop of `train_and_evaluate`, once the workdir is written: restore or initialize, train, save."""
   t = config.train
-  ckpt = Checkpointer(os.path.join(os.path.abspath(config.workdir), "checkpoints"), keep=config.checkpoint.keep,
-                      async_save=config.checkpoint.async_save)
+  c = config.checkpoint
+  ckpt = run_dir_lib.Checkpointer(run_dir_lib.checkpoints_dir(config.workdir), keep=c.keep, async_save=c.async_save,
+                                  policy=run_dir_lib.save_policy(c.every_steps, t.steps, c.every_minutes))
   restored = ckpt.restore_latest(run.abstract_state, train_it)
   if restored is None:
     start_step, state = 0, run.init_state()
     if t.init_from:
-      from gsa_jax.train.restore import resolve_step, restore_params  # pylint: disable=import-outside-toplevel
-
-      source_step = resolve_step(t.init_from)
-      state["params"] = restore_params(t.init_from, source_step, run.abstract_state["params"])
+      source_step, state["params"] = run_dir_lib.restore_params(t.init_from, run.abstract_state["params"])
       _log.info("parameters initialized from %s (step %d)", t.init_from, source_step)
     _log.info("no checkpoint in %s: starting from step 0", config.workdir)
   else:
@@ -419,7 +419,6 @@ def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_ste
   if config.checkpoint.save_on_sigterm:
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
 
-  last_save_time = time.monotonic()
   timer = {"start": time.perf_counter(), "steps": 0}
   last_row: dict[str, Any] = {}
 
@@ -459,11 +458,7 @@ def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_ste
       if pending is not None:
         report(*pending)
       pending = (step, metrics, eval_metrics)
-      minutes = config.checkpoint.every_minutes
-      if (step % config.checkpoint.every_steps == 0 or step == t.steps or preempted
-          or (minutes and time.monotonic() - last_save_time > 60 * minutes)):
-        ckpt.save(step, state, train_it)
-        last_save_time = time.monotonic()
+      ckpt.save(step, state, train_it, force=bool(preempted))  # the policy decides, unless preempted
       if preempted:
         report(*pending)
         ckpt.wait()
