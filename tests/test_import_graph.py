@@ -13,11 +13,8 @@ NOT_INSTALLED = ("tests", "benchmarks", "configs", "examples", "train")
 
 # Import circles known when this test was written, each a set of modules; the test fails on any other circle, and on
 # an entry here that is no longer a circle (so the list cannot go stale).
-# train.config validates `init_from` by reading checkpoints through train.restore, which reads run configs through
-# train.config (issue 23 item 1 gives the run directory one owner and removes this circle; empty the list then).
-ALLOWED_CIRCLES = [
-    {"gsa_jax.train.config", "gsa_jax.train.restore"},
-]
+# Empty since gsa_jax.run_dir took over the run directory from train.restore (which train.config imported back).
+ALLOWED_CIRCLES = []
 
 
 def module_files(root: str, packages) -> dict[str, str]:
