@@ -12,8 +12,10 @@ Models (`--models`, comma-separated):
   attention  every layer is causal softmax attention (`model.attn_layers` = all layers): the recall ceiling.
   gsa:M      GSA with M slots per head (the paper's layer: forget gate g = logsigmoid(x W_f) / normalizer, s = 1 - e^g).
   nogate:M   GSA with the forget gate disabled (`GSAConfig.forget_gate=False`: g = 0, s = sigmoid(x W_f)), the
-             ablation towards GSA's ungated ancestor ABC (the spec: "GSA with no gate is ABC"; ABC as published
-             also normalizes its writes by their running sum, which this ablation does not).
+             ablation towards GSA's ungated ancestor ABC (ABC as published also normalizes its writes by their
+             running sum, which this ablation does not).
+  abc:M      ABC exactly (`GSAConfig.slot_control="abc"`: writes normalized by their running sum, no learned
+             forgetting), the rest of the layer as GSA's.
 
 Every run is the MQAR preset `configs/mqar.py` with the swept fields replaced: 2 layers, 2 heads, SwiGLU width
 2 x hidden, short convolutions, vocabulary 256. Training uses the project's own pieces (config validation,
@@ -93,19 +95,19 @@ GRIDS = {
 
 
 def parse_model(spec: str) -> tuple[str, int | None]:
-  """'attention' | 'gsa:M' | 'nogate:M' -> (kind, slots)."""
+  """'attention' | 'gsa:M' | 'nogate:M' | 'abc:M' -> (kind, slots)."""
   if spec == "attention":
     return "attention", None
   kind, _, slots = spec.partition(":")
-  if kind not in ("gsa", "nogate") or not slots.isdigit() or int(slots) < 1:
-    raise ValueError(f"--models: {spec!r} is not 'attention', 'gsa:SLOTS' or 'nogate:SLOTS'")
+  if kind not in ("gsa", "nogate", "abc") or not slots.isdigit() or int(slots) < 1:
+    raise ValueError(f"--models: {spec!r} is not 'attention', 'gsa:SLOTS', 'nogate:SLOTS' or 'abc:SLOTS'")
   return kind, int(slots)
 
 
 def model_order(spec: str) -> tuple[int, int]:
-  """Sort key for tables and legends: attention, then GSA, then the ablation, each by slot count."""
+  """Sort key for tables and legends: attention, then GSA, the ablation, ABC, each by slot count."""
   kind, slots = parse_model(spec)
-  return ("attention", "gsa", "nogate").index(kind), slots or 0
+  return ("attention", "gsa", "nogate", "abc").index(kind), slots or 0
 
 
 class Run(NamedTuple):
@@ -138,6 +140,8 @@ def run_config(run: Run, a: argparse.Namespace):
     m.num_slots = slots
   if kind == "nogate":
     m.forget_gate = False
+  if kind == "abc":
+    m.slot_control = "abc"
   return c
 
 

@@ -312,3 +312,19 @@ def test_bad_slot_control_is_named():
 def test_reference_export_refuses_abc():
   with pytest.raises(ConversionError, match="slot_control='abc'"):
     config_to_fla(GSAConfig(hidden_size=64, num_layers=2, output_norm_eps=1e-5, slot_control="abc"))
+
+
+def test_mqar_sweep_trains_abc_by_name():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("mqar_sweep", os.path.join(root, "benchmarks", "mqar_sweep.py"))
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  assert sweep.parse_model("abc:16") == ("abc", 16)
+  args = types.SimpleNamespace(out="unused", batch_size=4, steps=10, warmup_steps=1, eval_batches=1, vocab_size=64,
+                               backend="chunked", chunk_size=8, dtype="float32")
+  model = sweep.run_config(sweep.Run(32, 64, 4, "abc:16", 1e-2, 0), args).model
+  assert (model.slot_control, model.num_slots, model.forget_gate) == ("abc", 16, True)
+  assert sorted(["abc:8", "nogate:8", "gsa:8", "attention"], key=sweep.model_order)[-1] == "abc:8"
