@@ -504,7 +504,7 @@ def compare(a) -> int:
   return 0 if all(r["status"] == "ok" for r in results.values()) else 1
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--budget-minutes", type=float, default=8.0, help="wall time for everything (corpus included)")
@@ -534,12 +534,21 @@ def main(argv=None) -> int:
   p.add_argument("--probe-windows", type=int, default=256, help="windows of seq_len the recall probe scores, at most")
   p.add_argument("--replan", action="store_true", help="make a new plan even if OUT/plan.json exists")
   p.add_argument("--report-only", action="store_true", help="rewrite results.md / loss_curves.png from results.json")
-  a = p.parse_args(argv)
+  return p
+
+
+def resolve_defaults(a: argparse.Namespace) -> None:
+  """The size's batch and sequence length where not given; the package lists split."""
   size_defaults = {"110m": (16, 2048), "tiny": (4, 64)}[a.size]
   a.batch_size = a.batch_size or size_defaults[0]
   a.seq_len = a.seq_len or size_defaults[1]
-  split = lambda s: [x for x in s.split(",") if x] if s else None  # noqa: E731
+  split = lambda s: [x for x in s.split(",") if x] if isinstance(s, str) else s  # noqa: E731
   a.packages, a.heldout = split(a.packages), split(a.heldout)
+
+
+def main(argv=None) -> int:
+  a = build_parser().parse_args(argv)
+  resolve_defaults(a)
   for name, value, ok, want in [("--budget-minutes", a.budget_minutes, a.budget_minutes > 0, "positive"),
                                 ("--tokens", a.tokens, a.tokens is None or a.tokens > 0, "positive"),
                                 ("--batch-size", a.batch_size, a.batch_size > 0, "positive"),
