@@ -213,3 +213,15 @@ def test_comparison_end_to_end_on_cpu_survives_a_failing_run(tmp_path):
   assert (out / "loss_curves.png").stat().st_size > 0
   os.remove(out / "results.md")
   assert compare.main(["--out", str(out), "--report-only"]) == 0 and (out / "results.md").read_text() == md
+
+
+def test_code_lm_layouts_are_the_same_model_but_for_the_mixers():
+  from configs import code_lm
+  sizes = {layout: code_lm.model_config(layout, "110m").num_params() for layout in code_lm.LAYOUTS}
+  assert all(abs(n - sizes["gsa"]) / sizes["gsa"] < 0.03 for n in sizes.values()), sizes
+  assert code_lm.model_config("attention", "110m").attn_layers == tuple(range(12))
+  assert code_lm.model_config("hybrid", "110m").attn_layers == (5, 11)
+  assert code_lm.model_config("abc", "110m").slot_control == "abc"
+  assert not code_lm.model_config("nogate", "110m").forget_gate
+  with pytest.raises(ValueError, match="layout 'mamba' is unknown"):
+    code_lm.get_config("mamba")
