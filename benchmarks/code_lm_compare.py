@@ -390,8 +390,8 @@ def ensure_corpus(a, out: str) -> tuple[str, dict]:
       raise ValueError(f"--corpus: {corpus!r} has no manifest.json; build it with benchmarks/code_corpus.py or "
                        "pass --build-corpus")
     log(out, f"building the corpus in {corpus} (benchmarks/code_corpus.py)")
-    code_corpus.build(corpus, packages=a.packages, heldout=a.heldout, vocab_size=a.vocab_size,
-                      tokenizer_sample_mb=a.tokenizer_sample_mb)
+    code_corpus.build(corpus, roots=a.site_packages, packages=a.packages, heldout=a.heldout,
+                      vocab_size=a.vocab_size, tokenizer_sample_mb=a.tokenizer_sample_mb)
   with open(manifest_path) as f:
     return corpus, json.load(f)
 
@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="extra train.py override for every run, e.g. --set model.remat=matmuls")
   p.add_argument("--corpus", default=None, help="a corpus built by code_corpus.py (default: OUT/corpus, built)")
   p.add_argument("--build-corpus", action="store_true", help="build --corpus if it has no manifest")
+  p.add_argument("--site-packages", default=None,
+                 help="corpus: comma-separated source roots (default: this interpreter's site-packages)")
   p.add_argument("--packages", default=None, help="corpus: only these packages (comma-separated)")
   p.add_argument("--heldout", default=None, help="corpus: held-out packages (comma-separated)")
   p.add_argument("--vocab-size", type=int, default=16384, help="corpus: BPE vocabulary")
@@ -543,7 +545,7 @@ def resolve_defaults(a: argparse.Namespace) -> None:
   a.batch_size = a.batch_size or size_defaults[0]
   a.seq_len = a.seq_len or size_defaults[1]
   split = lambda s: [x for x in s.split(",") if x] if isinstance(s, str) else s  # noqa: E731
-  a.packages, a.heldout = split(a.packages), split(a.heldout)
+  a.packages, a.heldout, a.site_packages = split(a.packages), split(a.heldout), split(a.site_packages)
 
 
 def main(argv=None) -> int:

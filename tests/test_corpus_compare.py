@@ -225,3 +225,17 @@ def test_code_lm_layouts_are_the_same_model_but_for_the_mixers():
   assert not code_lm.model_config("nogate", "110m").forget_gate
   with pytest.raises(ValueError, match="layout 'mamba' is unknown"):
     code_lm.get_config("mamba")
+
+
+def test_driver_builds_its_corpus_from_the_roots_given(tmp_path):
+  root = fake_site_packages(tmp_path / "site")
+  a = compare.build_parser().parse_args(["--out", str(tmp_path / "out"), "--site-packages", root, "--heldout", "beta",
+                                         "--vocab-size", "300"])
+  compare.resolve_defaults(a)
+  os.makedirs(tmp_path / "out")
+  corpus, manifest = compare.ensure_corpus(a, str(tmp_path / "out"))
+  assert corpus == str(tmp_path / "out" / "corpus") and manifest["site_packages"] == [os.path.realpath(root)]
+  assert list(manifest["heldout"]["packages"]) == ["beta"]
+  a.corpus = str(tmp_path / "elsewhere")  # a named corpus is not built unless asked
+  with pytest.raises(ValueError, match="--corpus: .* has no manifest.json"):
+    compare.ensure_corpus(a, str(tmp_path / "out"))
