@@ -303,6 +303,8 @@ def test_bad_slot_control_is_named():
     layer(slot_control="abcd")
   with pytest.raises(ValueError, match="forget_gate.*has no forget gate"):
     layer(forget_gate=False)
+  with pytest.raises(ValueError, match="gates: slot_control='abc' has no per-token gates"):
+    layer().gates(jnp.zeros((1, 16)))
   with pytest.raises(ValueError, match="GSAConfig.slot_control"):
     GSAConfig(slot_control="ABC")
   with pytest.raises(ValueError, match="GSAConfig.forget_gate"):

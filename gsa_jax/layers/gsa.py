@@ -243,6 +243,9 @@ class GatedSlotAttention(nnx.Module):
   def gates(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
     """GSA's gates (slot_control "gsa"): the gate projection's output f = x W_f [..., num_kv_heads * num_slots] ->
     (s, g), each float32 [..., num_kv_heads, num_slots]: the write strength and the log retention of every slot."""
+    if self.slot_control != "gsa":
+      raise ValueError(f"gates: slot_control={self.slot_control!r} has no per-token gates; ABC's depend on the "
+                       "document so far (gsa_jax.ops.abc.abc_gates(f, segment_ids, past)).")
     # Gates in float32: their cumulative sums set every decay, and bf16 would round small log gates to 0.
     f = jax.nn.log_sigmoid(f.astype(jnp.float32)).reshape(f.shape[:-1] + (self.num_kv_heads, self.num_slots))
     g = f / self.gate_logit_normalizer
