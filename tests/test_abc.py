@@ -218,6 +218,15 @@ def test_abc_is_neither_gsa_nor_the_ablation():
   assert rel_err(ys[0], ys[1]) > 1e-2 and rel_err(ys[0], ys[2]) > 1e-2
 
 
+def test_bfloat16_compute_follows_float32_and_its_gradients_are_finite():
+  """The slot logits' running sums are float32 whatever the compute dtype (bf16 would round log Z)."""
+  x = inputs(7)
+  m32, m16 = layer(), layer(dtype=jnp.bfloat16)
+  assert rel_err(m16(x.astype(jnp.bfloat16)), m32(x)) < 3e-2
+  grads = nnx.grad(lambda m: jnp.sum(m(x.astype(jnp.bfloat16)).astype(jnp.float32) ** 2))(m16)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
 FULL = dict(num_heads=4, num_kv_heads=2, use_short_conv=True, use_rope=True)
 
 
