@@ -36,19 +36,19 @@ GRIDS = {
 
 
 def parse_model(spec: str) -> tuple[str, int | None]:
-  """'attention' | 'gsa:M' | 'nogate:M' -> (kind, slots)."""
+  """'attention' | 'gsa:M' | 'nogate:M' | 'abc:M' -> (kind, slots)."""
   if spec == "attention":
     return "attention", None
   kind, _, slots = spec.partition(":")
-  if kind not in ("gsa", "nogate") or not slots.isdigit() or int(slots) < 1:
-    raise ValueError(f"--models: {spec!r} is not 'attention', 'gsa:SLOTS' or 'nogate:SLOTS'")
+  if kind not in ("gsa", "nogate", "abc") or not slots.isdigit() or int(slots) < 1:
+    raise ValueError(f"--models: {spec!r} is not 'attention', 'gsa:SLOTS', 'nogate:SLOTS' or 'abc:SLOTS'")
   return kind, int(slots)
 
 
 def model_order(spec: str) -> tuple[int, int]:
-  """Sort key for tables and legends: attention, then GSA, then the ablation, each by slot count."""
+  """Sort key for tables and legends: attention, then GSA, the ablation, ABC, each by slot count."""
   kind, slots = parse_model(spec)
-  return ("attention", "gsa", "nogate").index(kind), slots or 0
+  return ("attention", "gsa", "nogate", "abc").index(kind), slots or 0
 
 
 class Run(NamedTuple):
@@ -81,6 +81,8 @@ def run_config(run: Run, a: argparse.Namespace):
     m.num_slots = slots
   if kind == "nogate":
     m.forget_gate = False
+  if kind == "abc":
+    m.slot_control = "abc"
   return c
 
 

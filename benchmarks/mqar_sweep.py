@@ -12,8 +12,10 @@ Models (`--models`, comma-separated):
   attention  every layer is causal softmax attention (`model.attn_layers` = all layers): the recall ceiling.
   gsa:M      GSA with M slots per head (the paper's layer: forget gate g = logsigmoid(x W_f) / normalizer, s = 1 - e^g).
   nogate:M   GSA with the forget gate disabled (`GSAConfig.forget_gate=False`: g = 0, s = sigmoid(x W_f)), the
-             ablation towards GSA's ungated ancestor ABC (the spec: "GSA with no gate is ABC"; ABC as published
-             also normalizes its writes by their running sum, which this ablation does not).
+             ablation towards GSA's ungated ancestor ABC (ABC as published also normalizes its writes by their
+             running sum, which this ablation does not).
+  abc:M      ABC exactly (`GSAConfig.slot_control="abc"`: writes normalized by their running sum, no learned
+             forgetting), the rest of the layer as GSA's.
 
 Every run is the MQAR preset `configs/mqar.py` with the swept fields replaced: 2 layers, 2 heads, SwiGLU width
 2 x hidden, short convolutions, vocabulary 256. Training uses the project's own pieces (config validation,

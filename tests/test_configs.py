@@ -23,7 +23,8 @@ CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
 # GSA, and the CPU presets' sizes (tens of thousands / about a million).
 SIZES = {"gsa_340m": (340e6, 0.03), "hybrid_340m": (340e6, 0.03), "gsa_1p3b": (1.38e9, 0.01),
          "gsa_2p7b": (2.7e9, 0.02), "t2r_mistral": (7.24e9, 0.01),
-         "attention_1p3b": (1.364e9, 0.01)}  # the all-attention baseline of gsa_1p3b (docs/benchmarks.md)
+         "attention_1p3b": (1.364e9, 0.01),  # the all-attention baseline of gsa_1p3b (docs/benchmarks.md)
+         "code_lm": (112.5e6, 0.01)}  # its GSA layout (configs/code_lm.py)
 
 
 def _text_file(tmp_path):
@@ -33,7 +34,7 @@ def _text_file(tmp_path):
 
 
 def test_every_config_file_is_listed():
-  assert CONFIG_FILES == ["attention_1p3b", "gsa_1p3b", "gsa_2p7b", "gsa_340m", "hybrid_340m", "lm_tiny", "mqar",
+  assert CONFIG_FILES == ["attention_1p3b", "code_lm", "gsa_1p3b", "gsa_2p7b", "gsa_340m", "hybrid_340m", "lm_tiny", "mqar",
                           "t2r_mistral"]
 
 

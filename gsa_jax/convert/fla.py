@@ -131,6 +131,8 @@ def config_to_fla(c: GSAConfig, base: dict[str, Any] | None = None) -> dict[str,
   problems = []
   if not c.forget_gate:
     problems.append("forget_gate=False")
+  if c.slot_control != "gsa":
+    problems.append(f"slot_control={c.slot_control!r} (the reference's GSA model has GSA's gates only)")
   if c.use_rope:
     problems.append("use_rope=True on GSA layers")
   eps = c.norm_eps if c.output_norm_eps is None else c.output_norm_eps

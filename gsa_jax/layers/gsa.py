@@ -8,6 +8,11 @@ Matches the reference layer (flash-linear-attention `fla/layers/gsa.py`), in thi
   o = GSA(q, k, v, s, g, scale=1.0)
   y = RMSNorm(silu(o) flattened over heads) W_o
 `forget_gate=False` is an ablation (g = 0, s = sigmoid(x W_f)): GSA without forgetting, for recall studies.
+`slot_control="abc"` is GSA's ancestor ABC with the same layer around it: e = x W_f are ABC's slot logits, and each
+slot is the running average of the writes weighted by exp(e) over the document so far (`gsa_jax.ops.abc`: exactly
+GSA's op with gates that are not learned, g_t = log(Z_{t-1} / Z_t), s_t = exp(e_t) / Z_t). Its cache also keeps
+log Z. (The reference library's ABC layer differs around the op: RoPE and an output gate by default, e clamped to
+[-32, 32], and its cache drops Z; here only the slot control differs from GSA.)
 Differences from the reference, all deliberate: the output norm is sized to the value width (the reference sizes
 it `hidden_size`, which only works for expand_v = 1); grouped kv heads are shared by the op, not repeated;
 `use_rope=True` (which the reference layer does not have) rotates q and k before the feature map; the reference's
@@ -30,9 +35,13 @@ from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_
                                    fan_in_init, first_doc_continues, last_doc_continues, logical_axes,
                                    next_positions, next_segment_id, previous_taps, tail_taps, token_layout)
 from gsa_jax.ops import DEFAULT_CHUNK_SIZE, GSAState, check_backend, gated_slot_attention, gsa_step, zero_state
+from gsa_jax.ops.abc import NO_PAST, abc_gates, no_past
 from gsa_jax.ops.common import as_segment_ids
 
 FEATURE_MAPS = ("swish", "relu", "t2r")
+# How the slots are written and forgotten: "gsa" (a learned forget gate, writes tied to it) | "abc" (ABC: running
+# averages normalized by their running sum, no learned forgetting).
+SLOT_CONTROLS = ("gsa", "abc")
 # The logical axis names on the layer's parameters (flax `out_sharding` metadata; see `logical_axes`).
 LOGICAL_AXES = {
     "embed": "the model width (hidden_size)",
@@ -49,12 +58,15 @@ class GSACache(NamedTuple):
   pos: [b] int32, RoPE position of the next token (used only with use_rope).
   segment_id: [b] int32, the segment id of the document the cache ends in; 0: any (plain rows, an empty past).
     A prefill from this cache continues it only where its first document has this id (or either id is 0).
+  log_normalizer: None (GSA), or ABC's log Z [b, h, m] float32: the log of the running sum of exp(slot logits)
+    over the document so far (`gsa_jax.ops.abc.NO_PAST`: an empty past).
   """
 
   state: GSAState
   conv: tuple[jax.Array, jax.Array, jax.Array] | None
   pos: jax.Array
   segment_id: jax.Array
+  log_normalizer: jax.Array | None = None
 
 
 def _check(cond: bool, field: str, message: str) -> None:
@@ -87,8 +99,11 @@ def continued_cache(cache: GSACache, segment_ids: jax.Array | None) -> GSACache:
   if keep is None:
     return cache
   zero_other = lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
+  log_normalizer = cache.log_normalizer
+  if log_normalizer is not None:
+    log_normalizer = jnp.where(keep[:, None, None], log_normalizer, NO_PAST)
   return cache._replace(state=jax.tree.map(zero_other, cache.state), conv=jax.tree.map(zero_other, cache.conv),
-                        pos=zero_other(cache.pos))
+                        pos=zero_other(cache.pos), log_normalizer=log_normalizer)
 
 
 class GatedSlotAttention(nnx.Module):
@@ -116,6 +131,7 @@ class GatedSlotAttention(nnx.Module):
       conv_size: int = 4,
       gate_logit_normalizer: float = 8.0,
       forget_gate: bool = True,
+      slot_control: str = "gsa",
       norm_eps: float = 1e-6,
       elementwise_affine: bool = True,
       use_rope: bool = False,
@@ -144,6 +160,10 @@ class GatedSlotAttention(nnx.Module):
     _check(num_slots > 0, "num_slots", f"must be positive; got {num_slots}.")
     _check(feature_map in FEATURE_MAPS, "feature_map", f"{feature_map!r} is unknown; expected one of {FEATURE_MAPS}.")
     _check(conv_size >= 1, "conv_size", f"must be at least 1; got {conv_size}.")
+    _check(slot_control in SLOT_CONTROLS, "slot_control",
+           f"{slot_control!r} is unknown; expected one of {SLOT_CONTROLS}.")
+    _check(forget_gate or slot_control == "gsa", "forget_gate",
+           f"False is GSA's ablation; slot_control={slot_control!r} has no forget gate to disable (leave it True).")
     _check(gate_logit_normalizer > 0, "gate_logit_normalizer", f"must be positive; got {gate_logit_normalizer}.")
     check_backend(backend)
     _check(chunk_size >= 1 and chunk_size & (chunk_size - 1) == 0, "chunk_size",
@@ -155,7 +175,7 @@ class GatedSlotAttention(nnx.Module):
     self.head_k_dim, self.head_v_dim = dk, dv
     self.feature_map, self.use_short_conv, self.conv_size = feature_map, use_short_conv, conv_size
     self.gate_logit_normalizer = float(gate_logit_normalizer)
-    self.forget_gate = forget_gate
+    self.forget_gate, self.slot_control = forget_gate, slot_control
     self.use_rope, self.rope_theta = use_rope, rope_theta
     self.backend, self.chunk_size = backend, chunk_size
     self.dtype = dtype
@@ -192,9 +212,9 @@ class GatedSlotAttention(nnx.Module):
       return jax.nn.relu(x)
     return jax.nn.relu(self.t2r(x))
 
-  def _heads(self, q, k, v, f, positions):
-    """Splits heads and applies RoPE, the feature map and the gates. Inputs [..., features]; positions [b, t]
-    (sequence form) or [b] (step form)."""
+  def _heads(self, q, k, v, positions):
+    """Splits heads and applies RoPE and the feature maps. Inputs [..., features]; positions [b, t] (sequence
+    form) or [b] (step form)."""
     lead = q.shape[:-1]
     q = q.reshape(lead + (self.num_heads, self.head_k_dim))
     k = k.reshape(lead + (self.num_kv_heads, self.head_k_dim))
@@ -206,15 +226,26 @@ class GatedSlotAttention(nnx.Module):
       q, k = rot(q), rot(k)
       if step:
         q, k = q[:, 0], k[:, 0]
-    q, k, v = self._phi(q), self._phi(k), jax.nn.silu(v)
-    s, g = self.gates(f)
+    return self._phi(q), self._phi(k), jax.nn.silu(v)
+
+  def _slot_gates(self, f, segment_ids, past):
+    """f = x W_f [b, t, num_kv_heads * num_slots] -> (s in the compute dtype, g float32, each [b, t, h, m]; ABC's
+    log Z after the piece [b, h, m] or None). past: ABC's log Z before the piece (None: an empty past)."""
+    z = None
+    if self.slot_control == "abc":
+      s, g, z = abc_gates(f.reshape(f.shape[:-1] + (self.num_kv_heads, self.num_slots)), segment_ids, past)
+    else:
+      s, g = self.gates(f)
     # s in [0, 1] only scales the keys and values it writes: it goes to the op in their dtype. (A float32 s would
     # promote the whole op to float32; on GPU that made the kernels 25x slower in bf16 training.)
-    return q, k, v, s.astype(v.dtype), g
+    return s.astype(f.dtype), g, z
 
   def gates(self, f: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The gate projection's output f = x W_f [..., num_kv_heads * num_slots] -> (s, g), each float32
-    [..., num_kv_heads, num_slots]: the write strength and the log retention of every slot."""
+    """GSA's gates (slot_control "gsa"): the gate projection's output f = x W_f [..., num_kv_heads * num_slots] ->
+    (s, g), each float32 [..., num_kv_heads, num_slots]: the write strength and the log retention of every slot."""
+    if self.slot_control != "gsa":
+      raise ValueError(f"gates: slot_control={self.slot_control!r} has no per-token gates; ABC's depend on the "
+                       "document so far (gsa_jax.ops.abc.abc_gates(f, segment_ids, past)).")
     # Gates in float32: their cumulative sums set every decay, and bf16 would round small log gates to 0.
     f = jax.nn.log_sigmoid(f.astype(jnp.float32)).reshape(f.shape[:-1] + (self.num_kv_heads, self.num_slots))
     g = f / self.gate_logit_normalizer
@@ -263,15 +294,18 @@ class GatedSlotAttention(nnx.Module):
       q, k, v = (c(a, taps, tail, tail_idx) for c, a, tail in zip((self.q_conv, self.k_conv, self.v_conv),
                                                                    (q, k, v), tails))
     dtype = q.dtype
-    q, k, v, s, g = self._heads(q, k, v, f, positions)
+    q, k, v = self._heads(q, k, v, positions)
+    s, g, log_normalizer = self._slot_gates(f, segment_ids, None if cache is None else cache.log_normalizer)
     o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=None if cache is None else cache.state,
                                     output_final_state=output_final_state, segment_ids=segment_ids,
                                     chunk_size=self.chunk_size, backend=self.backend)
     o = checkpoint_name(o, GSA_OUTPUT_NAME)  # a remat policy may keep it (gsa_jax.models: remat="matmuls_gsa")
-    return self._out(o, x, dtype), state, layout, conv_in
+    return self._out(o, x, dtype), (state, log_normalizer), layout, conv_in
 
   def _next_cache(self, state, layout, conv_in, segment_ids, cache) -> GSACache:
-    """The cache after a piece: its final state, its convolution tails, the next position and segment id."""
+    """The cache after a piece: its final state (with ABC's log Z), its convolution tails, the next position and
+    segment id."""
+    state, log_normalizer = state
     conv = None
     if self.use_short_conv:
       previous = (None,) * 3 if cache is None else cache.conv
@@ -281,7 +315,7 @@ class GatedSlotAttention(nnx.Module):
     if cache is not None:
       pos = pos + jnp.where(last_doc_continues(layout), cache.pos, 0)
     segment_id = next_segment_id(None if cache is None else cache.segment_id, segment_ids, pos.shape[0])
-    return GSACache(state=state, conv=conv, pos=pos, segment_id=segment_id)
+    return GSACache(state=state, conv=conv, pos=pos, segment_id=segment_id, log_normalizer=log_normalizer)
 
   # -- public forms ------------------------------------------------------------------------------------------------
 
@@ -319,9 +353,11 @@ class GatedSlotAttention(nnx.Module):
                                    zip((self.q_conv, self.k_conv, self.v_conv), (q, k, v), cache.conv))
       conv = (tq, tk, tv)
     dtype = q.dtype
-    q, k, v, s, g = self._heads(q, k, v, f, cache.pos)
-    o, state = gsa_step(q, k, v, s, g, cache.state, scale=1.0)
-    return self._out(o, x, dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id)
+    q, k, v = self._heads(q, k, v, cache.pos)
+    s, g, log_normalizer = self._slot_gates(f[:, None], None, cache.log_normalizer)
+    o, state = gsa_step(q, k, v, s[:, 0], g[:, 0], cache.state, scale=1.0)
+    return self._out(o, x, dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id,
+                                            log_normalizer=log_normalizer)
 
   def init_cache(self, batch_size: int) -> GSACache:
     """The cache of an empty prompt: zero state, zero convolution inputs."""
@@ -332,4 +368,5 @@ class GatedSlotAttention(nnx.Module):
       conv = tuple(jnp.zeros((batch_size, self.conv_size - 1, c.weight.shape[1]), dtype)
                    for c in (self.q_conv, self.k_conv, self.v_conv))
     zeros = jnp.zeros((batch_size,), jnp.int32)
-    return GSACache(state=state, conv=conv, pos=zeros, segment_id=zeros)
+    log_normalizer = no_past(batch_size, self.num_kv_heads, self.num_slots) if self.slot_control == "abc" else None
+    return GSACache(state=state, conv=conv, pos=zeros, segment_id=zeros, log_normalizer=log_normalizer)

@@ -8,7 +8,7 @@ import math
 import jax.numpy as jnp
 
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS
-from gsa_jax.layers.gsa import FEATURE_MAPS
+from gsa_jax.layers.gsa import FEATURE_MAPS, SLOT_CONTROLS
 from gsa_jax.ops import DEFAULT_CHUNK_SIZE, check_backend
 
 # Remat policies (`gsa_jax.models.lm`). What the "matmuls_gsa*" ones keep beyond the projections' outputs is named by
@@ -40,6 +40,9 @@ class GSAConfig:
   conv_size: int = 4
   gate_logit_normalizer: float = 8.0
   forget_gate: bool = True  # False: the no-forgetting ablation (g = 0, s = sigmoid(x W_f)); see the layer
+  # "gsa": GSA's learned forget gate | "abc": ABC's slot control (writes normalized by their running sum, no learned
+  # forgetting; gsa_jax.ops.abc), the paper's baseline, with the rest of the layer unchanged.
+  slot_control: str = "gsa"
   use_rope: bool = False  # RoPE on the GSA layers' q, k (the reference has none).
   elementwise_affine: bool = True  # learned scale of the GSA output norm.
   backend: str = "auto"
@@ -99,6 +102,10 @@ class GSAConfig:
           f"hidden_size * expand_v = {self.value_dim} must be a positive multiple of num_heads={self.num_heads}.")
     check(self.feature_map in FEATURE_MAPS, "feature_map",
           f"{self.feature_map!r} is unknown; expected one of {FEATURE_MAPS}.")
+    check(self.slot_control in SLOT_CONTROLS, "slot_control",
+          f"{self.slot_control!r} is unknown; expected one of {SLOT_CONTROLS}.")
+    check(self.forget_gate or self.slot_control == "gsa", "forget_gate",
+          f"False is GSA's ablation; slot_control={self.slot_control!r} has no forget gate to disable.")
     check(self.gate_logit_normalizer > 0, "gate_logit_normalizer", f"must be positive; got {self.gate_logit_normalizer}.")
     check(not self.use_rope or (self.key_dim // self.num_heads) % 2 == 0, "use_rope",
           f"needs an even GSA head key width; got {self.key_dim // self.num_heads}.")

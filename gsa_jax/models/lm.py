@@ -65,7 +65,7 @@ class Block(nnx.Module):
           c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, num_slots=c.num_slots,
           expand_k=c.expand_k, expand_v=c.expand_v, feature_map=c.feature_map, use_short_conv=c.use_short_conv,
           conv_size=c.conv_size, gate_logit_normalizer=c.gate_logit_normalizer,
-          forget_gate=c.forget_gate,
+          forget_gate=c.forget_gate, slot_control=c.slot_control,
           norm_eps=c.norm_eps if c.output_norm_eps is None else c.output_norm_eps,
           elementwise_affine=c.elementwise_affine, use_rope=c.use_rope, rope_theta=c.rope_theta,
           backend=c.backend, chunk_size=c.chunk_size, **kw)

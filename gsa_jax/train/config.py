@@ -99,8 +99,8 @@ def param_shapes(model: GSAConfig) -> dict[str, tuple[int, ...]]:
 
 # GSAConfig fields that change what the parameters compute without changing their shapes (what init_from warns of);
 # execution settings (backend, remat, chunk_size, dtypes) and initializer scales are left out.
-_FUNCTION_FIELDS = ("feature_map", "gate_logit_normalizer", "norm_eps", "output_norm_eps", "forget_gate", "use_rope",
-                    "rope_theta")
+_FUNCTION_FIELDS = ("feature_map", "gate_logit_normalizer", "norm_eps", "output_norm_eps", "forget_gate", "slot_control",
+                    "use_rope", "rope_theta")
 
 
 def check_init_from(run_dir: str, model: GSAConfig) -> None:
