@@ -259,7 +259,7 @@ def recall_probe(run_dir: str, documents: list[str], tokenizer_path: str, *, seq
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from gsa_jax.data import load_tokenizer  # pylint: disable=import-outside-toplevel
-  from gsa_jax.train.restore import load_model  # pylint: disable=import-outside-toplevel
+  from gsa_jax.run_dir import load_model  # pylint: disable=import-outside-toplevel
 
   model, config, _ = load_model(run_dir)
   bos = load_tokenizer(config.data.tokenizer, config.data.bos_id, config.data.eos_id).bos_id

@@ -326,13 +326,9 @@ def test_reference_export_refuses_abc():
 
 
 def test_mqar_sweep_trains_abc_by_name():
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   import types  # pylint: disable=import-outside-toplevel
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("mqar_sweep", os.path.join(root, "benchmarks", "mqar_sweep.py"))
-  sweep = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(sweep)
+
+  from benchmarks import mqar_grid as sweep  # pylint: disable=import-outside-toplevel
   assert sweep.parse_model("abc:16") == ("abc", 16)
   args = types.SimpleNamespace(out="unused", batch_size=4, steps=10, warmup_steps=1, eval_batches=1, vocab_size=64,
                                backend="chunked", chunk_size=8, dtype="float32")
