@@ -1,7 +1,8 @@
 """The trainer's train step on meshes with a sequence axis (with data, fsdp and tensor), on 8 fake CPU devices,
 against the same step on one device; run by tests/test_context_parallel.py in a subprocess. Prints one JSON line:
 case name -> the largest relative error of the summed loss, token count, correct predictions and every parameter's
-gradient, and of one train step's metrics and updated parameters (or the error message where a case raised)."""
+gradient, and of one train step's metrics and updated parameters (or the error message where a case raised, or
+where the layers did not split T themselves)."""
 
 import json
 import os
@@ -65,6 +66,10 @@ def one_case(name, mesh, **train):
   step = make_train_step(run.graphdef, run.tx, run.schedule, accum, loss_chunk=chunk)
   want_new, want_metrics = jax.jit(step)(host_state, data)
 
+  # The layers split T themselves (a shard_map manual over "sequence"), not XLA by gathering it.
+  lowered = run.train_step.lower(run.abstract_state, run.abstract_batch()).as_text()
+  if 'manual_axes={"sequence"}' not in lowered:
+    raise AssertionError("the train step has no computation manual over 'sequence': the layers did not split T")
   global_batch = run.global_batch(data)
   got_grads = jax.jit(under_mesh(run.mesh, lambda p, b: sums_and_grads(
       run.graphdef, p, b, activation_constraint(run.mesh), chunk)),
