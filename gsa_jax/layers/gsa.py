@@ -275,6 +275,7 @@ class GatedSlotAttention(nnx.Module):
     conv_in = (q, k, v)
     convs = (self.q_conv, self.k_conv, self.v_conv) if self.use_short_conv else None
     carry = None if cache is None else ShardCarry(cache.conv, cache.pos, cache.segment_id)
+    final_carry = None
     if axis is not None:
       carry, final_carry = carry_across_shards(carry, layout, segment_ids, convs, conv_in, axis)
     positions = layout.positions
