@@ -87,10 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.decay_embeddings = False  # whether weight decay applies to the embedding table
   c.optim.clip_norm = 1.0  # global gradient-norm clipping (0: off)
 
-  # Device mesh: data x fsdp x tensor must equal the device count; -1 on one axis takes what is left.
+  # Device mesh: data x fsdp x sequence x tensor must equal the device count; -1 on one axis takes what is left.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  c.mesh.sequence = 1  # splits every row's seq_len over devices (context parallelism, docs/context_parallel.md)
   c.mesh.tensor = 1
 
   c.checkpoint = ml_collections.ConfigDict()

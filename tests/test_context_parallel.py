@@ -166,3 +166,104 @@ def test_memory_per_device_falls_with_the_shards():
   temp = {int(row[2]): float(row[3].replace(",", "")) for row in rows}
   assert set(temp) == {1, 2}
   assert temp[2] < 0.6 * temp[1]
+
+
+# ---- the layers, the model, prefill and the trainer with T split over "sequence" --------------------------------
+
+
+def run_script(script, *args):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", script), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=1800,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])})
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.split("RESULTS")[-1])
+
+
+def check_within(results, names, tol):
+  assert set(results) == set(names), results
+  bad = {name: err for name, err in results.items() if not (isinstance(err, float) and err <= tol)}
+  assert not bad, bad
+
+
+LAYER_CASES = ["layer/2", "layer/4", "layer/8", "layer/plain/4", "layer/Explicit/4", "layer/shard_map",
+               "layer/prefill/4", "layer/prefill_cache/4"]
+
+
+def test_layer_split_2_4_8_equals_one_device():
+  """The GSA layer (grouped heads, short convolution, RoPE) with T split in 2, 4 and 8 over an Auto mesh, and
+  inside a caller's shard_map: output and every gradient; prefill's output and cache, from an empty past and from
+  a cache; rows with a document across several shards, one starting exactly at a boundary, padding inside a
+  document and a shard holding a single token of its document (the convolution reaches two shards back). An
+  Explicit sequence axis is refused with a ValueError."""
+  results = run_script("context_parallel_layer_cases.py", "short")
+  explicit = results.pop("layer/Explicit/4")
+  assert "ValueError: mesh axis 'sequence' is Explicit" in explicit, explicit
+  check_within(results, set(LAYER_CASES) - {"layer/Explicit/4"}, 1e-5)
+
+
+@pytest.mark.slow
+def test_hybrid_model_and_prefill_split_equal_one_device():
+  """A hybrid GSALM (GSA and attention layers) with T split in 2, 4 and 8: logits and every parameter's
+  gradient; gsa_jax.generate.prefill over 4 shards: logits and every layer's cache (GSA and KV)."""
+  results = run_script("context_parallel_layer_cases.py", "full")
+  results.pop("layer/Explicit/4")
+  check_within(results, set(LAYER_CASES + ["hybrid/2", "hybrid/4", "hybrid/8", "hybrid/generate_prefill/4"])
+               - {"layer/Explicit/4"}, 1e-5)
+
+
+def test_train_step_with_a_sequence_axis_equals_one_device():
+  """The trainer's loss sums and gradients, and one train step (metrics, updated parameters), on a
+  data x fsdp x sequence mesh equal one device, on packed rows split across shards."""
+  check_within(run_script("context_parallel_train_cases.py", "data2_fsdp2_sequence2"), ["data2_fsdp2_sequence2"],
+               1e-5)
+
+
+@pytest.mark.slow
+def test_train_step_every_mesh_with_a_sequence_axis():
+  """As above on sequence 8; data or fsdp x sequence 4; fsdp x sequence x tensor with loss_chunk and gradient
+  accumulation; a hybrid model."""
+  names = ["sequence8", "data2_sequence4", "fsdp2_sequence4", "data2_fsdp2_sequence2",
+           "fsdp2_sequence2_tensor2_loss_chunk_accum", "hybrid_data2_sequence4"]
+  check_within(run_script("context_parallel_train_cases.py", *names), names, 1e-5)
+
+
+def test_mesh_config_errors_name_the_key():
+  """config.mesh.sequence must divide train.seq_len; the mesh's product must be the device count."""
+  from configs import mqar  # noqa: PLC0415
+
+  from gsa_jax.train.config import ConfigError, check_mesh  # noqa: PLC0415
+
+  c = mqar.get_config()
+  c.train.seq_len, c.mesh.data, c.mesh.sequence = 30, 1, 8
+  with pytest.raises(ConfigError, match=r"config.train.seq_len: 30 is not divisible by mesh.sequence = 8"):
+    check_mesh(c, 8, 1)
+  c.mesh.data = -1
+  c.train.seq_len = 32
+  assert check_mesh(c, 16, 1) == (2, 1, 8, 1)
+  c.mesh.data = 1
+  with pytest.raises(ConfigError, match=r"data x fsdp x sequence x tensor = 8 but there are 16 devices"):
+    check_mesh(c, 16, 1)
+
+
+def test_layer_error_when_the_sequence_axis_does_not_divide_t():
+  from flax import nnx  # noqa: PLC0415
+
+  from gsa_jax.layers import GatedSlotAttention  # noqa: PLC0415
+
+  layer = GatedSlotAttention(8, num_heads=2, num_slots=4, rngs=nnx.Rngs(0))
+  mesh = AbstractMesh((4,), ("sequence",), axis_types=(AxisType.Auto,))
+  with jax.sharding.use_abstract_mesh(mesh):
+    with pytest.raises(ValueError, match=r"T = 6 tokens, which the 4 devices of mesh axis 'sequence' do not divide"):
+      jax.eval_shape(layer, jnp.zeros((1, 6, 8)))
+
+
+def test_abc_layer_refuses_a_sequence_axis():
+  from flax import nnx  # noqa: PLC0415
+
+  from gsa_jax.layers import GatedSlotAttention  # noqa: PLC0415
+
+  layer = GatedSlotAttention(8, num_heads=2, num_slots=4, slot_control="abc", rngs=nnx.Rngs(0))
+  mesh = AbstractMesh((4,), ("sequence",), axis_types=(AxisType.Auto,))
+  with jax.sharding.use_abstract_mesh(mesh):
+    with pytest.raises(ValueError, match=r"slot_control='abc' cannot split T over the mesh axis 'sequence'"):
+      jax.eval_shape(layer, jnp.zeros((1, 8, 8)))

@@ -127,7 +127,7 @@ def _check_clean_exit(results):
   for i, (rc, out, err) in enumerate(results):
     assert rc == 0, f"process {i} exited {rc}:\n{err[-3000:]}"
   # Only process 0 reports; both ran on a 2-device mesh spanning the 2 processes.
-  assert "mesh data=2 fsdp=1 tensor=1 over 2 cpu device(s)" in results[0][1], results[0][1]
+  assert "mesh data=2 fsdp=1 sequence=1 tensor=1 over 2 cpu device(s)" in results[0][1], results[0][1]
   assert f"step {STEPS}/{STEPS}" in results[0][1], results[0][1]
   assert "step " not in results[1][1] and "model:" not in results[1][1], results[1][1]
 

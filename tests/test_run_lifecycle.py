@@ -74,7 +74,7 @@ def test_a_run_past_its_end_is_left_as_it_is(tmp_path, capsys):
 
 def test_the_data_probe_consumes_no_batch(tmp_path):
   config = text_config(tmp_path / "run", write_corpus(tmp_path / "good.txt"))
-  run = trainer_lib.TrainRun(config, trainer_lib.validate_config(config), (1, 1, 1))
+  run = trainer_lib.TrainRun(config, trainer_lib.validate_config(config), trainer_lib.check_mesh(config, 1, 1))
   probed, fresh = run.checked_iterators(), run.iterator("train")
   for _ in range(2):
     a, b = next(probed), next(fresh)

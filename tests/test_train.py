@@ -68,7 +68,7 @@ def run_train_py(*args, env=None, timeout=300):
     (["--config.train.steps=2.5"], "--config.train.steps=2.5"),
     (["--config=configs/no_such_config.py"], "no_such_config.py"),
     (["--config.model.num_heads=3"], r"config.model.hidden_size: 128 is not divisible by num_heads=3"),
-    (["--config.mesh.data=3"], r"config.mesh: data x fsdp x tensor = 3 but there are 1 devices"),
+    (["--config.mesh.data=3"], r"config.mesh: data x fsdp x sequence x tensor = 3 but there are 1 devices"),
     (["--config.train.batch_size=63", "--config.train.grad_accum_steps=2"],
      r"config.train.batch_size: 63 is not divisible by train.grad_accum_steps=2"),
     (["--config.model.vocab_size=10"], r"config.model.vocab_size: 10 is smaller than the data's vocabulary"),

@@ -8,9 +8,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from gsa_jax.layers.common import (apply_rope, check_layer_input, fan_in_init, first_doc_continues,
                                    last_doc_continues, logical_axes, next_positions, next_segment_id, token_layout)
+from gsa_jax.layers.context_parallel import gather_time, per_shard, row_spec, sequence_axis
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS, causal_attention, reference_mask
 from gsa_jax.ops.common import as_segment_ids
 
@@ -107,11 +109,40 @@ class CausalSelfAttention(nnx.Module):
     return apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta), v
 
   def _sequence(self, x, segment_ids):
+    """x [b, t, d] -> (y [b, t, d], the rows' TokenLayout, k, v [b, t, h, dh]). Under a mesh with a "sequence"
+    axis each device attends from its slice of T to the keys of the whole row (`_shard`)."""
     b, t, _ = x.shape
     layout = token_layout(segment_ids, b, t)
+    axis = sequence_axis(t)
+    if axis is not None:
+      graphdef, variables = nnx.split(self)
+      shard = lambda variables, x, segment_ids: nnx.merge(graphdef, variables)._shard(x, segment_ids, axis)
+      row = row_spec(axis)
+      y, k, v = per_shard(shard, axis, in_specs=(P(), row, None if segment_ids is None else row),
+                          out_specs=(row, row, row))(variables, x, segment_ids)
+      return y, layout, k, v
     q, k, v = self._qkv(x, layout.positions)
     o = causal_attention(q, k, v, layout, self.implementation, packed=segment_ids is not None)
     return self.o_proj(o.reshape(b, t, -1)), layout, k, v
+
+  def _shard(self, x, segment_ids, axis):
+    """The sequence form on this device's slice x [b, t, d] of rows split over the mesh axis `axis` (inside a
+    shard_map over it): the row's keys, values and segment ids are gathered from every shard ([b, n t, h, dh]
+    each) and the slice's queries attend to them with an explicit mask through XLA ([b, hq, t, n t] scores).
+    Returns (y, k, v), this slice's."""
+    b, t, _ = x.shape
+    start = jax.lax.axis_index(axis) * t
+    whole = token_layout(None if segment_ids is None else gather_time(segment_ids, axis), b,
+                         t * jax.lax.axis_size(axis))
+    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, start, t, axis=1)
+    q, k, v = self._qkv(x, mine(whole.positions))
+    # reference_mask's rows of this slice: the key is not after the query, in its document, not padding.
+    causal = jnp.arange(whole.valid.shape[1])[None, None, :] <= (start + jnp.arange(t))[None, :, None]
+    mask = causal & (mine(whole.doc)[:, :, None] == whole.doc[:, None, :]) & whole.valid[:, None, :]
+    o = jax.nn.dot_product_attention(q, gather_time(k, axis), gather_time(v, axis), mask=mask[:, None],
+                                     implementation="xla")
+    o = o * mine(whole.valid)[:, :, None, None].astype(o.dtype)  # padding queries read nothing
+    return self.o_proj(o.reshape(b, t, -1)), k, v
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x [b, t, d], segment_ids None or int [b, t] (0 = padding) -> y [b, t, d] (0 at padding)."""

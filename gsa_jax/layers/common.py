@@ -228,6 +228,19 @@ def next_positions(layout: TokenLayout) -> jax.Array:
   return jnp.where(last >= 0, pos + 1, 0)
 
 
+def carry_tail(previous: jax.Array, new: jax.Array, count: jax.Array, continues: jax.Array) -> jax.Array:
+  """A short convolution's tail after a piece: previous, new [b, n, d] (oldest first; `new` from the piece alone,
+  zero where it has fewer than n tokens), count [b] the piece's entries in `new`, continues [b] whether the
+  piece's last document continues `previous`. Returns [b, n, d] in previous's dtype (a cache keeps its dtype)."""
+  n = new.shape[1]
+  # With c tokens in the piece, entry i < n - c of the new tail is entry c + i of the previous one.
+  count = count[:, None]  # [b, 1]
+  slot = jnp.arange(n, dtype=jnp.int32)[None]
+  carried = _gather_t(previous, jnp.minimum(count + slot, n - 1))
+  keep = ((slot < n - count) & continues[:, None])[..., None]
+  return jnp.where(keep, carried, new.astype(previous.dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RoPE.
 
@@ -299,12 +312,7 @@ class ShortConvolution(nnx.Module):
     new = _gather_t(x, idx) * ok[..., None].astype(x.dtype)
     if previous is None:
       return new
-    # With c tokens in the piece, entry i < n - c of the new tail is entry c + i of the previous one.
-    count = jnp.sum(ok, axis=1, dtype=jnp.int32)[:, None]  # [b, 1]
-    slot = jnp.arange(n, dtype=jnp.int32)[None]
-    carried = _gather_t(previous, jnp.minimum(count + slot, n - 1))
-    keep = ((slot < n - count) & last_doc_continues(layout)[:, None])[..., None]
-    return jnp.where(keep, carried, new.astype(previous.dtype))  # a cache keeps its dtype (loop carries)
+    return carry_tail(previous, new, jnp.sum(ok, axis=1, dtype=jnp.int32), last_doc_continues(layout))
 
   def step(self, x: jax.Array, tail: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One token: x [b, d], tail [b, w - 1, d] -> (y [b, d], new tail in tail's dtype)."""

@@ -21,6 +21,7 @@ it `hidden_size`, which only works for expand_v = 1); grouped kv heads are share
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import NamedTuple
@@ -30,11 +31,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
 from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_layer_input, explicit_spec,
                                    fan_in_init, first_doc_continues, last_doc_continues, logical_axes,
                                    next_positions, next_segment_id, previous_taps, tail_taps, token_layout)
-from gsa_jax.ops import DEFAULT_CHUNK_SIZE, GSAState, check_backend, gated_slot_attention, gsa_step, zero_state
+from gsa_jax.layers.context_parallel import (ShardCarry, carry_across_shards, from_last_shard, per_shard, row_spec,
+                                             sequence_axis)
+from gsa_jax.ops import (DEFAULT_CHUNK_SIZE, GSAState, check_backend, context_parallel_gsa, gated_slot_attention,
+                         gsa_step, zero_state)
 from gsa_jax.ops.abc import NO_PAST, abc_gates, no_past
 from gsa_jax.ops.common import as_segment_ids
 
@@ -276,31 +281,62 @@ class GatedSlotAttention(nnx.Module):
                     f"Use a number of kv heads divisible by {size}, or map 'heads' to fewer devices.", stacklevel=3)
 
   def _sequence(self, x, segment_ids, cache, output_final_state):
-    """The sequence form; with `cache` (a GSACache) each row's first document continues it."""
-    b, t, _ = x.shape
+    """The sequence form -> (y, the cache after x, or None without output_final_state); with `cache` (a GSACache)
+    each row's first document continues it. Under a mesh with a "sequence" axis, each device runs its slice of T
+    (gsa_jax.layers.context_parallel)."""
     self._warn_if_heads_split()
     segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
+    axis = sequence_axis(x.shape[1])
+    if axis is None:
+      return self._piece(x, segment_ids, cache, output_final_state, None)
+    if self.slot_control == "abc":
+      # ABC's gates come from a running sum over the document (log Z), which the shards do not exchange yet.
+      raise ValueError("slot_control='abc' cannot split T over the mesh axis 'sequence' yet (ABC's running "
+                       "normalizer is not carried across shards); use slot_control='gsa', or a mesh without it.")
+    graphdef, variables = nnx.split(self)
+    shard = lambda variables, x, segment_ids, cache: nnx.merge(graphdef, variables)._piece(
+        x, segment_ids, cache, output_final_state, axis)
+    row = row_spec(axis)
+    return per_shard(shard, axis, in_specs=(P(), row, None if segment_ids is None else row,
+                                            None if cache is None else P()),
+                     out_specs=(row, P() if output_final_state else None))(variables, x, segment_ids, cache)
+
+  def _piece(self, x, segment_ids, cache, output_final_state, axis):
+    """`_sequence` on the tokens x [b, t, d] at hand: a whole row (axis None), or this device's slice of rows split
+    over the mesh axis `axis` (inside a shard_map over it), which takes the state, the convolutions' inputs and the
+    RoPE position of the shards before it."""
+    b, t, _ = x.shape
     layout = token_layout(segment_ids, b, t)
-    positions = layout.positions
-    if cache is not None:
-      positions = positions + jnp.where(layout.doc <= 1, cache.pos[:, None], 0)
     q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
     conv_in = (q, k, v)
+    convs = (self.q_conv, self.k_conv, self.v_conv) if self.use_short_conv else None
+    carry = None if cache is None else ShardCarry(cache.conv, cache.pos, cache.segment_id)
+    final_carry = None
+    if axis is not None:
+      carry, final_carry = carry_across_shards(carry, layout, segment_ids, convs, conv_in, axis)
+    positions = layout.positions
+    if carry is not None:
+      positions = positions + jnp.where(layout.doc <= 1, carry.pos[:, None], 0)
     if self.use_short_conv:
       taps = None if segment_ids is None else previous_taps(layout, self.conv_size - 1)
       tails, tail_idx = (None,) * 3, None
-      if cache is not None:
-        tails, tail_idx = cache.conv, tail_taps(layout, self.conv_size - 1)
-      q, k, v = (c(a, taps, tail, tail_idx) for c, a, tail in zip((self.q_conv, self.k_conv, self.v_conv),
-                                                                   (q, k, v), tails))
+      if carry is not None:
+        tails, tail_idx = carry.conv, tail_taps(layout, self.conv_size - 1)
+      q, k, v = (c(a, taps, tail, tail_idx) for c, a, tail in zip(convs, conv_in, tails))
     dtype = q.dtype
     q, k, v = self._heads(q, k, v, positions)
     s, g, log_normalizer = self._slot_gates(f, segment_ids, None if cache is None else cache.log_normalizer)
-    o, state = gated_slot_attention(q, k, v, s, g, scale=1.0, initial_state=None if cache is None else cache.state,
-                                    output_final_state=output_final_state, segment_ids=segment_ids,
-                                    chunk_size=self.chunk_size, backend=self.backend)
+    op = gated_slot_attention if axis is None else functools.partial(context_parallel_gsa, axis_name=axis)
+    o, state = op(q, k, v, s, g, scale=1.0, initial_state=None if cache is None else cache.state,
+                  output_final_state=output_final_state, segment_ids=segment_ids, chunk_size=self.chunk_size,
+                  backend=self.backend)
     o = checkpoint_name(o, GSA_OUTPUT_NAME)  # a remat policy may keep it (gsa_jax.models: remat="matmuls_gsa")
-    return self._out(o, x, dtype), (state, log_normalizer), layout, conv_in
+    y = self._out(o, x, dtype)
+    if not output_final_state:
+      return y, None
+    if axis is None:
+      return y, self._next_cache((state, log_normalizer), layout, conv_in, segment_ids, cache)
+    return y, GSACache(state, *from_last_shard(final_carry, axis))
 
   def _next_cache(self, state, layout, conv_in, segment_ids, cache) -> GSACache:
     """The cache after a piece: its final state (with ABC's log Z), its convolution tails, the next position and
@@ -323,8 +359,7 @@ class GatedSlotAttention(nnx.Module):
     """x [b, t, d], segment_ids None or int [b, t] (0 = padding; or a bool attention mask, see the op) ->
     y [b, t, d] (0 at padding)."""
     check_layer_input(x, self.q_proj.in_features, 3)
-    y, _, _, _ = self._sequence(x, segment_ids, None, False)
-    return y
+    return self._sequence(x, segment_ids, None, False)[0]
 
   def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None,
               cache: GSACache | None = None) -> tuple[jax.Array, GSACache]:
@@ -340,8 +375,7 @@ class GatedSlotAttention(nnx.Module):
     segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     if cache is not None:
       cache = continued_cache(cache, segment_ids)
-    y, state, layout, conv_in = self._sequence(x, segment_ids, cache, True)
-    return y, self._next_cache(state, layout, conv_in, segment_ids, cache)
+    return self._sequence(x, segment_ids, cache, True)
 
   def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
     """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""

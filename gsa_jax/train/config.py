@@ -128,20 +128,25 @@ def check_init_from(run_dir: str, model: GSAConfig) -> None:
                                         "parameters were trained in: %s", run_dir, "; ".join(changed))
 
 
-def check_mesh(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> tuple[int, int, int]:
-  """Resolves the mesh for `device_count` devices and checks that the batch splits over it."""
-  from gsa_jax.train.sharding import resolve_mesh_shape
+def check_mesh(config: ml_collections.ConfigDict, device_count: int, process_count: int) -> tuple[int, ...]:
+  """Resolves the mesh for `device_count` devices (shape in gsa_jax.train.sharding.AXES order) and checks that the
+  batch's rows split over data x fsdp and its sequence length over the sequence axis."""
+  from gsa_jax.train.sharding import AXES, resolve_mesh_shape
 
   try:
-    shape = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, device_count)
+    shape = resolve_mesh_shape(config.mesh.to_dict(), device_count)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  sizes = dict(zip(AXES, shape))
   t = config.train
   micro = t.batch_size // t.grad_accum_steps
-  batch_shards = shape[0] * shape[1]
+  batch_shards = sizes["data"] * sizes["fsdp"]
   _require(micro % batch_shards == 0, "train.batch_size",
            f"the micro-batch ({t.batch_size} / grad_accum_steps {t.grad_accum_steps} = {micro}) is not divisible "
            f"by mesh.data x mesh.fsdp = {batch_shards}; use a multiple of {batch_shards * t.grad_accum_steps}.")
+  _require(t.seq_len % sizes["sequence"] == 0, "train.seq_len",
+           f"{t.seq_len} is not divisible by mesh.sequence = {sizes['sequence']} (each device holds seq_len / "
+           f"mesh.sequence tokens of every row); use a multiple of {sizes['sequence']}.")
   _require(t.batch_size % process_count == 0, "train.batch_size",
            f"{t.batch_size} is not divisible by the {process_count} processes.")
   return shape

@@ -1,4 +1,4 @@
-"""The device mesh (data, fsdp, tensor) and the rules that place parameters and batches on it."""
+"""The device mesh (data, fsdp, sequence, tensor) and the rules that place parameters and batches on it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "sequence", "tensor")  # tensor last: neighbouring devices, the most traffic
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both; fsdp additionally shards parameters
+SEQUENCE_AXIS = "sequence"  # splits every row's T (context parallelism: gsa_jax.layers.context_parallel)
 
 # Logical axes -> mesh axes: this table alone decides placement. Parameters name their logical axes where they are
 # created (flax `out_sharding` metadata, `gsa_jax.layers.common.logical_axes`), activations where the train step
@@ -23,33 +24,39 @@ LOGICAL_AXIS_RULES = {
     "heads": "tensor",  # heads x head width (GSA and attention projections, convolutions, GSA's output norm)
     "mlp": "tensor",  # MLP hidden units
     "vocab": "tensor",
-    "length": None,
+    "length": SEQUENCE_AXIS,
 }
 
 # Activation logical axes, for the largest activations the train step constrains.
 LOGITS_AXES = ("batch", "length", "vocab")
 
 
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
-  """Fills a -1 axis with the devices left over; raises ValueError naming the keys if the product is wrong."""
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+def resolve_mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
+  """The mesh shape in AXES order from {axis: size} (a missing axis is 1); fills a -1 axis with the devices left
+  over. Raises ValueError naming the keys if the product is wrong."""
+  unknown = sorted(set(sizes) - set(AXES))
+  if unknown:
+    raise ValueError(f"config.mesh: unknown axes {unknown}; the axes are {AXES}.")
+  sizes = {a: sizes.get(a, 1) for a in AXES}
   auto = [k for k, v in sizes.items() if v == -1]
   bad = [k for k, v in sizes.items() if v == 0 or v < -1]
   if bad or len(auto) > 1:
     raise ValueError(f"config.mesh: each axis must be a positive size, and at most one may be -1; got {sizes}.")
   fixed = math.prod(v for v in sizes.values() if v != -1)
+  product = " x ".join(AXES)
   if auto:
     if device_count % fixed:
       raise ValueError(f"config.mesh: the fixed axes {sizes} multiply to {fixed}, which does not divide the "
                        f"{device_count} devices; choose sizes whose product divides {device_count}.")
     sizes[auto[0]] = device_count // fixed
   elif fixed != device_count:
-    raise ValueError(f"config.mesh: data x fsdp x tensor = {fixed} but there are {device_count} devices; make the "
+    raise ValueError(f"config.mesh: {product} = {fixed} but there are {device_count} devices; make the "
                      "product equal the device count, or set one axis to -1.")
-  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+  return tuple(sizes[a] for a in AXES)
 
 
-def make_mesh(shape: tuple[int, int, int]) -> Mesh:
+def make_mesh(shape: tuple[int, ...]) -> Mesh:
+  """The Auto mesh of `shape` (AXES order)."""
   return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 
@@ -97,7 +104,8 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
+  """Batches [b, t]: rows over BATCH_AXES, each row's T over the sequence axis."""
+  return NamedSharding(mesh, P(BATCH_AXES, SEQUENCE_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -162,6 +162,16 @@ def activation_constraint(mesh):
   return constrain
 
 
+def under_mesh(mesh, fn):
+  """`fn` traced with `mesh` as the current mesh: the layers split T over its sequence axis when it has one
+  (gsa_jax.layers.context_parallel)."""
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_accum_steps: int,
                     constrain=lambda x, axes: x, loss_chunk: int = 0):
   """(state, batch) -> (state, metrics). The batch is split into micro-batches whose gradients are summed, so the
@@ -263,12 +273,13 @@ class TrainRun:
     self._init_state = jax.jit(init_state, out_shardings=self.state_shardings)
     self.batch_sharding = shd.batch_sharding(self.mesh)
     self.train_step = jax.jit(
-        make_train_step(self.graphdef, self.tx, self.schedule, config.train.grad_accum_steps,
-                        activation_constraint(self.mesh), config.train.loss_chunk),
+        under_mesh(self.mesh, make_train_step(self.graphdef, self.tx, self.schedule, config.train.grad_accum_steps,
+                                              activation_constraint(self.mesh), config.train.loss_chunk)),
         in_shardings=(self.state_shardings, self.batch_sharding), out_shardings=(self.state_shardings, rep),
         donate_argnums=0)
-    self.eval_step = jax.jit(make_eval_step(self.graphdef, activation_constraint(self.mesh), config.train.loss_chunk),
-                             in_shardings=(param_sh, self.batch_sharding), out_shardings=rep)
+    self.eval_step = jax.jit(
+        under_mesh(self.mesh, make_eval_step(self.graphdef, activation_constraint(self.mesh), config.train.loss_chunk)),
+        in_shardings=(param_sh, self.batch_sharding), out_shardings=rep)
 
   def init_state(self):
     """A fresh train state (parameters from `config.train.seed`), laid out with `state_shardings`."""
@@ -360,8 +371,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   run = TrainRun(config, model_cfg, mesh_shape)
   train_it = run.checked_iterators()
-  say(f"model: {model_cfg.num_params():,} parameters; mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} "
-      f"tensor={mesh_shape[2]} over {jax.device_count()} {jax.devices()[0].device_kind} device(s)")
+  say(f"model: {model_cfg.num_params():,} parameters; mesh "
+      + " ".join(f"{a}={n}" for a, n in zip(shd.AXES, mesh_shape))
+      + f" over {jax.device_count()} {jax.devices()[0].device_kind} device(s)")
   if not run.has_eval:
     say("data.eval_fraction=0: there is no eval split, so no evaluation runs.")
   compile_start = time.perf_counter()
