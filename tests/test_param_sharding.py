@@ -18,7 +18,7 @@ from gsa_jax.train import sharding as shd
 from gsa_jax.train.config import model_config
 from tests.test_configs import CONFIG_FILES
 
-MESH = AbstractMesh((2, 2, 2), shd.AXES)  # every preset's sharded dimensions are even
+MESH = AbstractMesh((2, 2, 2, 2), shd.AXES)  # every preset's sharded dimensions are even
 
 
 def _flat(tree):
@@ -48,9 +48,10 @@ def test_every_parameter_of_every_preset_is_placed_by_its_logical_axes(name):
 
 
 def test_a_mesh_axis_that_does_not_divide_its_dimension_is_dropped():
-  mesh = AbstractMesh((1, 2, 4), shd.AXES)
+  mesh = AbstractMesh((1, 2, 2, 4), shd.AXES)
   assert shd.logical_spec(("embed", "heads"), (6, 10), mesh) == P("fsdp", None)  # 10 over 4 devices: replicated
   assert shd.logical_spec(("batch", "length", "vocab"), (4, 3, 8), mesh) == P(("data", "fsdp"), None, "tensor")
+  assert shd.logical_spec(("batch", "length", "vocab"), (4, 6, 8), mesh) == P(("data", "fsdp"), "sequence", "tensor")
 
 
 def test_a_parameter_without_logical_axes_or_with_an_unknown_name_is_an_error():
