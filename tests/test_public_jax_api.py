@@ -33,7 +33,7 @@ def test_initialization_compiles_with_the_threefry_kernel_lowering_and_puts_the_
   """The 1.3B model's initializers compile in seconds, not minutes, on GPU only with the kernel lowering; the flag
   is on for that one computation and as it was afterwards."""
   config = tiny_config(tmp_path / "run")
-  run = trainer_lib.TrainRun(config, validate_config(config), (1, 1, 1))
+  run = trainer_lib.TrainRun(config, validate_config(config), trainer_lib.check_mesh(config, 1, 1))
   seen, compiled_init = [], run._init_state
   run._init_state = lambda: (seen.append(jax.config.jax_threefry_gpu_kernel_lowering), compiled_init())[1]
   before = jax.config.jax_threefry_gpu_kernel_lowering
