@@ -196,7 +196,8 @@ def test_comparison_end_to_end_on_cpu_survives_a_failing_run(tmp_path):
   (out / "runs" / "attention_s0" / "notes.txt").write_text("not a run")
   args = ["--out", str(out), "--size", "tiny", "--runs", "gsa:0,attention:0,abc:0", "--packages", "pluggy,iniconfig",
           "--heldout", "iniconfig", "--vocab-size", "320", "--tokens", "1024", "--eval-documents", "4",
-          "--probe-windows", "16", "--budget-minutes", "20"]
+          "--probe-windows", "16", "--budget-minutes", "20",
+          "--set", "train.compilation_cache="]  # tests leave the user's compilation cache alone
   assert compare.main(args) == 1
   saved = json.loads((out / "results.json").read_text())
   runs = saved["runs"]
