@@ -15,7 +15,12 @@ import tempfile
 import jax
 import pytest
 
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "gsa_jax_test_xla_cache"))
+# One cache per xdist worker (and the subprocesses it starts, which run while it waits): with one cache for both
+# workers, a worker aborted inside jax's compilation_cache reading an entry (twice in session 7's suite runs).
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), "gsa_jax_test_xla_cache", _WORKER))
+os.makedirs(_CACHE, exist_ok=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 jax.config.update("jax_compilation_cache_dir", _CACHE)

@@ -8,6 +8,8 @@ import re
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # executables for 8 devices kept apart from 1-device ones
+  os.environ["JAX_COMPILATION_CACHE_DIR"] += "-8-devices"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

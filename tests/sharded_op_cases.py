@@ -9,6 +9,8 @@ import sys
 if __name__ == "__main__":  # imported (by test_op_sharding's GPU test), it must not change the process's devices
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   os.environ["JAX_PLATFORMS"] = "cpu"
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # executables for 8 devices kept apart from 1-device ones
+    os.environ["JAX_COMPILATION_CACHE_DIR"] += "-8-devices"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

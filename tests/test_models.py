@@ -248,8 +248,8 @@ def test_pallas_gpu_remat_policies_keep_what_matmuls_gsa_keeps_on_other_backends
 
 @pytest.mark.parametrize("kw", [
     dict(num_layers=4),
-    dict(num_layers=4, remat="matmuls_gsa", use_short_conv=True),
-    dict(num_layers=6, attn_layers=(2, 5), num_kv_heads=1),  # stretches of 2, 1, 2, 1 blocks
+    pytest.param(dict(num_layers=4, remat="matmuls_gsa", use_short_conv=True), marks=pytest.mark.slow),
+    pytest.param(dict(num_layers=6, attn_layers=(2, 5), num_kv_heads=1), marks=pytest.mark.slow),  # stretches 2,1,2,1
 ])
 def test_scanned_layers_equal_the_loop(kw):
   x = tokens(5, 2, 13)

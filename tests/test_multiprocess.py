@@ -46,7 +46,9 @@ def _launch(workdir, tmp_path, tag: str):
   procs, logs = [], []
   for i in range(PROCESSES):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-           "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+           "JAX_NUM_PROCESSES": str(PROCESSES), "JAX_PROCESS_ID": str(i), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+           # One compilation cache each: jax writes entries non-atomically, and these processes run at once.
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / f"xla_cache_{i}")}
     env.pop("XLA_FLAGS", None)  # one CPU device per process
     out, err = open(tmp_path / f"{tag}_{i}.out", "w+"), open(tmp_path / f"{tag}_{i}.err", "w+")
     logs.append((out, err))

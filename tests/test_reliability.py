@@ -84,7 +84,10 @@ def test_sigkill_three_times_then_resume_is_bit_identical(tmp_path, seed):
     if during_save:  # the second kill lands inside a checkpoint write, held open by HELD_SAVE_LAUNCHER
       command = [sys.executable, "-c", HELD_SAVE_LAUNCHER, *command[1:]]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, "GSA_TEST_SAVE_MARKER": str(marker)})
+                            # A private compilation cache: a kill inside jax's (non-atomic) cache write would leave
+                            # a partial entry that aborts the next process reading it.
+                            env={**os.environ, "GSA_TEST_SAVE_MARKER": str(marker),
+                                 "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")})
     done_before = len(read_jsonl(crashed / "metrics.jsonl"))
     target = done_before + rng.randint(1, 4)
     deadline = time.monotonic() + 300

@@ -226,7 +226,8 @@ def test_sharded_runs_match_single_device(tmp_path):
   result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                           cwd=ROOT, timeout=600,
                           env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-                               "JAX_PLATFORMS": "cpu"})
+                               "JAX_PLATFORMS": "cpu",
+                               "JAX_COMPILATION_CACHE_DIR": os.environ["JAX_COMPILATION_CACHE_DIR"] + "-8-devices"})
   assert result.returncode == 0, result.stderr[-3000:]
   sharded = json.loads(result.stdout.split("LOSSES")[-1])
   assert set(sharded) == {"dp8", "fsdp8", "dp2_fsdp2_tp2", "resumed", "dp2_tp4_loss_chunk"}

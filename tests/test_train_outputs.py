@@ -55,7 +55,8 @@ def test_exit_code_143_on_sigterm_then_plot(tmp_path):
   `python -m gsa_jax.plot` draws the run (and a directory without metrics is one error line, exit code 2)."""
   workdir = tmp_path / "run"
   proc = subprocess.Popen(_train_py(workdir, "--config.train.steps=5000"), stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+                          stderr=subprocess.DEVNULL, text=True, cwd=ROOT,  # a private cache: it is signalled
+                          env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")})
   deadline = time.monotonic() + 300
   while len(read_jsonl(workdir / "metrics.jsonl")) < 3 and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.01)
