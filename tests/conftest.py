@@ -15,17 +15,23 @@ import tempfile
 import jax
 import pytest
 
-# One cache per xdist worker (and the subprocesses it starts, which run while it waits): with one cache for both
-# workers, a worker aborted inside jax's compilation_cache reading an entry (twice in session 7's suite runs).
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                               os.path.join(tempfile.gettempdir(), "gsa_jax_test_xla_cache", _WORKER))
-os.makedirs(_CACHE, exist_ok=True)
+# One cache per test run and xdist worker (and the subprocesses a worker starts, which run while it waits). jax writes
+# entries non-atomically, and a worker aborted reading one three times in session 7 while the cache was shared by
+# both workers and kept across runs (a process that dies mid-write leaves its partial entry for every later run).
+# The controller's import fixes the run's folder; workers inherit it through the environment.
+_RUN_CACHE = os.environ.setdefault(
+    "GSA_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "gsa_jax_test_xla_cache", f"run-{os.getpid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
+
+
+def pytest_configure(config):
+  cache = os.path.join(_RUN_CACHE, getattr(config, "workerinput", {}).get("workerid", "main"))
+  os.makedirs(cache, exist_ok=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+  jax.config.update("jax_compilation_cache_dir", cache)
 
 
 @pytest.fixture
