@@ -44,6 +44,8 @@ def config(name, mesh, **train):
   c.model.use_short_conv, c.model.use_rope = True, True
   if name.startswith("hybrid"):
     c.model.attn_layers = (1,)
+  if name.startswith("bfloat16"):  # bfloat16 compute, float32 parameters, as the paper presets
+    c.model.dtype = "bfloat16"
   c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor = mesh
   return c
 
@@ -90,6 +92,7 @@ CASES = {  # name: (data, fsdp, sequence, tensor), train options
     "data2_fsdp2_sequence2": ((2, 2, 2, 1), {}),
     "fsdp2_sequence2_tensor2_loss_chunk_accum": ((1, 2, 2, 2), {"train__loss_chunk": 8, "train__grad_accum_steps": 2}),
     "hybrid_data2_sequence4": ((2, 1, 4, 1), {}),
+    "bfloat16_data2_sequence4": ((2, 1, 4, 1), {}),
 }
 
 

@@ -213,9 +213,13 @@ def test_hybrid_model_and_prefill_split_equal_one_device():
 
 def test_train_step_with_a_sequence_axis_equals_one_device():
   """The trainer's loss sums and gradients, and one train step (metrics, updated parameters), on a
-  data x fsdp x sequence mesh equal one device, on packed rows split across shards."""
-  check_within(run_script("context_parallel_train_cases.py", "data2_fsdp2_sequence2"), ["data2_fsdp2_sequence2"],
-               1e-5)
+  data x fsdp x sequence mesh equal one device, on packed rows split across shards; in float32 to 1e-5, and with
+  bfloat16 compute (float32 parameters, the presets' setting) to bfloat16's precision: XLA:CPU once aborted
+  compiling that step (the bfloat16 gradient of the gathered convolution tails)."""
+  results = run_script("context_parallel_train_cases.py", "data2_fsdp2_sequence2", "bfloat16_data2_sequence4")
+  check_within({"bfloat16_data2_sequence4": results.pop("bfloat16_data2_sequence4")}, ["bfloat16_data2_sequence4"],
+               4e-2)
+  check_within(results, ["data2_fsdp2_sequence2"], 1e-5)
 
 
 @pytest.mark.slow

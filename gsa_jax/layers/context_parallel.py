@@ -48,10 +48,19 @@ def sequence_axis(t: int) -> str | None:
 
 def per_shard(fn, axis: str, in_specs, out_specs):
   """`fn` run on each device's slice: a shard_map manual over `axis` only, or `fn` itself inside a shard_map that
-  already is."""
+  already is. Inputs given as P() (replicated: parameters, caches) enter `fn` typed as varying over `axis`."""
   if axis in jax.sharding.get_abstract_mesh().manual_axes:
     return fn
-  return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, axis_names={axis})
+
+  def body(*args):
+    # The gradient of a replicated input is summed over `axis` where the input first meets the shard's tokens.
+    # Marking it varying here puts that sum on the input as given (float32 parameters); left to JAX it lands after
+    # the cast to the compute dtype: a bfloat16 all-reduce, less exact, and one that XLA:CPU (jax 0.11.2) aborts
+    # on while promoting it to float32 ("Invalid binary instruction opcode copy").
+    return fn(*(jax.tree.map(lambda x: jax.lax.pcast(x, (axis,), to="varying"), a) if spec == P() else a
+                for a, spec in zip(args, in_specs)))
+
+  return jax.shard_map(body, in_specs=in_specs, out_specs=out_specs, axis_names={axis})
 
 
 def row_spec(axis: str) -> P:
@@ -153,6 +162,11 @@ def carry_across_shards(start: ShardCarry | None, layout: TokenLayout, segment_i
   if start is None:
     start = ShardCarry(jax.tree.map(jnp.zeros_like, piece.carry.conv), jnp.zeros_like(piece.carry.pos),
                        jnp.zeros_like(piece.carry.segment_id))
-  entering, final = fold_carries(start, jax.lax.all_gather(piece, axis))
+  # Floating leaves (the convolution tails) travel as float32: their gradient is a reduce-scatter over the axis,
+  # which in bfloat16 XLA:CPU (jax 0.11.2) aborts on while promoting it ("Invalid binary instruction opcode copy").
+  # They are w - 1 tokens a row, so the wider gather costs nothing.
+  wide = lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  gathered = jax.tree.map(lambda g, x: g.astype(x.dtype), jax.lax.all_gather(jax.tree.map(wide, piece), axis), piece)
+  entering, final = fold_carries(start, gathered)
   index = jax.lax.axis_index(axis)
   return jax.tree.map(lambda x: x[index], entering), final
