@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,10 @@ from flax import nnx
 from gsa_jax.layers import KVCache
 from gsa_jax.models import GSALM, PRESETS, count_params
 from gsa_jax.ops.testing import time_calls
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.profiling import print_profile_summary  # noqa: E402
 
 
 def build(config):
@@ -62,12 +67,16 @@ def run_steps(graphdef, steps, state, tokens, caches):
   return jax.lax.fori_loop(0, steps, body, (tokens, caches))
 
 
-def time_per_token_ms(model, batch, context, steps, repeats):
+def time_per_token_ms(model, batch, context, steps, repeats, profile_dir=""):
   graphdef, state = nnx.split(model)
   run = functools.partial(run_steps, graphdef, steps)
   tokens = jnp.ones((batch,), jnp.int32)
   caches = cache_at_context(model, batch, context, steps)
   ms = time_calls(lambda: run(state, tokens, caches), repeats, warmup=1).sync_ms  # the warm-up call compiles
+  if profile_dir:
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      jax.block_until_ready(run(state, tokens, caches))
+    print_profile_summary(profile_dir, steps=steps, unit="token", top=40)
   cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(caches))
   return ms / steps, cache_bytes / 2**20
 
@@ -112,6 +121,8 @@ def main():
   parser.add_argument("--attn-head-dim", type=int, default=128)
   parser.add_argument("--models", default="gsa,softmax")
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  parser.add_argument("--profile", default="", help="a folder: trace each model's decode loop at the first "
+                      "context there and print its device time per op (ms per token, kernels per token)")
   parser.add_argument("--plot-from", default=None, help="only plot an existing bench_decode.json")
   args = parser.parse_args()
 
@@ -132,15 +143,19 @@ def main():
   print(f"device: {device}, jax {jax.__version__}; {title}; {args.steps} steps per timed loop, median of "
         f"{args.repeats}")
   rows = []
+  first = int(args.contexts.split(",")[0])
   for name in args.models.split(","):
     model = build(configs[name])
     n_params = count_params(model)
-    print(f"{name}: {n_params / 1e6:.1f}M parameters", flush=True)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    print(f"{name}: {n_params / 1e6:.1f}M parameters, {weight_bytes / 2**30:.2f} GiB of weights (a decode step reads "
+          "them all once: their size over the device's copy bandwidth is the step's floor)", flush=True)
     for context in map(int, args.contexts.split(",")):
       row = dict(model=name, params=n_params, context=context, ms_per_token=None, cache_mib=None, error=None)
       try:
+        profile_dir = os.path.join(args.profile, f"{name}_{context}") if args.profile and context == first else ""
         row["ms_per_token"], row["cache_mib"] = time_per_token_ms(model, args.batch, context, args.steps,
-                                                                  args.repeats)
+                                                                  args.repeats, profile_dir)
       except Exception as e:  # out of memory is a result here, not a crash
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
       rows.append(row)

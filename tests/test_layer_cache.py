@@ -153,3 +153,19 @@ def test_generate_continues_from_its_caches():
     alone = generate(model, jnp.asarray(whole), max_new_tokens=4, temperature=0)
     np.testing.assert_array_equal(turn.tokens[row], alone.tokens[0])
 
+
+
+def test_step_of_one_row_equals_that_row_in_a_batch():
+  """At batch 1 the step's projections run on two rows (gsa_jax.layers.common.as_matrix_rows, a GPU speed-up):
+  the token's output and cache equal those of the same row stepped inside a batch, for GSA and attention."""
+  model = GSALM(GSAConfig(vocab_size=50, hidden_size=D, num_layers=2, num_heads=2, num_slots=8, chunk_size=8,
+                          use_short_conv=True, use_rope=True, attn_layers=(1,)), rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (3, 6), 1, 50)
+  _, caches = prefill(model, tokens, max_len=8)
+  step = jax.jit(lambda t, c: model.step(t, c))
+  logits_all, caches_all = step(tokens[:, -1], caches)
+  one = jax.tree.map(lambda x: x[1:2] if x.ndim else x, caches)
+  logits_one, caches_one = step(tokens[1:2, -1], one)
+  assert rel_err(logits_one, logits_all[1:2]) < 1e-5
+  for got, want in zip(jax.tree.leaves(caches_one), jax.tree.leaves(caches_all)):
+    assert rel_err(got, want[1:2] if want.ndim else want) < 1e-5

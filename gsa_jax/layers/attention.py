@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gsa_jax.layers.common import (apply_rope, check_layer_input, fan_in_init, first_doc_continues,
+from gsa_jax.layers.common import (apply_rope, as_matrix_rows, check_layer_input, fan_in_init, first_doc_continues,
                                    last_doc_continues, logical_axes, next_positions, next_segment_id, token_layout)
 from gsa_jax.layers.context_parallel import gather_time, per_shard, row_spec, sequence_axis
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS, causal_attention, reference_mask
@@ -212,14 +212,14 @@ class CausalSelfAttention(nnx.Module):
     """One token per row: x [b, d] -> (y [b, d], new cache). The cache must have a free slot."""
     check_layer_input(x, self.q_proj.in_features, 2)
     b = x.shape[0]
-    q, k, v = self._qkv(x[:, None], cache.pos[:, None])  # [b, 1, heads, dh]
+    q, k, v = (a[:b] for a in self._qkv(as_matrix_rows(x)[:, None], as_matrix_rows(cache.pos)[:, None]))
     zero = jnp.zeros((), jnp.int32)
     kc = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, cache.index, zero, zero))
     vc = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, cache.index, zero, zero))
     mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((b, 1), bool), (zero, cache.index))
     o = jax.nn.dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=mask[:, None, None, :],
                                      implementation=None)
-    y = self.o_proj(o.reshape(b, -1))
+    y = self.o_proj(as_matrix_rows(o.reshape(b, -1)))[:b]
     return y, cache._replace(k=kc, v=vc, mask=mask, pos=cache.pos + 1, index=cache.index + 1)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:

@@ -85,6 +85,21 @@ def logical_axes(*names: str | None) -> dict:
   return {"out_sharding": names, "eager_sharding": False}
 
 
+def as_matrix_rows(x: jax.Array) -> jax.Array:
+  """x [b, ...] with a zero row appended when b = 1, so that a projection of one token is a matrix product: the
+  caller keeps the first b rows of the result.
+
+  XLA:GPU rewrites a product of a single row with a matrix of fewer than 10^7 entries (a decode step's 2048 x 2048
+  projection) into a multiply that writes the whole elementwise product and a reduction that reads it back: three
+  times the weight's bytes. At batch 1 the GSA 1.3B model spent more than half of a decoded token there
+  (docs/benchmarks.md); with two rows XLA runs a GEMM that reads the weight once. The extra row costs nothing
+  measurable (the product is bound by reading the weight).
+  """
+  if x.shape[0] != 1:
+    return x
+  return jnp.concatenate([x, jnp.zeros_like(x)])
+
+
 def explicit_spec(x: jax.Array, ndim: int | None = None) -> P | None:
   """x's PartitionSpec (padded to `ndim` entries, default x.ndim) when x lives on a mesh with Explicit axes, else
   None: the `out_sharding=` of a flax matmul or lookup whose output is laid out like x. Under Explicit sharding

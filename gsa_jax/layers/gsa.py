@@ -33,8 +33,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, check_layer_input, explicit_spec,
-                                   fan_in_init, first_doc_continues, last_doc_continues, logical_axes,
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, as_matrix_rows, check_layer_input,
+                                   explicit_spec, fan_in_init, first_doc_continues, last_doc_continues, logical_axes,
                                    next_positions, next_segment_id, previous_taps, tail_taps, token_layout)
 from gsa_jax.layers.context_parallel import (ShardCarry, carry_across_shards, from_last_shard, per_shard, row_spec,
                                              sequence_axis)
@@ -380,7 +380,8 @@ class GatedSlotAttention(nnx.Module):
   def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
     """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""
     check_layer_input(x, self.q_proj.in_features, 2)
-    q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
+    b, rows = x.shape[0], as_matrix_rows(x)
+    q, k, v, f = (p(rows)[:b] for p in (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
     conv = None
     if self.use_short_conv:
       (q, tq), (k, tk), (v, tv) = (c.step(a, tail) for c, a, tail in
@@ -390,7 +391,7 @@ class GatedSlotAttention(nnx.Module):
     q, k, v = self._heads(q, k, v, cache.pos)
     s, g, log_normalizer = self._slot_gates(f[:, None], None, cache.log_normalizer)
     o, state = gsa_step(q, k, v, s[:, 0], g[:, 0], cache.state, scale=1.0)
-    return self._out(o, x, dtype), GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id,
+    return self._out(as_matrix_rows(o), as_matrix_rows(x), dtype)[:b], GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id,
                                             log_normalizer=log_normalizer)
 
   def init_cache(self, batch_size: int) -> GSACache:
