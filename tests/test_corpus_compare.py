@@ -188,6 +188,7 @@ def test_driver_argument_errors_exit_2(tmp_path, capsys):
 # -- end to end -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_comparison_end_to_end_on_cpu_survives_a_failing_run(tmp_path):
   """Two small installed packages (pytest's own dependencies), tiny models; the attention run fails (its workdir
   holds something that is not a run), the others train the same tokens and are evaluated and probed."""

@@ -63,6 +63,7 @@ def test_tiny_sweep_trains_each_learning_rate_and_a_rerun_skips_them(tmp_path):
   assert len(open(tmp_path / "results.jsonl").readlines()) == 2
 
 
+@pytest.mark.slow
 def test_cell_trainer_matches_separate_runs_of_the_plain_train_step():
   """The vmapped runs of a cell (their own lr, seed, init and data) follow what the trainer's step does alone."""
   import functools
@@ -111,6 +112,7 @@ def test_cell_trainer_matches_separate_runs_of_the_plain_train_step():
   assert not np.allclose(emb[0], emb[1])
 
 
+@pytest.mark.slow
 def test_shards_split_the_cells_and_report_only_merges_their_files(tmp_path):
   args = ["--out", str(tmp_path), "--models", "gsa:4,attention", "--seq-lens", "16", "--kv-pairs", "2",
           "--widths", "16", "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--eval-batches", "1",

@@ -213,6 +213,7 @@ print("LOSSES" + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sharded_runs_match_single_device(tmp_path):
   """dp, fsdp and dp x fsdp x tensor meshes on 8 fake CPU devices give the single-device losses; a run checkpointed
   on 1 device resumes on the 8-device mesh."""
