@@ -168,6 +168,23 @@ def test_memory_per_device_falls_with_the_shards():
   assert temp[2] < 0.6 * temp[1]
 
 
+@pytest.mark.slow
+def test_train_step_memory_per_device_falls_with_the_shards(tmp_path):
+  """benchmarks/train_step_memory.py: train.py's step for the tiny config in bfloat16, compiled on 1 and 2 fake CPU
+  devices (its own processes): the scratch memory of each of 2 sequence shards is little more than half of one
+  device's, and the JSON rows name both."""
+  out = tmp_path / "rows.json"
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step_memory.py"),
+                           "--config=configs/lm_tiny.py", "--config.model.dtype=bfloat16", "--lengths=1024",
+                           "--cpu_devices=1,2", f"--json={out}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900, env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = {r["n"]: r for r in json.loads(out.read_text())}
+  assert set(rows) == {1, 2} and all(r.get("status", "ok") == "ok" for r in rows.values()), rows
+  assert rows[2]["temp_gib"] < 0.6 * rows[1]["temp_gib"]
+  assert "| 1,024 | 2 | 512 |" in result.stdout
+
+
 # ---- the layers, the model, prefill and the trainer with T split over "sequence" --------------------------------
 
 
