@@ -391,8 +391,9 @@ class GatedSlotAttention(nnx.Module):
     q, k, v = self._heads(q, k, v, cache.pos)
     s, g, log_normalizer = self._slot_gates(f[:, None], None, cache.log_normalizer)
     o, state = gsa_step(q, k, v, s[:, 0], g[:, 0], cache.state, scale=1.0)
-    return self._out(as_matrix_rows(o), as_matrix_rows(x), dtype)[:b], GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id,
-                                            log_normalizer=log_normalizer)
+    y = self._out(as_matrix_rows(o), as_matrix_rows(x), dtype)[:b]
+    return y, GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id,
+                       log_normalizer=log_normalizer)
 
   def init_cache(self, batch_size: int) -> GSACache:
     """The cache of an empty prompt: zero state, zero convolution inputs."""
