@@ -121,6 +121,20 @@ def main(grid):
   run("layer/prefill_cache/4", lambda: rel_err(
       split(pre, 4, (params, rest_x, rest_seg, first), (P(), row, row, P("data"))), want_cont), results)
 
+  # ABC: its running normalizer (log Z) folded across shards like the state; the loss and every gradient, and
+  # prefill from a cache (log Z included).
+  abc = GatedSlotAttention(D, **LAYER, slot_control="abc", rngs=nnx.Rngs(0))
+  a_graph, a_params = nnx.split(abc)
+  a_loss = lambda p, x, s: layer_loss(a_graph, p, x, s)
+  want_abc = jax.jit(a_loss)(a_params, x, seg)
+  for n in (2, 8):
+    run(f"abc/{n}", lambda: rel_err(split(a_loss, n, (a_params, x, seg), (P(), row, row)), want_abc), results)
+  a_pre = lambda p, x, s, c: layer_prefill(a_graph, p, x, s, c)
+  _, a_first = jax.jit(a_pre)(a_params, x[:, :8], seg[:, :8], None)
+  want_a_cont = jax.jit(a_pre)(a_params, rest_x, rest_seg, a_first)
+  run("abc/prefill_cache/4", lambda: rel_err(
+      split(a_pre, 4, (a_params, rest_x, rest_seg, a_first), (P(), row, row, P("data"))), want_a_cont), results)
+
   if grid == "full":
     cfg = GSAConfig(**MODEL)
     model = GSALM(cfg, rngs=nnx.Rngs(0))

@@ -203,15 +203,16 @@ def check_within(results, names, tol):
 
 
 LAYER_CASES = ["layer/2", "layer/4", "layer/8", "layer/plain/4", "layer/Explicit/4", "layer/shard_map",
-               "layer/prefill/4", "layer/prefill_cache/4"]
+               "layer/prefill/4", "layer/prefill_cache/4", "abc/2", "abc/8", "abc/prefill_cache/4"]
 
 
 def test_layer_split_2_4_8_equals_one_device():
   """The GSA layer (grouped heads, short convolution, RoPE) with T split in 2, 4 and 8 over an Auto mesh, and
   inside a caller's shard_map: output and every gradient; prefill's output and cache, from an empty past and from
   a cache; rows with a document across several shards, one starting exactly at a boundary, padding inside a
-  document and a shard holding a single token of its document (the convolution reaches two shards back). An
-  Explicit sequence axis is refused with a ValueError."""
+  document and a shard holding a single token of its document (the convolution reaches two shards back); the same
+  with ABC's slot control (its running normalizer folded across shards), split in 2 and 8 and prefilled from a
+  cache. An Explicit sequence axis is refused with a ValueError."""
   results = run_script("context_parallel_layer_cases.py", "short")
   explicit = results.pop("layer/Explicit/4")
   assert "ValueError: mesh axis 'sequence' is Explicit" in explicit, explicit
@@ -277,14 +278,3 @@ def test_layer_error_when_the_sequence_axis_does_not_divide_t():
     with pytest.raises(ValueError, match=r"T = 6 tokens, which the 4 devices of mesh axis 'sequence' do not divide"):
       jax.eval_shape(layer, jnp.zeros((1, 6, 8)))
 
-
-def test_abc_layer_refuses_a_sequence_axis():
-  from flax import nnx  # noqa: PLC0415
-
-  from gsa_jax.layers import GatedSlotAttention  # noqa: PLC0415
-
-  layer = GatedSlotAttention(8, num_heads=2, num_slots=4, slot_control="abc", rngs=nnx.Rngs(0))
-  mesh = AbstractMesh((4,), ("sequence",), axis_types=(AxisType.Auto,))
-  with jax.sharding.use_abstract_mesh(mesh):
-    with pytest.raises(ValueError, match=r"slot_control='abc' cannot split T over the mesh axis 'sequence'"):
-      jax.eval_shape(layer, jnp.zeros((1, 8, 8)))

@@ -5,7 +5,7 @@ When the current mesh (`jax.set_mesh`, the trainer's, or a `shard_map` manual ov
 is manual over that axis only (the other axes keep splitting rows, heads and parameters as before):
 - GSA layers pass on the GSA state (`gsa_jax.ops.context_parallel_gsa`) and, per row, what a cache would hold
   besides it (a `ShardCarry`: the short convolutions' last `w - 1` inputs, the RoPE position and the segment id
-  of the document in progress). Every device gathers all shards' carries and folds them in order, exactly as a
+  of the document in progress, and ABC's running normalizer). Every device gathers all shards' carries and folds them in order, exactly as a
   prefill in pieces continues each piece's cache, so a document crossing a boundary continues (across any number
   of shards, padding included) and one starting exactly at a boundary takes nothing.
 - Attention layers gather every shard's keys and values (and the row's segment ids) and attend to them from
@@ -22,6 +22,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from gsa_jax.layers.common import (TokenLayout, carry_tail, last_doc_continues, last_token_taps, next_positions,
                                    next_segment_id)
+from gsa_jax.ops.abc import NO_PAST
 from gsa_jax.ops.common import to_varying, varying_axes
 
 SEQUENCE_AXIS = "sequence"
@@ -89,11 +90,14 @@ class ShardCarry(NamedTuple):
 
   conv: None, or the short convolutions' last inputs (q [b, w-1, hq*dk], k [b, w-1, h*dk], v [b, w-1, h*dv]).
   pos: [b] int32, the RoPE position of the next token.  segment_id: [b] int32, the document in progress (0: any).
+  log_normalizer: None, or ABC's log Z of the document in progress [b, h, m] float32 (`gsa_jax.ops.abc.NO_PAST`:
+  none).
   """
 
   conv: tuple[jax.Array, ...] | None
   pos: jax.Array
   segment_id: jax.Array
+  log_normalizer: jax.Array | None = None
 
 
 class ShardPiece(NamedTuple):
@@ -111,9 +115,11 @@ class ShardPiece(NamedTuple):
   count: jax.Array
 
 
-def shard_piece(layout: TokenLayout, segment_ids: jax.Array | None, convs, conv_in) -> ShardPiece:
+def shard_piece(layout: TokenLayout, segment_ids: jax.Array | None, convs, conv_in,
+                log_normalizer: jax.Array | None = None) -> ShardPiece:
   """The ShardPiece of a shard: layout and segment_ids [b, t] of its tokens, convs the ShortConvolutions (or None)
-  and conv_in their inputs [b, t, d_i]."""
+  and conv_in their inputs [b, t, d_i]; log_normalizer: ABC's log Z after the shard's tokens from an empty past
+  (None: not ABC)."""
   b = layout.valid.shape[0]
   conv = count = None
   if convs is not None:
@@ -124,7 +130,7 @@ def shard_piece(layout: TokenLayout, segment_ids: jax.Array | None, convs, conv_
   else:
     first = jnp.take_along_axis(segment_ids, jnp.argmax(layout.valid, axis=1)[:, None], axis=1)[:, 0]
     first_id = jnp.where(jnp.any(layout.valid, axis=1), first, 0).astype(jnp.int32)
-  carry = ShardCarry(conv, next_positions(layout), next_segment_id(None, segment_ids, b))
+  carry = ShardCarry(conv, next_positions(layout), next_segment_id(None, segment_ids, b), log_normalizer)
   return ShardPiece(carry, first_id, last_doc_continues(layout), jnp.zeros((b,), jnp.int32) if count is None else count)
 
 
@@ -136,14 +142,20 @@ def fold_carries(start: ShardCarry, pieces: ShardPiece) -> tuple[ShardCarry, Sha
   def step(carry: ShardCarry, piece: ShardPiece):
     keep = (carry.segment_id == 0) | (piece.first_id == 0) | (piece.first_id == carry.segment_id)
     zero_other = lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.zeros_like(a))
-    entering = ShardCarry(jax.tree.map(zero_other, carry.conv), zero_other(carry.pos), carry.segment_id)
+    z = carry.log_normalizer
+    if z is not None:  # an empty past is NO_PAST, not 0
+      z = jnp.where(keep[:, None, None], z, NO_PAST)
+    entering = ShardCarry(jax.tree.map(zero_other, carry.conv), zero_other(carry.pos), carry.segment_id, z)
     conv = None
     if entering.conv is not None:
       conv = tuple(carry_tail(prev, new, piece.count, piece.continues)
                    for prev, new in zip(entering.conv, piece.carry.conv))
     pos = piece.carry.pos + jnp.where(piece.continues, entering.pos, 0)
     segment_id = jnp.where(piece.carry.segment_id > 0, piece.carry.segment_id, entering.segment_id)
-    return ShardCarry(conv, pos, segment_id), entering
+    if z is not None:  # the shard's last document sums onto the past when it is its first
+      z = jnp.where(piece.continues[:, None, None], jnp.logaddexp(z, piece.carry.log_normalizer),
+                    piece.carry.log_normalizer)
+    return ShardCarry(conv, pos, segment_id, z), entering
 
   axes = varying_axes(*jax.tree.leaves(pieces))  # the scan carry must vary over the axes its updates do
   start = jax.tree.map(lambda x: to_varying(x, axes), start)
@@ -152,16 +164,17 @@ def fold_carries(start: ShardCarry, pieces: ShardPiece) -> tuple[ShardCarry, Sha
 
 
 def carry_across_shards(start: ShardCarry | None, layout: TokenLayout, segment_ids: jax.Array | None, convs,
-                        conv_in, axis: str) -> tuple[ShardCarry, ShardCarry]:
+                        conv_in, axis: str, log_normalizer: jax.Array | None = None) -> tuple[ShardCarry, ShardCarry]:
   """Inside a shard_map over `axis`: the carry entering this shard and the one after the whole row (the same on
   every shard), from what came before the row (`start`; None: nothing) and every shard's piece (one all_gather).
 
-  layout, segment_ids [b, t], conv_in: this shard's (see shard_piece).
+  layout, segment_ids [b, t], conv_in, log_normalizer: this shard's (see shard_piece).
   """
-  piece = shard_piece(layout, segment_ids, convs, conv_in)
+  piece = shard_piece(layout, segment_ids, convs, conv_in, log_normalizer)
   if start is None:
+    z = None if log_normalizer is None else jnp.full_like(log_normalizer, NO_PAST)
     start = ShardCarry(jax.tree.map(jnp.zeros_like, piece.carry.conv), jnp.zeros_like(piece.carry.pos),
-                       jnp.zeros_like(piece.carry.segment_id))
+                       jnp.zeros_like(piece.carry.segment_id), z)
   # Floating leaves (the convolution tails) travel as float32: their gradient is a reduce-scatter over the axis,
   # which in bfloat16 XLA:CPU (jax 0.11.2) aborts on while promoting it ("Invalid binary instruction opcode copy").
   # They are w - 1 tokens a row, so the wider gather costs nothing.

@@ -289,10 +289,6 @@ class GatedSlotAttention(nnx.Module):
     axis = sequence_axis(x.shape[1])
     if axis is None:
       return self._piece(x, segment_ids, cache, output_final_state, None)
-    if self.slot_control == "abc":
-      # ABC's gates come from a running sum over the document (log Z), which the shards do not exchange yet.
-      raise ValueError("slot_control='abc' cannot split T over the mesh axis 'sequence' yet (ABC's running "
-                       "normalizer is not carried across shards); use slot_control='gsa', or a mesh without it.")
     graphdef, variables = nnx.split(self)
     shard = lambda variables, x, segment_ids, cache: nnx.merge(graphdef, variables)._piece(
         x, segment_ids, cache, output_final_state, axis)
@@ -310,10 +306,13 @@ class GatedSlotAttention(nnx.Module):
     q, k, v, f = self.q_proj(x), self.k_proj(x), self.v_proj(x), self.f_proj(x)
     conv_in = (q, k, v)
     convs = (self.q_conv, self.k_conv, self.v_conv) if self.use_short_conv else None
-    carry = None if cache is None else ShardCarry(cache.conv, cache.pos, cache.segment_id)
+    carry = None if cache is None else ShardCarry(cache.conv, cache.pos, cache.segment_id, cache.log_normalizer)
     final_carry = None
     if axis is not None:
-      carry, final_carry = carry_across_shards(carry, layout, segment_ids, convs, conv_in, axis)
+      shard_z = None  # ABC: this shard's log Z from an empty past, which the shards fold into each one's past
+      if self.slot_control == "abc":
+        shard_z = self._slot_gates(f, segment_ids, None)[2]
+      carry, final_carry = carry_across_shards(carry, layout, segment_ids, convs, conv_in, axis, shard_z)
     positions = layout.positions
     if carry is not None:
       positions = positions + jnp.where(layout.doc <= 1, carry.pos[:, None], 0)
@@ -325,7 +324,7 @@ class GatedSlotAttention(nnx.Module):
       q, k, v = (c(a, taps, tail, tail_idx) for c, a, tail in zip(convs, conv_in, tails))
     dtype = q.dtype
     q, k, v = self._heads(q, k, v, positions)
-    s, g, log_normalizer = self._slot_gates(f, segment_ids, None if cache is None else cache.log_normalizer)
+    s, g, log_normalizer = self._slot_gates(f, segment_ids, None if carry is None else carry.log_normalizer)
     op = gated_slot_attention if axis is None else functools.partial(context_parallel_gsa, axis_name=axis)
     o, state = op(q, k, v, s, g, scale=1.0, initial_state=None if cache is None else cache.state,
                   output_final_state=output_final_state, segment_ids=segment_ids, chunk_size=self.chunk_size,
