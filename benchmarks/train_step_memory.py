@@ -78,8 +78,17 @@ def child_argv(argv: list[str]) -> list[str]:
   return [os.path.abspath(__file__), *(a for a in argv[1:] if a.split("=", 1)[0] not in own)]
 
 
+def fail(message: str) -> None:
+  print(f"train_step_memory: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   lengths = [int(x) for x in _LENGTHS.value]
+  for n in (int(x) for x in _CPU_DEVICES.value):
+    bad = [t for t in lengths if t % n]
+    if bad:
+      fail(f"--lengths {bad} are not divisible by {n} (--cpu_devices): each of n devices holds T / n tokens.")
   if _CPU_DEVICES.value:
     from benchmarks.cells import run_cell  # noqa: PLC0415
 
@@ -95,8 +104,13 @@ def main(argv):
       print(f"n = {n}: {result['status']}", flush=True)
   else:
     rows = []
+    from gsa_jax.train.config import ConfigError  # noqa: PLC0415
+
     for t in lengths:
-      rows.append(step_memory(_CONFIG.value, t))
+      try:
+        rows.append(step_memory(_CONFIG.value, t))
+      except ConfigError as e:
+        fail(str(e))
       print(f"T = {t}: {rows[-1]['total_gib']:.2f} GiB per device", flush=True)
     if _RESULT_JSON.value:
       with open(_RESULT_JSON.value, "w") as f:
