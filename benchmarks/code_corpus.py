@@ -127,24 +127,20 @@ def split_files(sources: dict[str, list[SourceFile]], heldout: list[str], skippe
                 ) -> tuple[list[SourceFile], list[SourceFile]]:
   """(train, heldout) files with exact duplicates removed: the first copy in train is kept; a held-out file whose
   contents occur in train, or earlier in held-out, is dropped."""
-  seen, train, held = set(), [], []
-  for name in sorted(sources):
-    if name in heldout:
-      continue
-    for f in sources[name]:
+  seen = set()
+
+  def first_copies(names):
+    kept = []
+    for f in (f for name in sorted(names) for f in sources[name]):
       if f.sha256 in seen:
         skipped["duplicate"] += 1
-        continue
-      seen.add(f.sha256)
-      train.append(f)
-  for name in sorted(heldout):
-    for f in sources[name]:
-      if f.sha256 in seen:
-        skipped["duplicate"] += 1
-        continue
-      seen.add(f.sha256)
-      held.append(f)
-  return train, held
+      else:
+        seen.add(f.sha256)
+        kept.append(f)
+    return kept
+
+  train = first_copies(set(sources) - set(heldout))
+  return train, first_copies(heldout)
 
 
 def _record(f: SourceFile) -> str:

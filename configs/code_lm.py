@@ -18,6 +18,7 @@ tokens; these runs see far fewer). Batch 16 x 2048 tokens. No evaluation split i
 """
 
 from configs import base
+from configs.paper import set_paper_optimizer
 from gsa_jax.models import GSAConfig, mixer_layout
 
 LAYOUTS = ("gsa", "attention", "hybrid", "abc", "nogate")
@@ -61,11 +62,6 @@ def get_config(arg: str = "gsa"):
   c.train.batch_size = 16 if size == "110m" else 4
   c.train.steps = 1000
   c.train.log_every = 10
-  c.optim.learning_rate = 1e-3
-  c.optim.warmup_steps = 50
-  c.optim.final_lr_ratio = 0.1
-  c.optim.b1, c.optim.b2 = 0.9, 0.95
-  c.optim.weight_decay = 0.01
-  c.optim.clip_norm = 1.0
+  set_paper_optimizer(c, learning_rate=1e-3, warmup_steps=50)
   c.checkpoint.every_steps = 100000  # only the final step (and on SIGTERM): these runs are short
   return c

@@ -34,12 +34,18 @@ def paper_config(preset: str, *, batch_size: int, steps: int, warmup_steps: int)
   c.train.log_every = 10
   c.train.eval_every = 1000
   c.train.eval_batches = 16
-  c.optim.learning_rate = 3e-4
+  set_paper_optimizer(c, learning_rate=3e-4, warmup_steps=warmup_steps)
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.every_minutes = 30.0
+  return c
+
+
+def set_paper_optimizer(c, *, learning_rate: float, warmup_steps: int) -> None:
+  """The paper's optimizer on config `c`: AdamW (0.9, 0.95), weight decay 0.01, clipping at 1.0, linear warm-up to
+  `learning_rate` then cosine decay to a tenth of it."""
+  c.optim.learning_rate = learning_rate
   c.optim.warmup_steps = warmup_steps
   c.optim.final_lr_ratio = 0.1
   c.optim.b1, c.optim.b2 = 0.9, 0.95
   c.optim.weight_decay = 0.01
   c.optim.clip_norm = 1.0
-  c.checkpoint.every_steps = 1000
-  c.checkpoint.every_minutes = 30.0
-  return c

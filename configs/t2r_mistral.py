@@ -16,6 +16,7 @@ compute with float32 parameters and optimizer state, parameters sharded over eve
 """
 
 from configs import base
+from configs.paper import set_paper_optimizer
 
 
 def get_config():
@@ -38,12 +39,7 @@ def get_config():
   c.train.log_every = 10
   c.train.eval_every = 1000
   c.train.eval_batches = 16
-  c.optim.learning_rate = 3e-5
-  c.optim.warmup_steps = 1000
-  c.optim.final_lr_ratio = 0.1
-  c.optim.b1, c.optim.b2 = 0.9, 0.95
-  c.optim.weight_decay = 0.01
-  c.optim.clip_norm = 1.0
+  set_paper_optimizer(c, learning_rate=3e-5, warmup_steps=1000)
   c.mesh.data, c.mesh.fsdp = 1, -1
   c.checkpoint.every_steps = 500
   c.checkpoint.every_minutes = 30.0
