@@ -14,6 +14,8 @@ Writes into --out (the corpus is not meant to be committed):
   train-NNNNN.jsonl    the training packages' files, in shards of about --shard-mb
   heldout.jsonl        the held-out packages' files (what `python -m gsa_jax.eval --task perplexity` reads)
   tokenizer.json       byte-level BPE (`tokenizers`) trained on the training split; <pad> = 0, <s> = 1, </s> = 2
+                       (--tokenizer FILE copies a tokenizer.json instead: BPE training is not bit-reproducible,
+                       so a corpus rebuilt on another machine reuses the first build's ids this way)
   manifest.json        the sources, each split's packages with their files and bytes, every written file's size
                        and sha256, what was skipped, the tokenizer's vocabulary size and training sample
 
@@ -29,6 +31,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
 from typing import Iterator, NamedTuple
@@ -196,13 +199,31 @@ def train_tokenizer(texts, vocab_size: int, path: str) -> int:
   return tok.get_vocab_size(with_added_tokens=True)
 
 
+def check_tokenizer(source: str) -> int:
+  """The vocabulary size of a tokenizer.json built by this script. ValueError naming --tokenizer if it is missing,
+  unreadable, or lacks the special tokens at ids 0, 1, 2."""
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  try:
+    tok = Tokenizer.from_file(source)
+  except Exception as e:  # pylint: disable=broad-except  # tokenizers raises its own Exception subclass
+    raise ValueError(f"--tokenizer: cannot read {source!r} as a tokenizers JSON file ({e})") from e
+  ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+  if ids != list(range(len(SPECIAL_TOKENS))):
+    raise ValueError(f"--tokenizer: {source!r} has {dict(zip(SPECIAL_TOKENS, ids))}; a tokenizer of this script has "
+                     f"{dict(zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS))))}")
+  return tok.get_vocab_size(with_added_tokens=True)
+
+
 def build(out: str, *, roots: list[str] | None = None, packages: list[str] | None = None,
           heldout: list[str] | None = None, heldout_fraction: float = 0.05, seed: int = 0, vocab_size: int = 16384,
-          shard_mb: float = 64.0, max_file_bytes: int = 1_000_000, tokenizer_sample_mb: float = 200.0) -> dict:
-  """Builds the corpus into `out` and returns its manifest (also written to out/manifest.json).
+          shard_mb: float = 64.0, max_file_bytes: int = 1_000_000, tokenizer_sample_mb: float = 200.0,
+          tokenizer: str | None = None) -> dict:
+  """Builds the corpus into `out` and returns its manifest (also written to out/manifest.json). `tokenizer`: copy
+  this tokenizer.json instead of training one.
 
   Raises ValueError naming the argument for an unknown package, an empty selection or an empty split."""
   roots = [os.path.realpath(r) for r in (roots or default_roots())]
+  given_vocab = check_tokenizer(tokenizer) if tokenizer else None
   for r in roots:
     if not os.path.isdir(r):
       raise ValueError(f"--site-packages: {r!r} is not a directory")
@@ -234,8 +255,12 @@ def build(out: str, *, roots: list[str] | None = None, packages: list[str] | Non
   train_shards = write_shards(train, out, "train", int(shard_mb * 2**20))
   held_shards = write_shards(held, out, "heldout", None)
   tok_path = os.path.join(out, "tokenizer.json")
-  sample = list(tokenizer_sample(train, int(tokenizer_sample_mb * 2**20), seed))
-  vocab = train_tokenizer(sample, vocab_size, tok_path)
+  if tokenizer:
+    shutil.copyfile(tokenizer, tok_path)
+    sample, vocab = [], given_vocab
+  else:
+    sample = list(tokenizer_sample(train, int(tokenizer_sample_mb * 2**20), seed))
+    vocab = train_tokenizer(sample, vocab_size, tok_path)
 
   def split_summary(files, shards, names):
     return {"packages": {n: {"files": sum(f.package == n for f in files),
@@ -252,7 +277,8 @@ def build(out: str, *, roots: list[str] | None = None, packages: list[str] | Non
       "heldout": split_summary(held, held_shards, heldout),
       "tokenizer": {"path": "tokenizer.json", "bytes": os.path.getsize(tok_path), "sha256": sha256_file(tok_path),
                     "vocab_size": vocab, "requested_vocab_size": vocab_size, "special_tokens": list(SPECIAL_TOKENS),
-                    "trained_on_files": len(sample), "trained_on_bytes": sum(len(t.encode("utf-8")) for t in sample)},
+                    "trained_on_files": len(sample), "trained_on_bytes": sum(len(t.encode("utf-8")) for t in sample),
+                    "copied_from": os.path.realpath(tokenizer) if tokenizer else None},
   }
   with open(os.path.join(out, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1)
@@ -271,6 +297,7 @@ def main(argv=None) -> int:
   p.add_argument("--shard-mb", type=float, default=64.0, help="training shard size")
   p.add_argument("--max-file-bytes", type=int, default=1_000_000, help="larger files are skipped")
   p.add_argument("--tokenizer-sample-mb", type=float, default=200.0, help="training text the tokenizer sees, at most")
+  p.add_argument("--tokenizer", default=None, help="copy this tokenizer.json (an earlier build's) instead of training")
   a = p.parse_args(argv)
   split = lambda s: [x for x in s.split(",") if x] if s else None  # noqa: E731
   checks = [(a.vocab_size >= 259 + len(SPECIAL_TOKENS), "--vocab-size", f"{a.vocab_size}", "at least 262"),
@@ -288,7 +315,7 @@ def main(argv=None) -> int:
   try:
     m = build(a.out, roots=split(a.site_packages), packages=split(a.packages), heldout=split(a.heldout),
               heldout_fraction=a.heldout_fraction, seed=a.seed, vocab_size=a.vocab_size, shard_mb=a.shard_mb,
-              max_file_bytes=a.max_file_bytes, tokenizer_sample_mb=a.tokenizer_sample_mb)
+              max_file_bytes=a.max_file_bytes, tokenizer_sample_mb=a.tokenizer_sample_mb, tokenizer=a.tokenizer)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

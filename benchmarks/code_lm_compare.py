@@ -17,10 +17,15 @@ One command does everything, under --out:
                    runs/NAME.out.
                    A run that fails or overruns its time (SIGTERM, then SIGKILL) is recorded and the next one
                    starts; a rerun resumes unfinished runs from their checkpoints and skips finished ones.
+                   --parallel N trains N runs at a time on the one accelerator (each with its evaluation in a
+                   worker process), so their start-up, compilation, data reading and evaluation overlap.
   4. After each run: held-out perplexity with `gsa_jax.eval` (perplexity task) on eval_documents.jsonl (a fixed
      sample of the held-out packages' files), and the recall probe (below).
   5. results.json, results.md (table) and loss_curves.png (training loss against tokens, every run on one plot),
-     rewritten after every run, so an interrupted comparison still reports what finished.
+     rewritten after every run, so an interrupted comparison still reports what finished. `--report-only
+     --include DIR` adds the runs of another --out trained with the same plan and corpus (e.g. more seeds in a later
+     session: build that corpus with --tokenizer OUT/corpus/tokenizer.json, since BPE training is not
+     bit-reproducible, and pass --tokens with the first plan's tokens_per_run).
 
 Recall probe: the held-out files are cut into windows of seq_len tokens (the first one starting with BOS, as in
 training). Every identifier that a file defines (`def NAME`, `class NAME`, `NAME = ...`; not a keyword or builtin)
@@ -91,11 +96,15 @@ def tokens_per_step(a) -> int:
 
 
 def steps_for_budget(*, seconds_left: float, num_runs: int, overhead_s: float, tokens_per_s: float, safety: float,
-                     step_tokens: int) -> int:
+                     step_tokens: int, parallel: int = 1) -> int:
   """The steps each of `num_runs` runs can train in `seconds_left`, each also paying `overhead_s`, at
-  `tokens_per_s` x `safety`; at least 1."""
-  train_s = seconds_left / num_runs - overhead_s
-  return max(1, int(train_s * tokens_per_s * safety // step_tokens))
+  `tokens_per_s` x `safety`; at least 1. With `parallel` runs at a time the runs go in waves, and the runs of a wave
+  share the device evenly: together they train at the one measured rate (a lower bound: the device's queue stays
+  fuller, and each run's data pipeline and start-up overlap the others' training)."""
+  at_once = min(parallel, num_runs)
+  waves = math.ceil(num_runs / at_once)
+  train_s = seconds_left / waves - overhead_s
+  return max(1, int(train_s * tokens_per_s / at_once * safety // step_tokens))
 
 
 # -- subprocesses -----------------------------------------------------------------------------------------------------
@@ -106,6 +115,12 @@ def child_env() -> dict:
   env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)  # the driver's own setting (see main) is not the runs'
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   return env
+
+
+def memory_fraction(parallel: int) -> str | None:
+  """XLA_PYTHON_CLIENT_MEM_FRACTION for each of `parallel` processes sharing one accelerator (None for one: JAX's
+  default). A tenth stays free for the CUDA contexts and the evaluation of finished runs."""
+  return None if parallel <= 1 else f"{0.9 / parallel:.3f}"
 
 
 def train_command(a, layout: str, seed: int, workdir: str, corpus: str, vocab: int, steps: int,
@@ -323,12 +338,17 @@ def write_report(out: str, plan: dict, results: dict) -> None:
            f"{plan['tokens_per_run']:,} training tokens per run ({plan['steps']} steps x {plan['batch_size']} x "
            f"{plan['seq_len']}), size {plan['size']}, lr {plan['learning_rate']}; corpus `{plan['corpus']}` "
            f"(held-out packages: {', '.join(plan['heldout_packages'])}); held-out perplexity on "
-           f"{plan['eval_documents']} held-out files; budget: {plan['budget_note']}.", "",
+           f"{plan['eval_documents']} held-out files; budget: {plan['budget_note']}. Tokens trained: those the "
+           "evaluated checkpoint saw. Tokens/s: the whole run's (start-up and compilation included)"
+           + (f", with up to {plan['parallel']} runs sharing the device: not a throughput figure."
+              if plan.get("parallel", 1) > 1 else "."), "",
            "| run | status | params | tokens trained | tokens/s | final train loss | held-out loss | held-out ppl | "
            "bits/byte |", "|---|---|---|---|---|---|---|---|---|"]
   for name, r in results.items():
     t, e = r.get("training", {}), (r.get("eval") or {}).get("metrics", {})
-    lines.append(f"| {name} | {r['status']} | {fmt(r.get('params'), ',')} | {fmt(t.get('tokens_done'), ',')} | "
+    evaluated_step = (r.get("eval") or {}).get("step")
+    tokens = t.get("tokens_done") if evaluated_step is None else evaluated_step * plan["batch_size"] * plan["seq_len"]
+    lines.append(f"| {name} | {r['status']} | {fmt(r.get('params'), ',')} | {fmt(tokens, ',')} | "
                  f"{fmt(t.get('tokens_per_s'), ',.0f')} | {fmt(t.get('final_train_loss'), '.4f')} | "
                  f"{fmt(e.get('loss'), '.4f')} | {fmt(e.get('perplexity'), '.2f')} | "
                  f"{fmt(e.get('bits_per_byte'), '.4f')} |")
@@ -375,6 +395,36 @@ def plot_curves(out: str, results: dict) -> None:
 # -- main -------------------------------------------------------------------------------------------------------------
 
 
+def merged_results(out: str, include: list[str]) -> tuple[dict, dict]:
+  """(plan, runs) of OUT/results.json with the runs of each included comparison added. ValueError (naming the
+  argument) for a missing results.json, a plan that differs in what makes runs comparable, or a run named twice."""
+  loaded = []
+  for flag, d in [("--out", out)] + [("--include", d) for d in include]:
+    path = os.path.join(d, "results.json")
+    if not os.path.exists(path):
+      raise ValueError(f"{flag}: {path!r} does not exist (run the comparison first)")
+    with open(path) as f:
+      loaded.append((flag, d, json.load(f)))
+  plan, runs = loaded[0][2]["plan"], dict(loaded[0][2]["runs"])
+  same = ("tokens_per_run", "size", "batch_size", "seq_len", "learning_rate", "vocab_size", "corpus_sha256",
+          "eval_documents", "overrides")
+  for flag, d, saved in loaded[1:]:
+    differ = [k for k in same if saved["plan"].get(k) != plan.get(k)]
+    if differ:
+      raise ValueError(f"{flag} {d!r}: its plan differs from {out!r}'s in {differ}; only runs of the same plan and "
+                       "corpus are compared")
+    # The merged report is written back to OUT/results.json, so including the same runs again changes nothing.
+    new = {n: r for n, r in saved["runs"].items() if n not in runs or runs[n]["status"].startswith("not run")}
+    clash = sorted(n for n in saved["runs"] if n in runs and n not in new and runs[n] != saved["runs"][n])
+    if clash:
+      raise ValueError(f"{flag} {d!r}: runs {clash} are already in the report with other results")
+    if new:
+      runs.update(new)
+      plan = dict(plan, runs=plan["runs"] + [n for n in new if n not in plan["runs"]],
+                  budget_note=f"{plan['budget_note']}; {saved['plan']['budget_note']} ({d})")
+  return plan, runs
+
+
 def log(out: str, message: str) -> None:
   line = f"[{datetime.datetime.now().strftime('%H:%M:%S')}] {message}"
   print(line, flush=True)
@@ -391,9 +441,16 @@ def ensure_corpus(a, out: str) -> tuple[str, dict]:
                        "pass --build-corpus")
     log(out, f"building the corpus in {corpus} (benchmarks/code_corpus.py)")
     code_corpus.build(corpus, roots=a.site_packages, packages=a.packages, heldout=a.heldout,
-                      vocab_size=a.vocab_size, tokenizer_sample_mb=a.tokenizer_sample_mb)
+                      vocab_size=a.vocab_size, tokenizer_sample_mb=a.tokenizer_sample_mb, tokenizer=a.tokenizer)
   with open(manifest_path) as f:
     return corpus, json.load(f)
+
+
+def corpus_fingerprint(manifest: dict) -> str:
+  """sha256 over the sha256 of every file the training and evaluation read (shards, held-out file, tokenizer): two
+  builds with the same fingerprint give the runs the same token ids."""
+  files = manifest["train"]["shards"] + manifest["heldout"]["shards"] + [manifest["tokenizer"]]
+  return hashlib.sha256(" ".join(f["sha256"] for f in files).encode()).hexdigest()
 
 
 def make_plan(a, out: str, corpus: str, manifest: dict, runs, deadline: float) -> dict:
@@ -401,7 +458,8 @@ def make_plan(a, out: str, corpus: str, manifest: dict, runs, deadline: float) -
   plan = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "runs": [run_name(*r) for r in runs], "size": a.size, "batch_size": a.batch_size, "seq_len": a.seq_len,
           "learning_rate": a.learning_rate, "corpus": corpus, "vocab_size": vocab,
-          "heldout_packages": sorted(manifest["heldout"]["packages"]), "overrides": a.set}
+          "heldout_packages": sorted(manifest["heldout"]["packages"]), "overrides": a.set,
+          "corpus_sha256": corpus_fingerprint(manifest), "parallel": a.parallel}
   step_tokens = tokens_per_step(a)
   if a.tokens:
     steps = max(1, a.tokens // step_tokens)
@@ -419,7 +477,7 @@ def make_plan(a, out: str, corpus: str, manifest: dict, runs, deadline: float) -
     tps = rows[-1]["tokens_per_s"]
     overhead = wall - a.calibration_steps * step_tokens / tps + a.eval_reserve_s
     steps = steps_for_budget(seconds_left=deadline - time.time(), num_runs=len(runs), overhead_s=overhead,
-                             tokens_per_s=tps, safety=a.safety, step_tokens=step_tokens)
+                             tokens_per_s=tps, safety=a.safety, step_tokens=step_tokens, parallel=a.parallel)
     plan["calibration"] = {"layout": layout, "tokens_per_s": tps, "wall_s": wall, "overhead_per_run_s": overhead}
     plan["budget_note"] = (f"{a.budget_minutes} min for everything; calibration: {layout} at {tps:,.0f} tokens/s, "
                            f"{overhead:.0f} s per run for start-up, compilation and evaluation, safety {a.safety}")
@@ -439,6 +497,101 @@ def evaluate_and_probe(a, out: str, plan: dict, corpus: str, workdir: str, resul
     documents = [json.loads(line)["text"] for line in f]
   result["probe"] = recall_probe(workdir, documents, os.path.join(corpus, "tokenizer.json"), seq_len=a.seq_len,
                                  batch_size=a.eval_batch_size, max_windows=a.probe_windows)
+
+
+def train_and_evaluate(a, out: str, plan: dict, layout: str, seed: int, train_timeout_s: float) -> dict:
+  """One run: train.py in a subprocess (stopped after `train_timeout_s`), then held-out perplexity and the probe.
+  Returns the run's result; a failure is recorded in it, never raised."""
+  name = run_name(layout, seed)
+  workdir = os.path.join(out, "runs", name)
+  corpus = plan["corpus"]
+  result = {"layout": layout, "seed": seed, "status": "not run"}
+  cmd = train_command(a, layout, seed, workdir, corpus, plan["vocab_size"], plan["steps"], plan["warmup_steps"],
+                      max(1, min(50, plan["steps"] // 20)))
+  try:
+    code, wall = run_process(cmd, workdir + ".out", train_timeout_s)
+    result["train_wall_s"] = wall
+    result["training"] = summarize_training(workdir, plan["batch_size"] * plan["seq_len"])
+    done = result["training"].get("steps_done", 0) >= plan["steps"]
+    if code != 0 or not done:
+      result["status"] = "failed" if code not in (143, None) else "stopped (time)"
+      result["error"] = f"train.py exit {code}, {result['training'].get('steps_done', 0)} of {plan['steps']} steps: " \
+                        + tail(workdir + ".out", 3)
+    else:
+      result["status"] = "trained"
+    if result["training"].get("steps_done"):
+      evaluate_and_probe(a, out, plan, corpus, workdir, result)
+      # A stopped run saves the step it was in, past its last logged one: count what the evaluated model saw.
+      result["training"].update(steps_done=result["eval"]["step"],
+                                tokens_done=result["eval"]["step"] * plan["batch_size"] * plan["seq_len"])
+      if result["status"] == "trained":
+        result["status"] = "ok"
+  except Exception as e:  # pylint: disable=broad-except  # one run's failure must not end the comparison
+    result["status"] = "failed"
+    result["error"] = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out, "driver.log"), "a") as f:
+      traceback.print_exc(file=f)
+  return result
+
+
+def worker_result_path(out: str, name: str) -> str:
+  return os.path.join(out, "runs", name + ".result.json")
+
+
+def run_in_workers(a, out: str, plan: dict, runs, results: dict, deadline: float) -> None:
+  """--parallel N: up to N runs at a time, each in a worker process (this script with --worker) that trains and
+  evaluates it, all sharing the accelerator (each with 0.9 / N of its memory). Fills `results` as workers end."""
+  queue, active = list(runs), {}
+  env = child_env() | {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # the worker's own evaluation allocates as it goes
+  env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = memory_fraction(a.parallel)
+  while queue or active:
+    while queue and len(active) < a.parallel:
+      layout, seed = queue.pop(0)
+      name = run_name(layout, seed)
+      left = deadline - time.time()
+      if left <= a.eval_reserve_s:
+        results[name]["status"] = "not run (budget spent)"
+        continue
+      train_s = left - a.eval_reserve_s
+      cmd = [sys.executable, os.path.abspath(__file__), *a.argv, "--worker", f"{layout}:{seed}",
+             "--worker-train-s", f"{train_s:.0f}"]
+      log(out, f"training {name} in a worker: {plan['steps']} steps, at most {train_s:.0f} s")
+      if os.path.exists(worker_result_path(out, name)):
+        os.remove(worker_result_path(out, name))
+      log_file = open(os.path.join(out, "runs", name + ".worker.out"), "a")  # pylint: disable=consider-using-with
+      proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+      # The worker stops its training itself; this bound only catches a worker stuck in its evaluation.
+      active[name] = (proc, log_file, time.time() + left + 120)
+    time.sleep(2)
+    for name, (proc, log_file, kill_at) in list(active.items()):
+      if proc.poll() is None and time.time() < kill_at:
+        continue
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+      log_file.close()
+      del active[name]
+      path = worker_result_path(out, name)
+      if os.path.exists(path):
+        with open(path) as f:
+          results[name] = json.load(f)
+      else:
+        results[name].update(status="failed", error=f"worker exit {proc.returncode}: "
+                             + tail(os.path.join(out, "runs", name + ".worker.out"), 3))
+      log(out, f"{name}: {results[name]['status']}"
+          + (f" ({results[name]['error']})" if results[name].get("error") else ""))
+      write_report(out, plan, results)
+
+
+def run_worker(a) -> int:
+  """--worker LAYOUT:SEED: one run of the plan in OUT/plan.json, its result in OUT/runs/NAME.result.json."""
+  ((layout, seed),) = parse_runs(a.worker)
+  with open(os.path.join(a.out, "plan.json")) as f:
+    plan = json.load(f)
+  result = train_and_evaluate(a, a.out, plan, layout, seed, a.worker_train_s)
+  with open(worker_result_path(a.out, run_name(layout, seed)), "w") as f:
+    json.dump(result, f)
+  return 0
 
 
 def compare(a) -> int:
@@ -462,43 +615,23 @@ def compare(a) -> int:
   eval_count = write_eval_documents(os.path.join(corpus, "heldout.jsonl"), os.path.join(out, "eval_documents.jsonl"),
                                     a.eval_documents, manifest["seed"])
   plan["eval_documents"] = eval_count
-  results: dict[str, dict] = {}
-  step_tokens = plan["batch_size"] * plan["seq_len"]
-  for index, (layout, seed) in enumerate(runs):
-    name = run_name(layout, seed)
-    workdir = os.path.join(out, "runs", name)
-    result = results[name] = {"layout": layout, "seed": seed, "status": "not run"}
-    left = deadline - time.time()
-    if left <= 0:
-      result["status"] = "not run (budget spent)"
-      continue
-    # Each run may use the time left, less what the runs after it need at the planned pace.
-    share = left - (len(runs) - index - 1) * left / (len(runs) - index) * a.later_runs_share
-    cmd = train_command(a, layout, seed, workdir, corpus, plan["vocab_size"], plan["steps"], plan["warmup_steps"],
-                        max(1, min(50, plan["steps"] // 20)))
-    log(out, f"training {name}: {plan['steps']} steps, at most {share:.0f} s")
-    try:
-      code, wall = run_process(cmd, workdir + ".out", max(share - a.eval_reserve_s, share / 2))
-      result["train_wall_s"] = wall
-      result["training"] = summarize_training(workdir, step_tokens)
-      done = result["training"].get("steps_done", 0) >= plan["steps"]
-      if code != 0 or not done:
-        result["status"] = "failed" if code not in (143, None) else "stopped (time)"
-        result["error"] = f"train.py exit {code}, {result['training'].get('steps_done', 0)} of {plan['steps']} steps: " \
-                          + tail(workdir + ".out", 3)
-      else:
-        result["status"] = "trained"
-      if result["training"].get("steps_done"):
-        evaluate_and_probe(a, out, plan, corpus, workdir, result)
-        if result["status"] == "trained":
-          result["status"] = "ok"
-    except Exception as e:  # pylint: disable=broad-except  # one run's failure must not end the comparison
-      result["status"] = "failed"
-      result["error"] = f"{type(e).__name__}: {e}"
-      with open(os.path.join(out, "driver.log"), "a") as f:
-        traceback.print_exc(file=f)
-    log(out, f"{name}: {result['status']}" + (f" ({result['error']})" if result.get("error") else ""))
-    write_report(out, plan, results)
+  results = {run_name(*r): {"layout": r[0], "seed": r[1], "status": "not run"} for r in runs}
+  if a.parallel > 1:
+    run_in_workers(a, out, plan, runs, results, deadline)
+  else:
+    for index, (layout, seed) in enumerate(runs):
+      name = run_name(layout, seed)
+      left = deadline - time.time()
+      if left <= 0:
+        results[name]["status"] = "not run (budget spent)"
+        continue
+      # Each run may use the time left, less what the runs after it need at the planned pace.
+      share = left - (len(runs) - index - 1) * left / (len(runs) - index) * a.later_runs_share
+      log(out, f"training {name}: {plan['steps']} steps, at most {share:.0f} s")
+      results[name] = train_and_evaluate(a, out, plan, layout, seed, max(share - a.eval_reserve_s, share / 2))
+      log(out, f"{name}: {results[name]['status']}"
+          + (f" ({results[name]['error']})" if results[name].get("error") else ""))
+      write_report(out, plan, results)
   write_report(out, plan, results)
   log(out, f"done in {time.time() - start:.0f} s: {out}/results.md")
   return 0 if all(r["status"] == "ok" for r in results.values()) else 1
@@ -526,6 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--heldout", default=None, help="corpus: held-out packages (comma-separated)")
   p.add_argument("--vocab-size", type=int, default=16384, help="corpus: BPE vocabulary")
   p.add_argument("--tokenizer-sample-mb", type=float, default=100.0, help="corpus: tokenizer training text")
+  p.add_argument("--tokenizer", default=None,
+                 help="corpus: copy this tokenizer.json (an earlier build's: BPE training is not bit-reproducible, so "
+                      "a comparison continued on another machine needs it) instead of training one")
+  p.add_argument("--parallel", type=int, default=1,
+                 help="runs trained at the same time, sharing the accelerator (each in a worker process with 0.9/N "
+                      "of its memory); start-up, compilation, data reading and evaluation then overlap other runs")
   p.add_argument("--calibration-steps", type=int, default=20)
   p.add_argument("--eval-reserve-s", type=float, default=40.0, help="per run, for evaluation and the probe")
   p.add_argument("--safety", type=float, default=0.85, help="fraction of the calibrated rate planned with")
@@ -536,6 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--probe-windows", type=int, default=256, help="windows of seq_len the recall probe scores, at most")
   p.add_argument("--replan", action="store_true", help="make a new plan even if OUT/plan.json exists")
   p.add_argument("--report-only", action="store_true", help="rewrite results.md / loss_curves.png from results.json")
+  p.add_argument("--include", action="append", default=[], metavar="DIR",
+                 help="with --report-only: add the runs of another comparison's --out (same plan and corpus "
+                      "fingerprint), e.g. the second seeds trained in another session")
+  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # LAYOUT:SEED, see run_in_workers
+  p.add_argument("--worker-train-s", type=float, default=None, help=argparse.SUPPRESS)
   return p
 
 
@@ -558,7 +702,8 @@ def main(argv=None) -> int:
                                 ("--safety", a.safety, 0 < a.safety <= 1, "in (0, 1]"),
                                 ("--later-runs-share", a.later_runs_share, 0 <= a.later_runs_share <= 1, "in [0, 1]"),
                                 ("--calibration-steps", a.calibration_steps, a.calibration_steps >= 4, "at least 4"),
-                                ("--eval-documents", a.eval_documents, a.eval_documents > 0, "positive")]:
+                                ("--eval-documents", a.eval_documents, a.eval_documents > 0, "positive"),
+                                ("--parallel", a.parallel, a.parallel >= 1, "at least 1")]:
     if not ok:
       print(f"error: {name} must be {want}; got {value}", file=sys.stderr)
       return 2
@@ -574,18 +719,23 @@ def main(argv=None) -> int:
   if os.path.exists(a.out) and not os.path.isdir(a.out):
     print(f"error: --out {a.out!r} is a file; give a directory", file=sys.stderr)
     return 2
+  if a.include and not a.report_only:
+    print("error: --include only goes with --report-only", file=sys.stderr)
+    return 2
   if a.report_only:
-    path = os.path.join(a.out, "results.json")
-    if not os.path.exists(path):
-      print(f"error: --report-only: {path!r} does not exist (run the comparison first)", file=sys.stderr)
+    try:
+      plan, runs = merged_results(a.out, a.include)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
       return 2
-    with open(path) as f:
-      saved = json.load(f)
-    write_report(a.out, saved["plan"], saved["runs"])
+    write_report(a.out, plan, runs)
     return 0
   # The runs are subprocesses that take the accelerator's memory as they need it; the driver, which evaluates
   # between them, must not pre-allocate most of it first.
   os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  a.argv = list(sys.argv[1:] if argv is None else argv)
+  if a.worker:
+    return run_worker(a)
   try:
     return compare(a)
   except (ValueError, RuntimeError) as e:

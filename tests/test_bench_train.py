@@ -1,5 +1,6 @@
-"""benchmarks/bench_train.py --compare, benchmarks/bench_long_context.py and benchmarks/cells.py (no timing is
-checked: the cells are faked, except one tiny real comparison marked slow) and the baselines they time."""
+"""benchmarks/bench_train.py --compare, benchmarks/bench_long_context.py, benchmarks/cells.py and
+benchmarks/bench_data.py (no timing is checked: the cells are faked, except one tiny real comparison marked slow)
+and the baselines they time."""
 
 from __future__ import annotations
 
@@ -34,6 +35,18 @@ def test_baselines_keep_the_model_and_change_only_the_mixers():
     mixer_layout(c, "transformer")
   with pytest.raises(ValueError, match="every: must be an int in \\[1, num_layers=24\\]; got 0"):
     hybrid(c, 0)
+
+
+def test_bench_data_times_train_pys_iterator_and_refuses_a_bad_config():
+  from benchmarks import bench_data
+  from configs import mqar
+  c = mqar.get_config()
+  row = bench_data.time_pipeline(c.data, batch_size=4, seq_len=32, seed=0, batches=3, warmup=1)
+  assert row["tokens_per_s"] > 0 and row["batch_ms"] > 0
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_data.py"),
+                        "--config=configs/code_lm.py:gsa,tiny", "--batches=1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+  assert out.returncode == 2 and "error: data.path: empty" in out.stderr
 
 
 def test_failure_status_names_oom_and_timeout():

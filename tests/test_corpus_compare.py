@@ -96,6 +96,23 @@ def test_drawn_heldout_holds_the_fraction_and_never_one_huge_package():
   assert chosen != code_corpus.choose_heldout(sizes, 0.05, seed=1) or len(chosen) == 10
 
 
+def test_a_given_tokenizer_is_copied_so_a_rebuild_has_the_same_ids(tmp_path):
+  root = fake_site_packages(tmp_path / "site")
+  first = code_corpus.build(str(tmp_path / "a"), roots=[root], heldout=["beta"], vocab_size=300)
+  again = code_corpus.build(str(tmp_path / "b"), roots=[root], heldout=["beta"],
+                            tokenizer=str(tmp_path / "a" / "tokenizer.json"))
+  assert (tmp_path / "b" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+  assert again["tokenizer"]["sha256"] == first["tokenizer"]["sha256"]
+  assert again["tokenizer"]["copied_from"] == str(tmp_path / "a" / "tokenizer.json")
+  assert again["tokenizer"]["trained_on_files"] == 0
+  assert compare.corpus_fingerprint(again) == compare.corpus_fingerprint(first)
+  (tmp_path / "not_a_tokenizer.json").write_text("{}")
+  with pytest.raises(ValueError, match="--tokenizer: cannot read"):
+    code_corpus.build(str(tmp_path / "c"), roots=[root], heldout=["beta"],
+                      tokenizer=str(tmp_path / "not_a_tokenizer.json"))
+  assert not (tmp_path / "c").exists()  # checked before anything is written
+
+
 def test_corpus_cli_errors_exit_2(tmp_path, capsys):
   root = fake_site_packages(tmp_path / "site")
   assert code_corpus.main(["--out", str(tmp_path / "c"), "--site-packages", root, "--heldout", "delta"]) == 2
@@ -149,6 +166,45 @@ def test_steps_for_budget_share_the_time_left():
                                   step_tokens=100) == 1
 
 
+def test_steps_for_budget_with_runs_in_parallel():
+  # 4 runs, 2 at a time: two waves of 200 s, each run at half the measured rate.
+  assert compare.steps_for_budget(seconds_left=400, num_runs=4, overhead_s=40, tokens_per_s=1000, safety=0.5,
+                                  step_tokens=100, parallel=2) == (200 - 40) * 500 * 0.5 // 100
+  # More workers than runs: one wave, the device shared by the runs there are.
+  assert compare.steps_for_budget(seconds_left=400, num_runs=2, overhead_s=40, tokens_per_s=1000, safety=1,
+                                  step_tokens=100, parallel=8) == (400 - 40) * 500 // 100
+  assert compare.memory_fraction(1) is None and float(compare.memory_fraction(4)) == pytest.approx(0.225)
+
+
+def _saved_comparison(directory, runs, **plan):
+  plan = {"created": "now", "runs": list(runs), "tokens_per_run": 1024, "size": "tiny", "batch_size": 4, "seq_len": 64,
+          "learning_rate": 1e-3, "vocab_size": 300, "corpus_sha256": "abc", "eval_documents": 4, "overrides": [],
+          "budget_note": f"--tokens 1024 ({os.path.basename(directory)})", "corpus": "c", "heldout_packages": ["beta"],
+          **plan}
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "results.json"), "w") as f:
+    json.dump({"plan": plan, "runs": runs}, f)
+
+
+def test_report_merges_comparisons_of_the_same_plan(tmp_path):
+  first, second, other = tmp_path / "first", tmp_path / "second", tmp_path / "other"
+  _saved_comparison(first, {"gsa_s0": {"status": "ok", "loss": 1}, "abc_s0": {"status": "not run (budget spent)"}})
+  _saved_comparison(second, {"gsa_s1": {"status": "ok", "loss": 2}, "abc_s0": {"status": "ok", "loss": 3}})
+  plan, runs = compare.merged_results(str(first), [str(second)])
+  assert list(runs) == ["gsa_s0", "abc_s0", "gsa_s1"] and runs["abc_s0"]["loss"] == 3  # a run not run is replaced
+  assert plan["runs"] == ["gsa_s0", "abc_s0", "gsa_s1"] and "(second)" in plan["budget_note"]
+  _saved_comparison(first, runs, **{k: v for k, v in plan.items() if k != "runs"})  # what --report-only writes
+  assert compare.merged_results(str(first), [str(second)])[1] == runs  # including again changes nothing
+  _saved_comparison(other, {"gsa_s0": {"status": "ok", "loss": 9}})
+  with pytest.raises(ValueError, match="runs \\['gsa_s0'\\] are already in the report with other results"):
+    compare.merged_results(str(first), [str(other)])
+  _saved_comparison(other, {"gsa_s2": {"status": "ok"}}, tokens_per_run=2048, corpus_sha256="def")
+  with pytest.raises(ValueError, match="differs .* in \\['tokens_per_run', 'corpus_sha256'\\]"):
+    compare.merged_results(str(first), [str(other)])
+  with pytest.raises(ValueError, match="--include: .*missing.*does not exist"):
+    compare.merged_results(str(first), [str(tmp_path / "missing")])
+
+
 def test_plan_calibrates_the_token_budget(tmp_path, monkeypatch):
   """Without --tokens the plan runs the first layout briefly and plans from its measured rate and overhead."""
   calls = []
@@ -165,7 +221,8 @@ def test_plan_calibrates_the_token_budget(tmp_path, monkeypatch):
   a = compare.build_parser().parse_args(["--out", str(tmp_path), "--size", "tiny", "--calibration-steps", "8",
                                          "--eval-reserve-s", "4", "--safety", "0.5"])
   compare.resolve_defaults(a)
-  manifest = {"tokenizer": {"vocab_size": 300}, "heldout": {"packages": {"beta": {}}}}
+  manifest = {"tokenizer": {"vocab_size": 300, "sha256": "t"}, "train": {"shards": [{"sha256": "s"}]},
+              "heldout": {"packages": {"beta": {}}, "shards": [{"sha256": "h"}]}}
   now = 1000.0
   monkeypatch.setattr(compare.time, "time", lambda: now)
   plan = compare.make_plan(a, str(tmp_path), "corpus", manifest, [("abc", 0), ("gsa", 0)], deadline=now + 230)
@@ -183,21 +240,26 @@ def test_driver_argument_errors_exit_2(tmp_path, capsys):
   assert compare.main(["--out", str(tmp_path), "--set", "model.remat"]) == 2
   assert compare.main(["--out", str(tmp_path), "--report-only"]) == 2
   assert "results.json" in capsys.readouterr().err
+  assert compare.main(["--out", str(tmp_path), "--parallel", "0"]) == 2
+  assert compare.main(["--out", str(tmp_path), "--include", str(tmp_path)]) == 2
+  assert "--include only goes with --report-only" in capsys.readouterr().err
 
 
 # -- end to end -----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_comparison_end_to_end_on_cpu_survives_a_failing_run(tmp_path):
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_comparison_end_to_end_on_cpu_survives_a_failing_run(tmp_path, parallel):
   """Two small installed packages (pytest's own dependencies), tiny models; the attention run fails (its workdir
-  holds something that is not a run), the others train the same tokens and are evaluated and probed."""
+  holds something that is not a run), the others train the same tokens and are evaluated and probed; one run at a
+  time, or two at a time in worker processes."""
   out = tmp_path / "compare"
   (out / "runs" / "attention_s0").mkdir(parents=True)
   (out / "runs" / "attention_s0" / "notes.txt").write_text("not a run")
   args = ["--out", str(out), "--size", "tiny", "--runs", "gsa:0,attention:0,abc:0", "--packages", "pluggy,iniconfig",
           "--heldout", "iniconfig", "--vocab-size", "320", "--tokens", "1024", "--eval-documents", "4",
-          "--probe-windows", "16", "--budget-minutes", "20",
+          "--probe-windows", "16", "--budget-minutes", "20", "--parallel", str(parallel),
           "--set", "train.compilation_cache="]  # tests leave the user's compilation cache alone
   assert compare.main(args) == 1
   saved = json.loads((out / "results.json").read_text())
