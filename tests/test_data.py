@@ -304,6 +304,57 @@ def test_text_resume_exact_across_epochs(tmp_path, packing):
     assert_batches_equal(take(fresh, n - k), ref[k:])
 
 
+def test_documents_across_tokenize_groups_come_in_order_and_resume_mid_group(tmp_path):
+  """More documents than one tokenization group (some empty: a group gives fewer documents than it reads): the eval
+  stream is the split's documents in order, whole, group after group; the train stream resumes exactly from
+  positions inside a group."""
+  from gsa_jax.data import pipeline  # noqa: PLC0415
+  rng = np.random.default_rng(3)
+  docs = random_docs(2 * pipeline.TOKENIZE_GROUP + 37, rng, lo=2, hi=12)
+  records = [json.dumps({"text": "" if i % 9 == 4 else d}) for i, d in enumerate(docs)]
+  (tmp_path / "docs.jsonl").write_text("\n".join(records) + "\n")
+  cfg = text_cfg(tmp_path / "docs.jsonl", format="jsonl", eval_fraction=0.5)
+  _, eval_idx = split_documents(len(docs), 0.5, 0)
+  eval_docs = [docs[i] for i in eval_idx if i % 9 != 4]
+  batches = take(make_iterator(cfg, split="eval", batch_size=4, seq_len=16, seed=0), 40)
+  got = stream_documents(batches)
+  assert len(got) > len(eval_docs) and got == (eval_docs * (len(got) // len(eval_docs) + 1))[:len(got)]
+  kw = dict(split="train", batch_size=2, seq_len=16, seed=5)
+  ref = take(make_iterator(cfg, **kw), 30)
+  for k in (1, 7, 19, 29):
+    it = make_iterator(cfg, **kw)
+    take(it, k)
+    fresh = make_iterator(cfg, **kw)
+    fresh.set_state(json.loads(json.dumps(it.get_state())))
+    assert_batches_equal(take(fresh, 30 - k), ref[k:])
+  old = json.loads(json.dumps(it.get_state()))
+  del old["identity"]["tokenize_group"]  # a state written before documents were tokenized in groups
+  with pytest.raises(ValueError, match="saved with tokenize_group=None .* groups of 64 .* restart the data stream"):
+    make_iterator(cfg, **kw).set_state(old)
+
+
+def test_encode_batch_equals_encode_for_every_tokenizer(tmp_path):
+  import sentencepiece as spm  # noqa: PLC0415
+  import tokenizers  # noqa: PLC0415
+  texts = ["def f(x):\n    return x + 1\n", "", "ünïcode ✓ and spaces   ", "the lazy dog " * 50]
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.train_from_iterator(texts * 5, tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+  bpe.save(str(tmp_path / "bpe.json"))
+  corpus = write_txt(tmp_path, ["the quick brown fox jumps over the lazy dog"] * 20)
+  spm.SentencePieceTrainer.Train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                 model_type="char", minloglevel=2)
+  for spec in ("byte", str(tmp_path / "bpe.json"), str(tmp_path / "sp.model")):
+    tok = tokenizer_lib.load_tokenizer(spec)
+    batch = tok.encode_batch(texts)
+    assert len(batch) == len(texts) and tok.encode_batch([]) == []
+    for ids, text in zip(batch, texts):
+      assert ids.dtype == np.int32
+      np.testing.assert_array_equal(ids, tok.encode(text), err_msg=f"{spec}: {text!r}")
+
+
 def test_text_train_epochs_shards_and_eval_are_disjoint(tmp_path):
   docs = [f"document number {i} " + "x" * (i % 7) for i in range(30)]
   cfg = text_cfg(write_txt(tmp_path, docs), eval_fraction=0.2)

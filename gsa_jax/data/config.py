@@ -89,8 +89,10 @@ def data_config_defaults() -> ml_collections.ConfigDict:
 
   # --- Loading.
   # Threads reading and tokenizing documents ahead of packing (grain ReadOptions.num_threads); 0 = in the caller.
+  # Text is tokenized 64 documents at a time by the tokenizer's batch call, which a tokenizer.json spreads over
+  # every core itself, so more threads than 2 rarely help there.
   c.read_threads = 2
-  # Documents read ahead per process (grain ReadOptions.prefetch_buffer_size).
+  # Documents read ahead per process (for text, rounded up to whole groups of 64, and at least one a thread).
   c.prefetch_buffer_size = 64
   return c
 
