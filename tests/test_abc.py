@@ -117,7 +117,9 @@ def _case(name, seed=0):
   return x, (None if segment_ids is None else jnp.asarray(segment_ids))
 
 
-@pytest.mark.parametrize("backend", ["recurrent", "chunked"])
+# The recurrent backend reads ABC's gates exactly as chunked does (and test_ops ties the two backends together), so
+# its slower cases run with the slow set.
+@pytest.mark.parametrize("backend", [pytest.param("recurrent", marks=pytest.mark.slow), "chunked"])
 @pytest.mark.parametrize("case", CASES)
 def test_abc_through_the_gsa_op_equals_abc_step_by_step(case, backend):
   x, seg = _case(case)

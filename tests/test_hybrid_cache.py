@@ -74,7 +74,7 @@ def assert_steps_equal(model, caches, want, seed, n=3):
 
 
 # Piece sizes of a 19-token row: single tokens, pieces across the GSA op's chunks (chunk_size 8).
-@pytest.mark.parametrize("sizes", ((1, 18), (2, 1, 1, 9, 6)))
+@pytest.mark.parametrize("sizes", (pytest.param((1, 18), marks=pytest.mark.slow), (2, 1, 1, 9, 6)))
 def test_plain_rows_in_pieces_equal_at_once(sizes):
   model, toks = make_model(), tokens(0, 2, 19)
   logits, caches = prefill_in_pieces(model, toks, None, sizes)
@@ -90,7 +90,7 @@ def test_plain_rows_in_pieces_equal_at_once(sizes):
 SEGMENTS = test_layer_cache.SEGMENTS
 
 
-@pytest.mark.parametrize("sizes", ((7, 5, 7), (3, 4, 1, 11)))
+@pytest.mark.parametrize("sizes", (pytest.param((7, 5, 7), marks=pytest.mark.slow), (3, 4, 1, 11)))
 def test_packed_rows_in_pieces_equal_at_once(sizes):
   model, toks, seg = make_model(), tokens(2, 3, 19), jnp.asarray(SEGMENTS)
   logits, caches = prefill_in_pieces(model, toks, seg, sizes)

@@ -32,6 +32,11 @@ def check(results, backends, layouts):
 
 
 def test_references_under_every_mesh():
+  check(run_cases(1, "recurrent", "chunked"), ("recurrent", "chunked"), 1)
+
+
+@pytest.mark.slow
+def test_references_under_every_mesh_every_layout():
   check(run_cases(3, "recurrent", "chunked"), ("recurrent", "chunked"), 3)
 
 
