@@ -101,6 +101,30 @@ class BlockSizes:
   # programs to fill the GPU).
   state_segments: int | None = None
 
+  def __post_init__(self):
+    def check(ok, name, want):
+      if not ok:
+        raise ValueError(f"BlockSizes.{name}={getattr(self, name)!r}; expected {want}.")
+
+    def int_at_least(x, low):
+      return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    # Triton's block shapes are powers of two, and its dots need 16 rows and columns.
+    for name in ("chunk", "block_k", "block_v"):
+      value = getattr(self, name)
+      check(int_at_least(value, _SUB) and value & (value - 1) == 0, name, f"a power of two >= {_SUB}")
+    check(self.state_block is None or (int_at_least(self.state_block, _SUB) and
+                                       self.state_block & (self.state_block - 1) == 0),
+          "state_block", f"None or a power of two >= {_SUB}")
+    for name in ("num_warps", "state_num_warps"):
+      check(getattr(self, name) in (1, 2, 4, 8, 16), name, "1, 2, 4, 8 or 16")
+    for name in ("num_stages", "state_num_stages"):
+      check(int_at_least(getattr(self, name), 1), name, "an int >= 1")
+    for name in ("split_all", "recompute_states"):
+      check(isinstance(getattr(self, name), bool), name, "a bool")
+    check(self.state_segments is None or int_at_least(self.state_segments, 1), "state_segments",
+          "None or an int >= 1")
+
 
 @functools.cache
 def _log_once(message: str) -> None:

@@ -67,8 +67,8 @@ class BlockSizes:
   chunk: int = 64
 
   def __post_init__(self):
-    if self.chunk < SUB or self.chunk % SUB:
-      raise ValueError(f"BlockSizes.chunk={self.chunk} must be a positive multiple of {SUB}.")
+    if not isinstance(self.chunk, int) or isinstance(self.chunk, bool) or self.chunk < SUB or self.chunk % SUB:
+      raise ValueError(f"BlockSizes.chunk={self.chunk!r} must be a positive multiple of {SUB}.")
 
 
 @functools.cache

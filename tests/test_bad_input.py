@@ -143,6 +143,17 @@ def op_inputs(b=1, t=8, h=2, k=4, v=4, m=4):
     ({}, dict(segment_ids=[[1] * 8]), TypeError, r"segment_ids must be None or an int array \[B, T\]; got list"),
     ({}, dict(scale="0.5"), TypeError, r"scale must be None or a finite number or a jax.Array scalar; got str '0.5'"),
     ({}, dict(initial_state=([0.0], [0.0])), TypeError, r"initial_state\[0\] \(hk\) must be an array; got list"),
+    ({}, dict(kernel_block_sizes="pallas_gpu.block_k=100"), ValueError,
+     r"kernel_block_sizes: pallas_gpu: BlockSizes.block_k=100; expected a power of two >= 16"),
+    ({}, dict(kernel_block_sizes="pallas_gpu.blockk=64"), ValueError,
+     r"kernel_block_sizes: pallas_gpu has no tile setting \['blockk'\]; its fields are \['chunk', 'block_k'"),
+    ({}, dict(kernel_block_sizes="triton.block_k=64"), ValueError,
+     r"kernel_block_sizes: 'triton' is not a kernel backend; expected one of \('pallas_gpu', 'pallas_mgpu', "),
+    ({}, dict(kernel_block_sizes="pallas_gpu:block_k=64"), ValueError,
+     r"'pallas_gpu:block_k=64' is not BACKEND.FIELD=VALUE \(e.g. 'pallas_gpu.block_k=128'\)"),
+    ({}, dict(kernel_block_sizes={"pallas_tpu": {"chunk": "big"}}), ValueError,
+     r"kernel_block_sizes: pallas_tpu: BlockSizes.chunk='big' must be a positive multiple of 16"),
+    ({}, dict(kernel_block_sizes=64), TypeError, r"kernel_block_sizes must be None, a 'BACKEND.FIELD=VALUE,...'"),
 ])
 def test_op_arguments_are_checked(inputs, kwargs, error, message):
   with pytest.raises(error, match=message):

@@ -39,7 +39,7 @@ from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, as_mat
 from gsa_jax.layers.context_parallel import (ShardCarry, carry_across_shards, from_last_shard, per_shard, row_spec,
                                              sequence_axis)
 from gsa_jax.ops import (DEFAULT_CHUNK_SIZE, GSAState, check_backend, context_parallel_gsa, gated_slot_attention,
-                         gsa_step, zero_state)
+                         gsa_step, kernel_block_sizes_spec, zero_state)
 from gsa_jax.ops.abc import NO_PAST, abc_gates, no_past
 from gsa_jax.ops.common import as_segment_ids
 
@@ -120,7 +120,8 @@ class GatedSlotAttention(nnx.Module):
   the input's and the parameters' dtypes (a bfloat16 input with float32 parameters computes in float32 and returns
   float32; pass dtype=jnp.bfloat16 to compute in bfloat16 with float32 parameters). param_dtype is the
   parameters'. The recurrent state is float32 whatever the dtypes; the short convolutions' cache entries keep the
-  dtype of the cache they continue (`init_cache`: dtype, or param_dtype when dtype is None).
+  dtype of the cache they continue (`init_cache`: dtype, or param_dtype when dtype is None). backend, chunk_size
+  and kernel_block_sizes go to the op (`gsa_jax.ops.gated_slot_attention`; kernel_block_sizes is validated here).
   """
 
   def __init__(
@@ -144,6 +145,7 @@ class GatedSlotAttention(nnx.Module):
       backend: str = "auto",
       chunk_size: int = DEFAULT_CHUNK_SIZE,
       *,
+      kernel_block_sizes=None,
       out_init=fan_in_init,
       dtype=None,
       param_dtype=jnp.float32,
@@ -183,6 +185,7 @@ class GatedSlotAttention(nnx.Module):
     self.forget_gate, self.slot_control = forget_gate, slot_control
     self.use_rope, self.rope_theta = use_rope, rope_theta
     self.backend, self.chunk_size = backend, chunk_size
+    self.kernel_block_sizes = kernel_block_sizes_spec(kernel_block_sizes)  # validated; a hashable string
     self.dtype = dtype
 
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -328,7 +331,7 @@ class GatedSlotAttention(nnx.Module):
     op = gated_slot_attention if axis is None else functools.partial(context_parallel_gsa, axis_name=axis)
     o, state = op(q, k, v, s, g, scale=1.0, initial_state=None if cache is None else cache.state,
                   output_final_state=output_final_state, segment_ids=segment_ids, chunk_size=self.chunk_size,
-                  backend=self.backend)
+                  backend=self.backend, kernel_block_sizes=self.kernel_block_sizes)
     o = checkpoint_name(o, GSA_OUTPUT_NAME)  # a remat policy may keep it (gsa_jax.models: remat="matmuls_gsa")
     y = self._out(o, x, dtype)
     if not output_final_state:

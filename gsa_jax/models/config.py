@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS
 from gsa_jax.layers.gsa import FEATURE_MAPS, SLOT_CONTROLS
-from gsa_jax.ops import DEFAULT_CHUNK_SIZE, check_backend
+from gsa_jax.ops import DEFAULT_CHUNK_SIZE, check_backend, kernel_block_sizes_spec
 
 # Remat policies (`gsa_jax.models.lm`). What the "matmuls_gsa*" ones keep beyond the projections' outputs is named by
 # the op's backends: the op's output (every backend), the Pallas kernels' small residuals (pallas_gpu, pallas_mgpu,
@@ -47,6 +47,10 @@ class GSAConfig:
   elementwise_affine: bool = True  # learned scale of the GSA output norm.
   backend: str = "auto"
   chunk_size: int = DEFAULT_CHUNK_SIZE
+  # The GSA kernels' tiles, per kernel backend: "BACKEND.FIELD=VALUE,..." (e.g. "pallas_gpu.block_k=128,
+  # pallas_gpu.num_warps=8"; the fields are those of pallas_kernels' BlockSizes) or a mapping, stored in the
+  # canonical string form (gsa_jax.ops.kernel_block_sizes_spec); "" = the kernels' defaults.
+  kernel_block_sizes: str = ""
   # MLP: None means the reference's rule, 2/3 * hidden_ratio * hidden_size rounded up to a multiple of 256.
   intermediate_size: int | None = None
   hidden_ratio: int = 4
@@ -110,6 +114,10 @@ class GSAConfig:
     check(not self.use_rope or (self.key_dim // self.num_heads) % 2 == 0, "use_rope",
           f"needs an even GSA head key width; got {self.key_dim // self.num_heads}.")
     check_backend(self.backend, "GSAConfig.backend")
+    try:
+      object.__setattr__(self, "kernel_block_sizes", kernel_block_sizes_spec(self.kernel_block_sizes))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"GSAConfig.{e}") from e  # the message starts with the field's name
     check(self.chunk_size & (self.chunk_size - 1) == 0, "chunk_size", f"must be a power of two; got {self.chunk_size}.")
     check(self.intermediate_size is None or self.intermediate_size > 0, "intermediate_size",
           f"must be positive or None; got {self.intermediate_size}.")

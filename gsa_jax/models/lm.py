@@ -68,7 +68,7 @@ class Block(nnx.Module):
           forget_gate=c.forget_gate, slot_control=c.slot_control,
           norm_eps=c.norm_eps if c.output_norm_eps is None else c.output_norm_eps,
           elementwise_affine=c.elementwise_affine, use_rope=c.use_rope, rope_theta=c.rope_theta,
-          backend=c.backend, chunk_size=c.chunk_size, **kw)
+          backend=c.backend, chunk_size=c.chunk_size, kernel_block_sizes=c.kernel_block_sizes, **kw)
     self.mlp_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
     self.mlp = SwiGLU(c.hidden_size, c.resolved_intermediate_size, **kw)
 

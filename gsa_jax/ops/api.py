@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import logging
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,8 @@ def _kernel_module(name: str):
   return importlib.import_module(_KERNEL_MODULES[name])
 
 
-# The kernels' chunk is their own (their BlockSizes.chunk); `chunk_size` is the chunked form's.
+# The kernels' chunk is their own (their BlockSizes.chunk); `chunk_size` is the chunked form's, `block_sizes` the
+# kernels' tiles (None: their defaults).
 def _pallas_gpu(q, k, v, s, g, *, chunk_size, **kwargs):
   del chunk_size
   return _kernel_module("pallas_gpu").gsa_pallas_gpu(q, k, v, s, g, **kwargs)
@@ -54,12 +56,92 @@ def _pallas_tpu(q, k, v, s, g, *, chunk_size, **kwargs):
   return _kernel_module("pallas_tpu").gsa_pallas_tpu(q, k, v, s, g, **kwargs)
 
 
-# Implemented backends: name -> function with the signature of `chunk_gsa`, jitted with static scale and chunk.
+def _without_tiles(fn):
+  """A reference backend takes (and ignores) the kernels' `block_sizes` too, so every backend is called alike."""
+  def call(*args, block_sizes=None, **kwargs):
+    del block_sizes
+    return fn(*args, **kwargs)
+  return call
+
+
+# Implemented backends: name -> function with the signature of `chunk_gsa` plus `block_sizes`, jitted with static
+# scale, chunk and tiles.
 _IMPLEMENTATIONS: dict[str, Callable] = {
-    name: jax.jit(fn, static_argnames=("scale", "chunk_size"))
-    for name, fn in (("recurrent", _recurrent), ("chunked", chunk_gsa), ("pallas_gpu", _pallas_gpu),
-                     ("pallas_mgpu", _pallas_mgpu), ("pallas_tpu", _pallas_tpu))
+    name: jax.jit(fn, static_argnames=("scale", "chunk_size", "block_sizes"))
+    for name, fn in (("recurrent", _without_tiles(_recurrent)), ("chunked", _without_tiles(chunk_gsa)),
+                     ("pallas_gpu", _pallas_gpu), ("pallas_mgpu", _pallas_mgpu), ("pallas_tpu", _pallas_tpu))
 }
+
+
+def _parse_value(text: str):
+  """'128' -> 128, 'true'/'false' -> bool, 'none' -> None (the string form of `kernel_block_sizes`)."""
+  lowered = text.strip().lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  if lowered == "none":
+    return None
+  try:
+    return int(lowered)
+  except ValueError:
+    return text.strip()  # left for the kernel's BlockSizes to refuse with its own message
+
+
+def parse_kernel_block_sizes(spec: str | Mapping[str, Any] | None) -> dict[str, Any]:
+  """Validates the kernels' tile settings and builds each kernel backend's `BlockSizes`; the one place that does.
+
+  `spec` is None or "" (every kernel's defaults), a string "BACKEND.FIELD=VALUE,..." (the form configs and the
+  command line use, e.g. "pallas_gpu.block_k=128,pallas_gpu.num_warps=8"), or a mapping {BACKEND: that backend's
+  BlockSizes, or a mapping of its fields}. BACKEND is a kernel backend (pallas_gpu, pallas_mgpu, pallas_tpu); the
+  fields are those of its module's `BlockSizes` (pallas_kernels/gsa_gpu.py, gsa_mgpu.py, gsa_tpu.py), whose own
+  checks judge the values. Returns {BACKEND: BlockSizes}; ValueError naming the backend and field otherwise.
+  """
+  if spec is None or (isinstance(spec, str) and not spec.strip()):
+    return {}
+  if isinstance(spec, str):
+    fields: dict[str, dict[str, Any]] = {}
+    for item in spec.split(","):
+      key, eq, value = item.partition("=")
+      backend, dot, field = key.strip().partition(".")
+      if not (eq and dot and field):
+        raise ValueError(f"kernel_block_sizes: {item.strip()!r} is not BACKEND.FIELD=VALUE (e.g. "
+                         "'pallas_gpu.block_k=128'); separate several with commas.")
+      fields.setdefault(backend, {})[field] = _parse_value(value)
+    spec = fields
+  if not isinstance(spec, Mapping):
+    raise TypeError(f"kernel_block_sizes must be None, a 'BACKEND.FIELD=VALUE,...' string or a mapping "
+                    f"{{backend: BlockSizes or {{field: value}}}}; got {type(spec).__name__}.")
+  built = {}
+  for backend, sizes in spec.items():
+    if backend not in _KERNEL_MODULES:
+      raise ValueError(f"kernel_block_sizes: {backend!r} is not a kernel backend; expected one of "
+                       f"{tuple(_KERNEL_MODULES)}.")
+    cls = _kernel_module(backend).BlockSizes
+    if isinstance(sizes, cls):
+      built[backend] = sizes
+      continue
+    if not isinstance(sizes, Mapping):
+      raise TypeError(f"kernel_block_sizes[{backend!r}] must be a {cls.__module__}.BlockSizes or a mapping of its "
+                      f"fields; got {type(sizes).__name__}.")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(sizes) - set(known))
+    if unknown:
+      raise ValueError(f"kernel_block_sizes: {backend} has no tile setting {unknown}; its fields are {known}.")
+    try:
+      built[backend] = cls(**sizes)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"kernel_block_sizes: {backend}: {e}") from e
+  return built
+
+
+def kernel_block_sizes_spec(spec: str | Mapping[str, Any] | None) -> str:
+  """The canonical string of `spec` (validated): the fields that differ from each kernel's defaults, sorted; ""
+  for none. Configs store this form: hashable, and it survives JSON and the command line."""
+  items = []
+  for backend, sizes in sorted(parse_kernel_block_sizes(spec).items()):
+    default = type(sizes)()
+    items += [f"{backend}.{f.name}={getattr(sizes, f.name)}" for f in dataclasses.fields(sizes)
+              if getattr(sizes, f.name) != getattr(default, f.name)]
+  return ",".join(items)
 
 
 def check_backend(backend, field: str = "backend") -> None:
@@ -247,6 +329,7 @@ def gated_slot_attention(
     segment_ids: jax.Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
+    kernel_block_sizes: str | Mapping[str, Any] | None = None,
 ) -> tuple[jax.Array, GSAState | None]:
   """Gated Slot Attention (Zhang et al., NeurIPS 2024), spec section 1.
 
@@ -270,12 +353,16 @@ def gated_slot_attention(
       is: one document per row, its padding (left or right) skipped.
     chunk_size: chunk length of the 'chunked' backend (the kernels have their own); a positive power of two.
     backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_mgpu" | "pallas_tpu".
+    kernel_block_sizes: the kernels' tiles, per kernel backend (`parse_kernel_block_sizes` says the forms: e.g.
+      "pallas_gpu.block_k=128,pallas_gpu.num_warps=8", or {"pallas_gpu": gsa_gpu.BlockSizes(...)}); the backend
+      that runs uses its entry, the others are only validated. None: every kernel's defaults.
 
   Returns:
     o [B, T, HQ, V] in q's dtype, and GSAState(hk, hv) in float32 (float64 for float64 inputs) or None.
   """
   validate_inputs(q, k, v, s, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
                   scale=scale)
+  tiles = parse_kernel_block_sizes(kernel_block_sizes)
   chunk_size = int(chunk_size)  # a numpy integer is a different static argument of the jitted backends
   name = resolve_backend(backend)
   if isinstance(scale, jax.Array):
@@ -305,8 +392,9 @@ def gated_slot_attention(
 
   def fn(q, k, v, s, g, state, seg):
     # Chosen on the values the implementation gets: per shard, typed as varying, when split over a mesh.
-    impl = _IMPLEMENTATIONS[select_backend(name, q, k, v, s, g, seg)]
-    return impl(q, k, v, s, g, scale=scale, chunk_size=chunk_size, initial_state=state, segment_ids=seg)
+    chosen = select_backend(name, q, k, v, s, g, seg)
+    return _IMPLEMENTATIONS[chosen](q, k, v, s, g, scale=scale, chunk_size=chunk_size, initial_state=state,
+                                    segment_ids=seg, block_sizes=tiles.get(chosen))
 
   split = _split_over_batch_and_heads(fn, q, k, v, s, g, initial_state, segment_ids)
   o, state = split if split is not None else fn(q, k, v, s, g, initial_state, segment_ids)

@@ -20,13 +20,13 @@ state is the state after the last non-padding token of the row.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from gsa_jax.ops.api import gated_slot_attention, validate_inputs
+from gsa_jax.ops.api import gated_slot_attention, parse_kernel_block_sizes, validate_inputs
 from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE, GSAState, accumulation_dtype, segment_masks, to_varying, varying_axes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -120,7 +120,7 @@ def fold_states(initial: GSAState, summaries: ShardSummary) -> tuple[GSAState, G
 
 
 def _context_parallel_shard(q, k, v, s, g, *, axis_name, scale, initial_state, output_final_state, segment_ids,
-                            chunk_size, backend):
+                            chunk_size, backend, kernel_block_sizes):
   """The body that runs on each shard of `axis_name` (inside shard_map); arguments are the shard's arrays."""
   b, _, _, dk = q.shape
   h, dv, m = k.shape[2], v.shape[3], s.shape[3]
@@ -135,7 +135,7 @@ def _context_parallel_shard(q, k, v, s, g, *, axis_name, scale, initial_state, o
   index = jax.lax.axis_index(axis_name)
   mine = GSAState(*(x[index] for x in entering))
   o, _ = gated_slot_attention(q, k, v, s, g, scale=scale, initial_state=mine, segment_ids=segment_ids,
-                              chunk_size=chunk_size, backend=backend)
+                              chunk_size=chunk_size, backend=backend, kernel_block_sizes=kernel_block_sizes)
   if not output_final_state:
     return o, None
   # Every shard folded the same final state; the last one's copy is summed to type it invariant over the axis.
@@ -180,6 +180,7 @@ def context_parallel_gsa(
     segment_ids: jax.Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
+    kernel_block_sizes: str | Mapping[str, Any] | None = None,
 ) -> tuple[jax.Array, GSAState | None]:
   """`gated_slot_attention` with the sequence split over the mesh axis `axis_name`; the same results.
 
@@ -201,10 +202,11 @@ def context_parallel_gsa(
     token of each row, GSAState(hk [B, H, K, M], hv [B, H, M, V]) in float32, or None.
   """
   validate_inputs(q, k, v, s, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+  parse_kernel_block_sizes(kernel_block_sizes)  # bad tiles fail here, not inside the shard_map
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   shard = lambda q, k, v, s, g, state, seg: _context_parallel_shard(
       q, k, v, s, g, axis_name=axis_name, scale=scale, initial_state=state, output_final_state=output_final_state,
-      segment_ids=seg, chunk_size=chunk_size, backend=backend)
+      segment_ids=seg, chunk_size=chunk_size, backend=backend, kernel_block_sizes=kernel_block_sizes)
   if axis_name in jax.sharding.get_abstract_mesh().manual_axes:
     return shard(q, k, v, s, g, initial_state, segment_ids)
 

@@ -23,7 +23,7 @@ RESUMABLE_PREFIXES = (
     "workdir", "overwrite", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.nonfinite", "train.max_nonfinite_in_a_row", "train.tensorboard", "train.compilation_cache",
     "train.loss_chunk", "checkpoint.", "mesh.", "model.backend", "model.remat", "model.chunk_size",
-    "model.scan_layers",
+    "model.scan_layers", "model.kernel_block_sizes",
     "train.init_from",  # read only when a run starts from step 0
     "data.decode_errors",  # the same documents for UTF-8 text (runs older than the key read with "replace")
 )
