@@ -240,6 +240,8 @@ def run_module(*args):
     (["--dtypes", "int32"], r"--dtypes: unknown \['int32'\]"),
     (["--chunk-size", "12"], r"--chunk-size must be a positive power of two, got 12"),
     (["--hq", "3", "--h", "2"], r"--hq=3 must be a multiple of --h=2"),
+    (["--kernel-block-sizes", "pallas_gpu.num_warps=3"],
+     r"--kernel-block-sizes: pallas_gpu: BlockSizes.num_warps=3; expected 1, 2, 4, 8 or 16"),
 ])
 def test_ops_check_refuses_bad_flags_in_one_line(args, message):
   result = run_module("gsa_jax.ops.check", *args)

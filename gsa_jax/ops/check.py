@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsa_jax.ops.api import BACKENDS, gated_slot_attention
+from gsa_jax.ops.api import BACKENDS, gated_slot_attention, parse_kernel_block_sizes
 from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE
 from gsa_jax.ops.testing import cast, make_inputs, random_segment_ids, rel_err, time_calls
 
@@ -30,10 +30,10 @@ from gsa_jax.ops.testing import cast, make_inputs, random_segment_ids, rel_err, 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-3}
 
 
-def _loss_and_grads(backend, dtype, x, segment_ids, cotangent, chunk_size):
+def _loss_and_grads(backend, dtype, x, segment_ids, cotangent, chunk_size, kernel_block_sizes=None):
   def fn(q, k, v, s, g, hk, hv):
     o, _ = gated_slot_attention(q, k, v, s, g, initial_state=(hk, hv), segment_ids=segment_ids,
-                                chunk_size=chunk_size, backend=backend)
+                                chunk_size=chunk_size, backend=backend, kernel_block_sizes=kernel_block_sizes)
     return o
 
   def fwd_bwd(*args):
@@ -45,10 +45,10 @@ def _loss_and_grads(backend, dtype, x, segment_ids, cotangent, chunk_size):
 
 
 def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=DEFAULT_CHUNK_SIZE, normalizer=8.0,
-            segments=False, repeats=5, seed=0, extra=None):
+            segments=False, repeats=5, seed=0, extra=None, kernel_block_sizes=None):
   """Errors vs the float64 recurrence and timings of each backend on one random problem.
 
-  shape: (b, t, hq, h, dk, dv, m). extra: {name: fn(dtype_name, inputs, segment_ids, cotangent, repeats) ->
+  shape: (b, t, hq, h, dk, dv, m). kernel_block_sizes: the kernels' tiles (`gated_slot_attention`'s). extra: {name: fn(dtype_name, inputs, segment_ids, cotangent, repeats) ->
   (o, grads, fwd_ms, fwd_bwd_ms)} for implementations outside this package (inputs are float64 numpy arrays already
   rounded through the dtype; grads in the order q, k, v, s, g, hk0, hv0), or raise NotImplementedError.
   Returns (rows, failures): rows of (name, dtype, err o, max err grad, fwd ms, fwd+bwd ms, verdict).
@@ -70,7 +70,7 @@ def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=
 
     def run_backend(backend):
       fwd, fwd_bwd, call_args = _loss_and_grads(backend, dtype, rounded, segment_ids, jnp.asarray(cotangent),
-                                                chunk_size)
+                                                chunk_size, kernel_block_sizes)
       o, grads = fwd_bwd(*call_args)
       return (o, grads, time_calls(lambda: fwd(*call_args), repeats).sync_ms,
               time_calls(lambda: fwd_bwd(*call_args), repeats).sync_ms)
@@ -106,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   for name, default in (("b", 2), ("t", 300), ("hq", 4), ("h", 2), ("dk", 32), ("dv", 48), ("m", 24)):
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+  parser.add_argument("--kernel-block-sizes", default="",
+                      help="the kernels' tiles, e.g. pallas_gpu.block_k=128,pallas_gpu.num_warps=8")
   parser.add_argument("--normalizer", type=float, default=8.0, help="g = logsigmoid(x) / normalizer")
   parser.add_argument("--segments", action="store_true", help="pack random documents with padding per row")
   parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -125,6 +127,10 @@ def argument_error(args, extra_backends=()) -> str | None:
     return f"--chunk-size must be a positive power of two, got {args.chunk_size}"
   if not args.normalizer > 0:
     return f"--normalizer must be > 0, got {args.normalizer}"
+  try:
+    parse_kernel_block_sizes(args.kernel_block_sizes)
+  except (TypeError, ValueError) as e:
+    return f"--{e}".replace("--kernel_block_sizes", "--kernel-block-sizes", 1)
   for flag, given, known in (("--dtypes", args.dtypes, tuple(TOLERANCE)),
                              ("--backends", args.backends, BACKENDS + tuple(extra_backends))):
     unknown = [x for x in given.split(",") if x not in known]
@@ -141,10 +147,12 @@ def run_from_args(args, extra=None) -> int:
   shape = (args.b, args.t, args.hq, args.h, args.dk, args.dv, args.m)
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(f"shape: B={args.b} T={args.t} HQ={args.hq} H={args.h} K={args.dk} V={args.dv} M={args.m}, "
-        f"chunk {args.chunk_size}, g = logsigmoid(x)/{args.normalizer}, segments {'on' if args.segments else 'off'}")
+        f"chunk {args.chunk_size}, g = logsigmoid(x)/{args.normalizer}, segments {'on' if args.segments else 'off'}, "
+        f"kernel tiles: {args.kernel_block_sizes or 'defaults'}")
   rows, failures = compare(shape, dtypes=args.dtypes.split(","), backends=args.backends.split(","),
                            chunk_size=args.chunk_size, normalizer=args.normalizer, segments=args.segments,
-                           repeats=args.repeats, seed=args.seed, extra=extra)
+                           repeats=args.repeats, seed=args.seed, extra=extra,
+                           kernel_block_sizes=args.kernel_block_sizes)
   print_table(rows)
   return 1 if failures else 0
 
