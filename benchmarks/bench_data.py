@@ -23,10 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gsa_jax.data import make_iterator  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/mqar.py", "training config", lock_config=False)
-_BATCHES = flags.DEFINE_integer("batches", 40, "timed batches per setting")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "untimed batches first")
-_THREADS = flags.DEFINE_list("read_threads", [], "data.read_threads values to time (default: the config's)")
+
+
+def define_flags() -> dict:
+  """The command line's flags (defined when run as a script, so that importing `time_pipeline` defines none)."""
+  return {
+      "config": config_flags.DEFINE_config_file("config", "configs/mqar.py", "training config", lock_config=False),
+      "batches": flags.DEFINE_integer("batches", 40, "timed batches per setting"),
+      "warmup": flags.DEFINE_integer("warmup", 3, "untimed batches first"),
+      "read_threads": flags.DEFINE_list("read_threads", [], "data.read_threads values to time (default: the config's)"),
+  }
 
 
 def time_pipeline(data_config, *, batch_size: int, seq_len: int, seed: int, batches: int, warmup: int) -> dict:
@@ -40,24 +46,25 @@ def time_pipeline(data_config, *, batch_size: int, seq_len: int, seed: int, batc
   return {"tokens_per_s": tokens / seconds, "batch_ms": 1e3 * seconds / batches}
 
 
-def main(argv):
+def main(argv, flag):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  config = flag["config"].value
   t = config.train
-  threads = [int(n) for n in _THREADS.value] or [config.data.read_threads]
-  if min(threads) < 1 or _BATCHES.value < 1 or _WARMUP.value < 0:
+  batches, warmup = flag["batches"].value, flag["warmup"].value
+  threads = [int(n) for n in flag["read_threads"].value] or [config.data.read_threads]
+  if min(threads) < 1 or batches < 1 or warmup < 0:
     raise app.UsageError("--read_threads must be >= 1, --batches >= 1 and --warmup >= 0")
-  print(f"data.source={config.data.source}, {t.batch_size} x {t.seq_len} tokens a batch, {_BATCHES.value} batches "
-        f"after {_WARMUP.value} untimed")
+  print(f"data.source={config.data.source}, {t.batch_size} x {t.seq_len} tokens a batch, {batches} batches "
+        f"after {warmup} untimed")
   print("read_threads | tokens/s | ms a batch")
   print("-------------|----------|-----------")
   for n in threads:
     data = config.data.copy_and_resolve_references()
     data.read_threads = n
     try:
-      row = time_pipeline(data, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed, batches=_BATCHES.value,
-                          warmup=_WARMUP.value)
+      row = time_pipeline(data, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed, batches=batches,
+                          warmup=warmup)
     except ValueError as e:  # the data config's own checks: a missing path or tokenizer, bad values
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
@@ -65,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = define_flags()
+  app.run(lambda argv: main(argv, _flags))

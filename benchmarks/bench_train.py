@@ -8,7 +8,8 @@
 The model, optimizer, sharding, jit and donation are exactly train.py's (`gsa_jax.train.trainer.TrainRun`); only
 the data differs: uniformly random tokens generated on the host (no data pipeline, so the figure is the device's),
 one document per row (all segment ids 1; on GPU the attention layers then take cuDNN, see
-gsa_jax/layers/fused_attention.py).
+gsa_jax/layers/fused_attention.py), or with --documents_per_row=N, N documents packed into each row as a text
+corpus gives (GSA's kernels reset their state at each boundary; attention takes its packed-document kernel).
 Warm-up steps are excluded; the timed steps run back to back with one synchronization at the end, as in training.
 Peak memory is the device's `peak_bytes_in_use` over the whole process (compilation and warm-up included);
 compile time is the train step's lower + compile, cold (no persistent compilation cache).
@@ -51,6 +52,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/gsa_1p3b.py", "trai
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps after compilation")
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps")
 _PROFILE = flags.DEFINE_string("profile_dir", "", "if set, a jax.profiler trace of 3 steps is written here")
+_DOCUMENTS = flags.DEFINE_integer("documents_per_row", 1, "packed rows: this many documents per row, cut at random "
+                                  "places (segment ids 1..n), as a text corpus gives; 1: one document a row")
 _LAYOUT = flags.DEFINE_string("layout", "", "time the config's model with this mixer layout "
                               f"({', '.join(MIXER_LAYOUTS)}); empty: the config's attn_layers as they are")
 _COMPARE = flags.DEFINE_list("compare", [], "mixer layouts to time one after another, each in its own process")
@@ -64,9 +67,15 @@ TABLE = (("model", "model", "{}"), ("params B", "params_b", "{:.3f}"), ("attn la
          ("MFU %", "mfu_pct", "{:.1f}"), ("peak GiB", "peak_gib", "{:.2f}"), ("loss", "loss", "{:.4f}"))
 
 
-def synthetic_batch(rng, batch_size, seq_len, vocab):
+def synthetic_batch(rng, batch_size, seq_len, vocab, documents_per_row: int = 1):
+  """Uniform random tokens; each row one document, or `documents_per_row` documents cut at random distinct places
+  (segment ids 1..n, no padding: the kernels' and attention's packed-document paths)."""
   tokens = rng.integers(0, vocab, (batch_size, seq_len + 1), dtype=np.int32)
-  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch_size, seq_len), np.int32),
+  segment_ids = np.ones((batch_size, seq_len), np.int32)
+  for row in segment_ids:
+    cuts = rng.choice(np.arange(1, seq_len), size=documents_per_row - 1, replace=False)
+    row += np.isin(np.arange(seq_len), cuts).cumsum(dtype=np.int32)
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
           "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
@@ -89,7 +98,7 @@ def measure(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
   rng = np.random.default_rng(0)
   # A few distinct batches, cycled: host-side generation stays out of the timed loop.
   batches = [run.global_batch(synthetic_batch(rng, t.batch_size // jax.process_count(), t.seq_len,
-                                              model_cfg.vocab_size)) for _ in range(4)]
+                                              model_cfg.vocab_size, _DOCUMENTS.value)) for _ in range(4)]
   state = run.init_state()
   start = time.perf_counter()
   step = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
@@ -169,6 +178,10 @@ def main(argv):
       print(f"bench_train: --compare/--layout: {layout!r} is unknown; expected some of {', '.join(MIXER_LAYOUTS)}.",
             file=sys.stderr)
       sys.exit(2)
+  if not 1 <= _DOCUMENTS.value <= config.train.seq_len:
+    print(f"bench_train: --documents_per_row must be in [1, seq_len={config.train.seq_len}]; got "
+          f"{_DOCUMENTS.value}.", file=sys.stderr)
+    sys.exit(2)
   if _COMPARE.value:
     rows = []
     for layout in _COMPARE.value:
@@ -184,7 +197,8 @@ def main(argv):
   r = rows[-1] if not _COMPARE.value else next((x for x in rows if x["status"] == "ok"), rows[0])
   print(f"device {r.get('device', 'n/a')}, jax {jax.__version__}; {config.train.batch_size} x "
         f"{config.train.seq_len} tokens, remat {config.model.remat}, dtype {config.model.dtype}/"
-        f"{config.model.param_dtype}, backend {config.model.backend}, attention {config.model.attn_implementation}")
+        f"{config.model.param_dtype}, backend {config.model.backend}, attention {config.model.attn_implementation}, "
+        f"{_DOCUMENTS.value} document(s) a row")
   print_table(rows)
   if _JSON.value:
     write_json(_JSON.value, rows)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gsa_jax.models import GSAConfig, all_attention, gsa_1p3b, hybrid, mixer_layout
@@ -106,6 +107,19 @@ def test_long_context_budget_leaves_cells_out(tmp_path):
   calls = []
   lc.main(["--layouts=gsa", "--seq_lens=8,16", "--budget_s=0", f"--out={tmp_path}"], run=_fake_cell(calls))
   assert not calls and "not run" not in (tmp_path / "long_context.md").read_text()
+
+
+def test_synthetic_rows_hold_the_documents_asked_for():
+  from benchmarks.bench_train import synthetic_batch  # noqa: PLC0415
+  rng = np.random.default_rng(0)
+  one = synthetic_batch(rng, 3, 32, 100)
+  assert (one["segment_ids"] == 1).all() and one["tokens"].shape == one["targets"].shape == (3, 32)
+  np.testing.assert_array_equal(one["tokens"][:, 1:], one["targets"][:, :-1])
+  packed = synthetic_batch(rng, 3, 32, 100, documents_per_row=5)["segment_ids"]
+  assert (packed[:, 0] == 1).all() and (packed[:, -1] == 5).all()
+  assert ((np.diff(packed, axis=1) == 0) | (np.diff(packed, axis=1) == 1)).all()  # 1..5, each a run
+  whole = synthetic_batch(rng, 2, 8, 100, documents_per_row=8)["segment_ids"]
+  np.testing.assert_array_equal(whole, np.tile(np.arange(1, 9), (2, 1)))  # one token a document
 
 
 def test_bench_train_refuses_an_unknown_layout():
