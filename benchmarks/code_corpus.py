@@ -185,11 +185,21 @@ def tokenizer_sample(files: list[SourceFile], max_bytes: int, seed: int) -> Iter
     yield f.text
 
 
+def _tokenizers():
+  """The optional `tokenizers` package, or ValueError saying how to install it."""
+  try:
+    import tokenizers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ValueError("the tokenizer needs the optional package `tokenizers` (pip install tokenizers, or the "
+                     "project's test extra)") from e
+  return tokenizers
+
+
 def train_tokenizer(texts, vocab_size: int, path: str) -> int:
   """Byte-level BPE on `texts`, saved to `path`; returns its vocabulary size (specials included)."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
-
-  tok = Tokenizer(models.BPE())
+  tk = _tokenizers()
+  decoders, models, pre_tokenizers, trainers = tk.decoders, tk.models, tk.pre_tokenizers, tk.trainers
+  tok = tk.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
@@ -202,9 +212,8 @@ def train_tokenizer(texts, vocab_size: int, path: str) -> int:
 def check_tokenizer(source: str) -> int:
   """The vocabulary size of a tokenizer.json built by this script. ValueError naming --tokenizer if it is missing,
   unreadable, or lacks the special tokens at ids 0, 1, 2."""
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
   try:
-    tok = Tokenizer.from_file(source)
+    tok = _tokenizers().Tokenizer.from_file(source)
   except Exception as e:  # pylint: disable=broad-except  # tokenizers raises its own Exception subclass
     raise ValueError(f"--tokenizer: cannot read {source!r} as a tokenizers JSON file ({e})") from e
   ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
@@ -223,6 +232,7 @@ def build(out: str, *, roots: list[str] | None = None, packages: list[str] | Non
 
   Raises ValueError naming the argument for an unknown package, an empty selection or an empty split."""
   roots = [os.path.realpath(r) for r in (roots or default_roots())]
+  _tokenizers()  # before anything is written
   given_vocab = check_tokenizer(tokenizer) if tokenizer else None
   for r in roots:
     if not os.path.isdir(r):

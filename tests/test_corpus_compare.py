@@ -113,6 +113,14 @@ def test_a_given_tokenizer_is_copied_so_a_rebuild_has_the_same_ids(tmp_path):
   assert not (tmp_path / "c").exists()  # checked before anything is written
 
 
+def test_without_the_tokenizers_package_the_corpus_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
+  root = fake_site_packages(tmp_path / "site")
+  monkeypatch.setitem(sys.modules, "tokenizers", None)  # the import fails as if it were not installed
+  assert code_corpus.main(["--out", str(tmp_path / "c"), "--site-packages", root, "--heldout", "beta"]) == 2
+  assert "needs the optional package `tokenizers` (pip install tokenizers" in capsys.readouterr().err
+  assert not (tmp_path / "c").exists()
+
+
 def test_corpus_cli_errors_exit_2(tmp_path, capsys):
   root = fake_site_packages(tmp_path / "site")
   assert code_corpus.main(["--out", str(tmp_path / "c"), "--site-packages", root, "--heldout", "delta"]) == 2
