@@ -199,8 +199,11 @@ class DataIterator(grain.DatasetIterator):
     return f"DataIterator({self.identity})"
 
 
-def _read_options(cfg) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_buffer_size)
+def _read_options(cfg, per_element: int = 1) -> grain.ReadOptions:
+  """Read-ahead of elements holding `per_element` documents each: data.prefetch_buffer_size counts documents,
+  rounded up to whole elements, and at least one element a thread."""
+  ahead = max(cfg.read_threads, -(-cfg.prefetch_buffer_size // per_element))
+  return grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=ahead)
 
 
 def _index_stream(num: int, *, split: str, seed: int, shard_index: int, shard_count: int,
@@ -268,10 +271,8 @@ def make_iterator(cfg, *, split: str, batch_size: int, seq_len: int, seed: int, 
     tok = tokenizer_lib.load_tokenizer(cfg.tokenizer, cfg.bos_id, cfg.eos_id)
     groups = (index_ds.batch(TOKENIZE_GROUP, batch_fn=list)  # positions in the split, a group at a time
               .map(_ReadAndFrameDocuments(source, docs, tok, cfg.add_bos)))
-    # data.prefetch_buffer_size counts documents; here the elements read ahead are groups (at least one a thread).
-    read_ahead = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=max(
-        cfg.read_threads, -(-cfg.prefetch_buffer_size // TOKENIZE_GROUP)))
-    pairs = grain.experimental.FlatMapIterDataset(groups.to_iter_dataset(read_ahead), _Ungroup())
+    pairs = grain.experimental.FlatMapIterDataset(groups.to_iter_dataset(_read_options(cfg, TOKENIZE_GROUP)),
+                                                  _Ungroup())
     length_struct = {"inputs": seq_len, "targets": seq_len}
     if cfg.packing == "concat_then_split":
       # split_full_length_features=True (grain's default, spelled out): a document of exactly seq_len pairs is

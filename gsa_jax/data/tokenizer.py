@@ -8,8 +8,8 @@
 
 Every tokenizer exposes `encode(text) -> np.ndarray[int32]` without special tokens, `encode_batch(texts)` (the same
 for a list of texts, in parallel where the package can: the pipeline tokenizes documents in groups with it),
-`decode(ids) -> str`, `vocab_size`, `bos_id` and `eos_id`. The pipeline adds BOS (if `data.add_bos`) and EOS itself, so documents are
-framed identically whatever the tokenizer's own post-processor would do.
+`decode(ids) -> str`, `vocab_size`, `bos_id` and `eos_id`. The pipeline adds BOS (if `data.add_bos`) and EOS
+itself, so documents are framed identically whatever the tokenizer's own post-processor would do.
 
 Tokenizers are picklable (they reload from their path), so grain may run them in worker threads or processes.
 """

@@ -5,9 +5,9 @@ When the current mesh (`jax.set_mesh`, the trainer's, or a `shard_map` manual ov
 is manual over that axis only (the other axes keep splitting rows, heads and parameters as before):
 - GSA layers pass on the GSA state (`gsa_jax.ops.context_parallel_gsa`) and, per row, what a cache would hold
   besides it (a `ShardCarry`: the short convolutions' last `w - 1` inputs, the RoPE position and the segment id
-  of the document in progress, and ABC's running normalizer). Every device gathers all shards' carries and folds them in order, exactly as a
-  prefill in pieces continues each piece's cache, so a document crossing a boundary continues (across any number
-  of shards, padding included) and one starting exactly at a boundary takes nothing.
+  of the document in progress, and ABC's running normalizer). Every device gathers all shards' carries and folds
+  them in order, exactly as a prefill in pieces continues each piece's cache, so a document crossing a boundary
+  continues (across any number of shards, padding included) and one starting exactly at a boundary takes nothing.
 - Attention layers gather every shard's keys and values (and the row's segment ids) and attend to them from
   their own queries.
 """

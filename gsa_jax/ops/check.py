@@ -48,9 +48,10 @@ def compare(shape, *, dtypes=("float32", "bfloat16"), backends=None, chunk_size=
             segments=False, repeats=5, seed=0, extra=None, kernel_block_sizes=None):
   """Errors vs the float64 recurrence and timings of each backend on one random problem.
 
-  shape: (b, t, hq, h, dk, dv, m). kernel_block_sizes: the kernels' tiles (`gated_slot_attention`'s). extra: {name: fn(dtype_name, inputs, segment_ids, cotangent, repeats) ->
-  (o, grads, fwd_ms, fwd_bwd_ms)} for implementations outside this package (inputs are float64 numpy arrays already
-  rounded through the dtype; grads in the order q, k, v, s, g, hk0, hv0), or raise NotImplementedError.
+  shape: (b, t, hq, h, dk, dv, m). kernel_block_sizes: the kernels' tiles (`gated_slot_attention`'s).
+  extra: {name: fn(dtype_name, inputs, segment_ids, cotangent, repeats) -> (o, grads, fwd_ms, fwd_bwd_ms)} for
+  implementations outside this package (inputs are float64 numpy arrays already rounded through the dtype; grads in
+  the order q, k, v, s, g, hk0, hv0), or raise NotImplementedError.
   Returns (rows, failures): rows of (name, dtype, err o, max err grad, fwd ms, fwd+bwd ms, verdict).
   """
   dims = dict(zip(("b", "t", "hq", "h", "dk", "dv", "m"), shape))
@@ -130,7 +131,7 @@ def argument_error(args, extra_backends=()) -> str | None:
   try:
     parse_kernel_block_sizes(args.kernel_block_sizes)
   except (TypeError, ValueError) as e:
-    return f"--{e}".replace("--kernel_block_sizes", "--kernel-block-sizes", 1)
+    return f"--kernel-block-sizes: {str(e).removeprefix('kernel_block_sizes: ')}"
   for flag, given, known in (("--dtypes", args.dtypes, tuple(TOLERANCE)),
                              ("--backends", args.backends, BACKENDS + tuple(extra_backends))):
     unknown = [x for x in given.split(",") if x not in known]
