@@ -31,6 +31,10 @@ class _ConsoleFilter(logging.Filter):
   only to the run's train.log."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+      # After a handled restore failure orbax drops the futures of the other reads (intermittently logged when
+      # they are collected): the fault was already reported once; the record stays in train.log.
+      return False
     return record.levelno >= logging.WARNING or record.name.split(".")[0] == "gsa_jax"
 
 
