@@ -12,7 +12,9 @@ gsa_jax/layers/fused_attention.py), or with --documents_per_row=N, N documents p
 corpus gives (GSA's kernels reset their state at each boundary; attention takes its packed-document kernel).
 Warm-up steps are excluded; the timed steps run back to back with one synchronization at the end, as in training.
 Peak memory is the device's `peak_bytes_in_use` over the whole process (compilation and warm-up included);
-compile time is the train step's lower + compile, cold (no persistent compilation cache).
+compile s is the train step's lower + compile, cold unless --compilation_cache names JAX's persistent cache (run twice
+to time a second start); lower s is the part before XLA: tracing the model and lowering it, the Pallas kernels
+included.
 
 --compare=LAYOUTS times the config's model with each mixer layout (`gsa_jax.models.MIXER_LAYOUTS`: "gsa" GSA at
 every layer, "hybrid" softmax attention at every sixth layer, "attention" softmax attention at every layer: the
@@ -59,11 +61,13 @@ _LAYOUT = flags.DEFINE_string("layout", "", "time the config's model with this m
 _COMPARE = flags.DEFINE_list("compare", [], "mixer layouts to time one after another, each in its own process")
 _CELL_TIMEOUT = flags.DEFINE_float("cell_timeout_s", 600.0, "with --compare: wall-clock limit of each model's process")
 _JSON = flags.DEFINE_string("json", "", "write the results (a list of rows) to this JSON file")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "JAX's persistent compilation cache directory (default: none, "
+                             "so compile s is a cold compile); run twice to time a second start")
 _RESULT_JSON = flags.DEFINE_string("result_json", "", "internal: where a --compare child writes its row")
 
 # Columns of the comparison table: (header, row key, format).
 TABLE = (("model", "model", "{}"), ("params B", "params_b", "{:.3f}"), ("attn layers", "attn_layers", "{}"),
-         ("compile s", "compile_s", "{:.1f}"), ("step ms", "step_ms", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
+         ("compile s", "compile_s", "{:.1f}"), ("lower s", "lower_s", "{:.1f}"), ("step ms", "step_ms", "{:.1f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
          ("MFU %", "mfu_pct", "{:.1f}"), ("peak GiB", "peak_gib", "{:.2f}"), ("loss", "loss", "{:.4f}"))
 
 
@@ -101,7 +105,9 @@ def measure(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
                                               model_cfg.vocab_size, _DOCUMENTS.value)) for _ in range(4)]
   state = run.init_state()
   start = time.perf_counter()
-  step = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
+  lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
+  lower_s = time.perf_counter() - start
+  step = lowered.compile()
   compile_s = time.perf_counter() - start
   temp = step.memory_analysis()
   for i in range(warmup):
@@ -132,6 +138,7 @@ def measure(config, warmup: int, steps: int, profile_dir: str = "") -> dict:
       "backend": model_cfg.backend, "attn_implementation": model_cfg.attn_implementation, "remat": model_cfg.remat,
       "dtype": f"{model_cfg.dtype}/{model_cfg.param_dtype}", "batch_size": t.batch_size, "seq_len": t.seq_len,
       "grad_accum_steps": t.grad_accum_steps, "mesh": list(mesh_shape), "compile_s": compile_s,
+      "lower_s": lower_s, "compilation_cache": _CACHE.value,
       "step_ms": 1e3 * step_s, "tokens_per_s": tokens / step_s, "tokens_per_s_per_device": tokens / step_s /
       jax.device_count(), "flops_per_token": flops,
       "mfu_pct": 100 * flops * tokens / step_s / jax.device_count() / peak if peak else None,
@@ -173,6 +180,8 @@ def child_argv(argv: list[str], layout: str) -> list[str]:
 
 def main(argv):
   config = _CONFIG.value
+  if _CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
   for layout in _COMPARE.value + ([_LAYOUT.value] if _LAYOUT.value else []):
     if layout not in MIXER_LAYOUTS:
       print(f"bench_train: --compare/--layout: {layout!r} is unknown; expected some of {', '.join(MIXER_LAYOUTS)}.",

@@ -139,6 +139,7 @@ def test_bench_train_compare_prints_one_table_and_writes_json(tmp_path):
   rows = json.load(open(out))
   assert [(r["model"], r["status"], r["attn_layers"]) for r in rows] == [("gsa", "ok", 0), ("attention", "ok", 4)]
   assert all(r["tokens_per_s"] > 0 and r["flops_per_token"] > 0 for r in rows)
+  assert all(0 < r["lower_s"] < r["compile_s"] for r in rows)
   assert proc.stdout.count("| attention |") == 0 and "attention | 0.00" in proc.stdout
 
 
