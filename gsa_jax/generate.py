@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from gsa_jax.layers import KVCache
+from gsa_jax.layers.attention import check_room
 from gsa_jax.models.lm import GSALM
 
 
@@ -128,7 +129,11 @@ def prefill(model: GSALM, tokens: jax.Array, *, segment_ids: jax.Array | None = 
 
 
 def decode_step(model: GSALM, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
-  """One token for every row with the recurrent form: tokens int [b] -> (logits float32 [b, vocab], caches)."""
+  """One token for every row with the recurrent form: tokens int [b] -> (logits float32 [b, vocab], caches).
+  An attention layer's KV cache needs a free slot (ValueError when it is full: prefill with a larger max_len)."""
+  for cache in caches if isinstance(caches, (list, tuple)) else ():
+    if isinstance(cache, KVCache):
+      check_room(cache, 1)
   graphdef, state = nnx.split(model)
   return _decode(graphdef, state, tokens, caches)
 

@@ -292,8 +292,16 @@ class Checkpointer:
     self._manager.reload()
 
   def close(self) -> None:
+    """Waits for started saves, then releases orbax's threads (call it, or use the Checkpointer as a context
+    manager: an unclosed one leaves orbax's background tasks to fail noisily at interpreter exit)."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
 
 def short_reason(error: BaseException) -> str:

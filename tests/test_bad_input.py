@@ -24,7 +24,7 @@ from gsa_jax.convert.io import ConversionError
 from gsa_jax.data import config as data_config
 from gsa_jax.data import sources
 from gsa_jax.eval import __main__ as eval_cli
-from gsa_jax.generate import generate, prefill
+from gsa_jax.generate import decode_step, generate, prefill
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention
 from gsa_jax.models import GSALM, GSAConfig, PRESETS
 from gsa_jax.ops import gated_slot_attention
@@ -189,6 +189,61 @@ def test_layer_input_is_checked(x, error, message, kind):
     layer.step(jnp.ones((1, 8, 16)), cache)
 
 
+@pytest.mark.parametrize("kind", ["gsa", "attention"])
+def test_layer_segment_ids_and_caches_are_checked(kind):
+  x = jnp.ones((2, 8, 16))
+  if kind == "gsa":
+    layer = GatedSlotAttention(16, num_heads=2, num_slots=4, use_short_conv=True, rngs=nnx.Rngs(0))
+    other = GatedSlotAttention(16, num_heads=2, num_slots=6, use_short_conv=True, rngs=nnx.Rngs(0))
+    prefill_kw, cache, other_cache = {}, layer.init_cache(2), other.init_cache(2)
+    name = "GatedSlotAttention"
+  else:
+    layer = CausalSelfAttention(16, num_heads=2, rngs=nnx.Rngs(0))
+    other = CausalSelfAttention(16, num_heads=4, rngs=nnx.Rngs(0))
+    prefill_kw, cache, other_cache = {"max_len": 16}, layer.init_cache(2, 16), other.init_cache(2, 16)
+    name = "CausalSelfAttention"
+  with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 9\); expected \[b, t\] = \[2, 8\]"):
+    layer(x, jnp.ones((2, 9), jnp.int32))
+  with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 9\)"):
+    layer.prefill(x, jnp.ones((2, 9), jnp.int32), **prefill_kw)
+  with pytest.raises(TypeError, match=r"segment_ids must be None or an int array \[b, t\] = \[2, 8\]; got list"):
+    layer(x, [[1] * 8] * 2)
+  with pytest.raises(TypeError, match=r"segment_ids must be integer .* got dtype float32"):
+    layer(x, jnp.ones((2, 8)))
+  # A cache of another batch size, of a layer with other sizes, of another kind of layer.
+  with pytest.raises(ValueError, match=rf"cache.* has shape .*; this {name} expects .* for the input's batch of 3"):
+    layer.step(jnp.ones((3, 16)), cache)
+  with pytest.raises(ValueError, match=rf"cache.* has shape .*; this {name} expects"):
+    layer.step(jnp.ones((2, 16)), other_cache)
+  foreign = (CausalSelfAttention(16, num_heads=2, rngs=nnx.Rngs(0)).init_cache(2, 16) if kind == "gsa" else
+             GatedSlotAttention(16, num_heads=2, num_slots=4, rngs=nnx.Rngs(0)).init_cache(2))
+  with pytest.raises(ValueError, match=rf"cache: not a cache of this {name}"):
+    layer.step(jnp.ones((2, 16)), foreign)
+  with pytest.raises(ValueError, match=rf"cache.* has shape"):
+    layer.prefill(jnp.ones((3, 8, 16)), None, cache)
+
+
+def test_gsa_cache_without_the_convolution_entries_is_refused():
+  conv = GatedSlotAttention(16, num_heads=2, num_slots=4, use_short_conv=True, rngs=nnx.Rngs(0))
+  plain = GatedSlotAttention(16, num_heads=2, num_slots=4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"not a cache of this GatedSlotAttention.*use_short_conv"):
+    conv.step(jnp.ones((2, 16)), plain.init_cache(2))
+
+
+def test_a_full_kv_cache_refuses_another_token_and_is_nan_under_jit():
+  layer = CausalSelfAttention(16, num_heads=2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  _, cache = layer.prefill(x[:, :7], max_len=7)
+  with pytest.raises(ValueError, match=r"max_len: the KV cache has max_len=7 slots and holds 7 tokens"):
+    layer.step(x[:, 7], cache)
+  graphdef, state = nnx.split(layer)
+  y, _ = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state).step(x, cache))(state, x[:, 7], cache)
+  assert np.isnan(np.asarray(y)).all()  # a write past the end would be clamped onto the last slot: no wrong number
+  _, roomy = layer.prefill(x[:, :7], max_len=8)
+  y, _ = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state).step(x, cache))(state, x[:, 7], roomy)
+  np.testing.assert_allclose(y, layer(x)[:, 7], rtol=1e-5, atol=1e-5)
+
+
 # ---- generation ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -219,6 +274,25 @@ def test_generate_checks_its_prompts(small_lm, prompts, kwargs, error, message):
     generate(small_lm, jnp.asarray(prompts), max_new_tokens=2, temperature=0.0, **kwargs)
   with pytest.raises(error, match=message):
     prefill(small_lm, jnp.asarray(prompts), **kwargs)
+
+
+def test_decode_step_refuses_a_full_kv_cache_and_a_wrong_cache_list():
+  cfg = GSAConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, num_slots=4, intermediate_size=32,
+                  attn_layers=(1,), attn_implementation="xla", backend="chunked")
+  model = GSALM(cfg, rngs=nnx.Rngs(0))
+  tokens = jnp.asarray([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+  _, caches = prefill(model, tokens[:, :4])  # no room left by default
+  with pytest.raises(ValueError, match=r"KV cache has max_len=4 slots and holds 4 tokens"):
+    decode_step(model, tokens[:, 4], caches)
+  _, caches = prefill(model, tokens[:, :4], max_len=5)
+  with pytest.raises(ValueError, match=r"caches: the model has 2 layers and needs one cache per layer.*got 1 caches"):
+    model.step(tokens[:, 4], caches[:1])
+  with pytest.raises(ValueError, match=r"caches: the model has 2 layers"):
+    model.prefill(tokens, max_len=8, caches=caches[:1])
+  with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 4\); expected \[b, t\] = \[2, 5\]"):
+    model(tokens, jnp.ones((2, 4), jnp.int32))
+  with pytest.raises(ValueError, match=r"for the input's batch of 1"):
+    decode_step(model, tokens[:1, 4], caches)
 
 
 def test_model_tokens_are_checked(small_lm):

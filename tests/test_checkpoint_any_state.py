@@ -17,12 +17,11 @@ def make():
 def test_save_and_restore_an_nnx_state_without_data_iterator(tmp_path):
   layer = make()
   nnx.update(layer, jax.tree.map(lambda a: a + 1.0, nnx.state(layer, nnx.Param)))  # not the init values
-  checkpointer = Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=False)
-  checkpointer.save(7, nnx.state(layer))
-  checkpointer.wait()
+  with Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=True) as checkpointer:  # as the README shows it
+    checkpointer.save(7, nnx.state(layer))
   graphdef, abstract = nnx.split(nnx.eval_shape(make))
-  step, state = checkpointer.restore_latest(abstract)
-  checkpointer.close()
+  with Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=False) as checkpointer:  # a later session
+    step, state = checkpointer.restore_latest(abstract)
   assert step == 7
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(nnx.state(layer))):
     np.testing.assert_array_equal(a, b)

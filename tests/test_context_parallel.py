@@ -134,6 +134,24 @@ def test_bad_inputs_are_named():
   q, k, v, s, g = _random_inputs()
   with pytest.raises(ValueError, match="v has shape"):
     context_parallel_gsa(q, k, v[..., :1, :], s, g)
+  with pytest.raises(TypeError, match="scale must be None or a finite number"):
+    context_parallel_gsa(q, k, v, s, g, scale="a")
+
+
+def test_a_traced_scale_is_differentiable_as_in_the_op():
+  """A jax.Array scale (a learned temperature) under jit and grad, as `gated_slot_attention` takes it (a one-device
+  sequence axis here; the split itself is checked on 8 devices above)."""
+  q, k, v, s, g = _random_inputs()
+  mesh = jax.make_mesh((1,), ("sequence",), axis_types=(AxisType.Explicit,))
+
+  def loss(op, scale):
+    return jnp.sum(op(q, k, v, s, g, scale=scale, backend="chunked", chunk_size=4)[0] ** 2)
+
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.value_and_grad(lambda sc: loss(context_parallel_gsa, sc)))(jnp.float32(0.5))
+  want = jax.jit(jax.value_and_grad(lambda sc: loss(gated_slot_attention, sc)))(jnp.float32(0.5))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert float(want[1]) != 0.0
 
 
 def test_communication_table(capsys):

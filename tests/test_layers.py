@@ -234,6 +234,14 @@ def test_op_gets_compute_dtype_inputs_and_float32_gates(monkeypatch, forget_gate
     (dict(backend="cuda"), "backend"),
     (dict(chunk_size=12), "chunk_size"),
     (dict(gate_logit_normalizer=0), "gate_logit_normalizer"),
+    (dict(num_slots=8.0), "num_slots: must be a positive int; got 8.0"),
+    (dict(num_heads=2.0), "num_heads: must be a positive int"),
+    (dict(hidden_size=32.0), "hidden_size: must be a positive int"),
+    (dict(chunk_size=16.0), "chunk_size: must be a positive int"),
+    (dict(use_short_conv=True, conv_size=1), "conv_size: must be at least 2 with use_short_conv"),
+    (dict(norm_eps=-1.0), "norm_eps"),
+    (dict(use_rope=True, rope_theta=-1.0), "rope_theta"),
+    (dict(dtype=jnp.int32), "dtype: must be None or a floating-point dtype"),
 ])
 def test_errors_name_the_field(kw, field):
   kw = dict(hidden_size=D) | kw
@@ -246,3 +254,7 @@ def test_attention_errors_name_the_field():
     CausalSelfAttention(30, 4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_kv_heads"):
     CausalSelfAttention(32, 4, 3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_heads: must be a positive int; got 4.0"):
+    CausalSelfAttention(32, 4.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="rope_theta"):
+    CausalSelfAttention(32, 4, rope_theta=0.0, rngs=nnx.Rngs(0))

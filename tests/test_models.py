@@ -45,6 +45,12 @@ def tokens(seed, b, t, vocab=50):
     (dict(chunk_size=48), "chunk_size"),
     (dict(num_layers=0), "num_layers"),
     (dict(gate_logit_normalizer=-1.0), "gate_logit_normalizer"),
+    (dict(num_kv_heads=1.0), "num_kv_heads"),
+    (dict(intermediate_size=64.5), "intermediate_size"),
+    (dict(attn_num_heads=2.0), "attn_num_heads"),
+    (dict(use_short_conv=True, conv_size=1), "conv_size"),
+    (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(embed_init_std=-1.0), "embed_init_std"),
 ])
 def test_config_errors_name_the_field(kw, field):
   with pytest.raises(ValueError, match=rf"GSAConfig\.{field}"):

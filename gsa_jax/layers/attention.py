@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gsa_jax.layers.common import (apply_rope, as_matrix_rows, check_layer_input, fan_in_init, first_doc_continues,
+from gsa_jax.layers.common import (apply_rope, as_matrix_rows, check_cache, check_compute_dtype, check_layer_input,
+                                   check_segment_ids, check_sizes, fan_in_init, first_doc_continues,
                                    last_doc_continues, logical_axes, next_positions, next_segment_id, token_layout)
 from gsa_jax.layers.context_parallel import gather_time, per_shard, row_spec, sequence_axis
 from gsa_jax.layers.fused_attention import ATTENTION_IMPLEMENTATIONS, causal_attention, reference_mask
@@ -81,9 +82,13 @@ class CausalSelfAttention(nnx.Module):
                rope_theta: float = 10000.0, implementation: str = "auto", out_init=fan_in_init, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if num_heads <= 0 or hidden_size % num_heads:
+    check_sizes(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads)
+    check_compute_dtype(dtype)
+    if not rope_theta > 0:
+      raise ValueError(f"rope_theta: must be positive; got {rope_theta}.")
+    if hidden_size % num_heads:
       raise ValueError(f"num_heads: hidden_size={hidden_size} must be a positive multiple of num_heads={num_heads}.")
-    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+    if num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads: must be a positive divisor of num_heads={num_heads}; got {num_kv_heads}.")
     if implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"implementation: {implementation!r} is unknown; expected one of {ATTENTION_IMPLEMENTATIONS}.")
@@ -147,6 +152,7 @@ class CausalSelfAttention(nnx.Module):
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x [b, t, d], segment_ids None or int [b, t] (0 = padding) -> y [b, t, d] (0 at padding)."""
     check_layer_input(x, self.q_proj.in_features, 3)
+    check_segment_ids(segment_ids, *x.shape[:2])
     return self._sequence(x, segment_ids)[0]
 
   def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None, cache: KVCache | None = None, *,
@@ -166,6 +172,7 @@ class CausalSelfAttention(nnx.Module):
     ([b, t, max_len + t] scores).
     """
     check_layer_input(x, self.q_proj.in_features, 3)
+    check_segment_ids(segment_ids, *x.shape[:2])
     segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     b, t, _ = x.shape
     if cache is None:
@@ -175,6 +182,7 @@ class CausalSelfAttention(nnx.Module):
         raise ValueError(f"max_len={max_len} must be at least the prompt length {t}.")
       y, layout, k, v = self._sequence(x, segment_ids)
       return y, self._next_cache(self.init_cache(b, max_len, k.dtype), layout, k, v, segment_ids)
+    self._check_cache(cache, b)
     cache = grown_kv_cache(cache, max_len or 0)
     check_room(cache, t)
     return self._continue(x, segment_ids, continued_kv_cache(cache, segment_ids))
@@ -208,9 +216,17 @@ class CausalSelfAttention(nnx.Module):
                    index=cache.index + t,
                    segment_id=next_segment_id(cache.segment_id, segment_ids, pos.shape[0]))
 
+  def _check_cache(self, cache, batch: int) -> None:
+    length = cache.k.shape[1] if isinstance(cache, KVCache) else 1  # any max_len
+    check_cache(cache, jax.eval_shape(lambda: self.init_cache(batch, length)), "CausalSelfAttention", batch)
+
   def step(self, x: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One token per row: x [b, d] -> (y [b, d], new cache). The cache must have a free slot."""
+    """One token per row: x [b, d] -> (y [b, d], new cache). The cache must have a free slot: a full one raises
+    ValueError where its index is concrete, and under jit (where a write past the end would be clamped onto the
+    last slot) the step returns NaN instead of a wrong output."""
     check_layer_input(x, self.q_proj.in_features, 2)
+    self._check_cache(cache, x.shape[0])
+    check_room(cache, 1)
     b = x.shape[0]
     q, k, v = (a[:b] for a in self._qkv(as_matrix_rows(x)[:, None], as_matrix_rows(cache.pos)[:, None]))
     zero = jnp.zeros((), jnp.int32)
@@ -220,6 +236,7 @@ class CausalSelfAttention(nnx.Module):
     o = jax.nn.dot_product_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=mask[:, None, None, :],
                                      implementation=None)
     y = self.o_proj(as_matrix_rows(o.reshape(b, -1)))[:b]
+    y = jnp.where(cache.index < cache.k.shape[1], y, jnp.nan)
     return y, cache._replace(k=kc, v=vc, mask=mask, pos=cache.pos + 1, index=cache.index + 1)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:

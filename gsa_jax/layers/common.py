@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
@@ -30,6 +31,54 @@ fan_in_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_nor
 def scaled_fan_in_init(scale: float):
   """Fan-in initializer with variance multiplied by `scale` (output projections of deep residual stacks)."""
   return jax.nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+def check_sizes(**sizes) -> None:
+  """Each keyword must be a positive Python or NumPy int (a layer's sizes become array shapes); ValueError naming the
+  first that is not."""
+  for field, value in sizes.items():
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+      raise ValueError(f"{field}: must be a positive int; got {value!r}.")
+
+
+def check_compute_dtype(dtype) -> None:
+  """A layer's `dtype` must be None or name a floating-point dtype."""
+  try:
+    ok = dtype is None or jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"dtype: must be None or a floating-point dtype (e.g. jnp.bfloat16); got {dtype!r}.")
+
+
+def check_segment_ids(segment_ids, b: int, t: int) -> None:
+  """A layer's or model's segment ids must be None or an int or bool array [b, t] matching its input."""
+  if segment_ids is None:
+    return
+  if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+    raise TypeError(f"segment_ids must be None or an int array [b, t] = [{b}, {t}]; got {type(segment_ids).__name__}"
+                    " (wrap a list with jnp.asarray).")
+  if tuple(segment_ids.shape) != (b, t):
+    raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}; expected [b, t] = [{b}, {t}], one id per "
+                     "token of the input.")
+  if not (jnp.issubdtype(segment_ids.dtype, jnp.integer) or segment_ids.dtype == jnp.bool_):
+    raise TypeError(f"segment_ids must be integer (or a bool attention mask); got dtype {segment_ids.dtype}.")
+
+
+def check_cache(cache, expected, layer: str, batch: int) -> None:
+  """A cache handed to a layer's `prefill`/`step` must have the structure and shapes of `expected` (what the layer's
+  `init_cache` gives for the input's batch, from `jax.eval_shape`); ValueError saying which entry differs."""
+  got_leaves, got_tree = jax.tree.flatten_with_path(cache)
+  want_leaves, want_tree = jax.tree.flatten_with_path(expected)
+  if got_tree != want_tree:
+    raise ValueError(f"cache: not a cache of this {layer}: its structure differs from the layer's init_cache (got "
+                     f"{type(cache).__name__} with {len(got_leaves)} arrays, expected {len(want_leaves)}). A cache of "
+                     "another kind of layer, or of one built with other options (use_short_conv, slot_control)?")
+  for (path, got), (_, want) in zip(got_leaves, want_leaves):
+    if tuple(np.shape(got)) != tuple(want.shape):
+      raise ValueError(f"cache{jax.tree_util.keystr(path)} has shape {tuple(np.shape(got))}; this {layer} expects "
+                       f"{tuple(want.shape)} for the input's batch of {batch} (see its init_cache). A cache of "
+                       "another batch size, or of a layer with other sizes?")
 
 
 def check_layer_input(x, width: int, rank: int) -> None:

@@ -33,7 +33,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, as_matrix_rows, check_layer_input,
+from gsa_jax.layers.common import (RMSNorm, ShortConvolution, apply_rope, as_matrix_rows, check_cache,
+                                   check_compute_dtype, check_layer_input, check_segment_ids, check_sizes,
                                    explicit_spec, fan_in_init, first_doc_continues, last_doc_continues, logical_axes,
                                    next_positions, next_segment_id, previous_taps, tail_taps, token_layout)
 from gsa_jax.layers.context_parallel import (ShardCarry, carry_across_shards, from_last_shard, per_shard, row_spec,
@@ -152,10 +153,11 @@ class GatedSlotAttention(nnx.Module):
       rngs: nnx.Rngs,
   ):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    check_sizes(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads, num_slots=num_slots,
+                conv_size=conv_size, chunk_size=chunk_size)
+    check_compute_dtype(dtype)
     key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
-    _check(hidden_size > 0, "hidden_size", f"must be positive; got {hidden_size}.")
-    _check(num_heads > 0, "num_heads", f"must be positive; got {num_heads}.")
-    _check(num_kv_heads > 0 and num_heads % num_kv_heads == 0, "num_kv_heads",
+    _check(num_heads % num_kv_heads == 0, "num_kv_heads",
            f"must be a positive divisor of num_heads={num_heads}; got {num_kv_heads}.")
     # Name the field the user most likely got wrong: hidden_size itself when the expansion is 1.
     _check(key_dim > 0 and key_dim % num_heads == 0, "hidden_size" if expand_k == 1 else "expand_k",
@@ -164,16 +166,18 @@ class GatedSlotAttention(nnx.Module):
     _check(value_dim > 0 and value_dim % num_heads == 0, "hidden_size" if expand_v == 1 else "expand_v",
            f"hidden_size * expand_v = {hidden_size} * {expand_v} = {value_dim} must be a positive multiple of "
            f"num_heads={num_heads}.")
-    _check(num_slots > 0, "num_slots", f"must be positive; got {num_slots}.")
     _check(feature_map in FEATURE_MAPS, "feature_map", f"{feature_map!r} is unknown; expected one of {FEATURE_MAPS}.")
-    _check(conv_size >= 1, "conv_size", f"must be at least 1; got {conv_size}.")
+    _check(not use_short_conv or conv_size >= 2, "conv_size",
+           f"must be at least 2 with use_short_conv (a 1-tap convolution has no past tokens); got {conv_size}.")
+    _check(norm_eps > 0, "norm_eps", f"must be positive; got {norm_eps}.")
+    _check(not use_rope or rope_theta > 0, "rope_theta", f"must be positive; got {rope_theta}.")
     _check(slot_control in SLOT_CONTROLS, "slot_control",
            f"{slot_control!r} is unknown; expected one of {SLOT_CONTROLS}.")
     _check(forget_gate or slot_control == "gsa", "forget_gate",
            f"False is GSA's ablation; slot_control={slot_control!r} has no forget gate to disable (leave it True).")
     _check(gate_logit_normalizer > 0, "gate_logit_normalizer", f"must be positive; got {gate_logit_normalizer}.")
     check_backend(backend)
-    _check(chunk_size >= 1 and chunk_size & (chunk_size - 1) == 0, "chunk_size",
+    _check(chunk_size & (chunk_size - 1) == 0, "chunk_size",
            f"must be a positive power of two; got {chunk_size}.")
     dk, dv = key_dim // num_heads, value_dim // num_heads
     _check(not use_rope or dk % 2 == 0, "use_rope", f"needs an even head key width; got {dk}.")
@@ -361,6 +365,7 @@ class GatedSlotAttention(nnx.Module):
     """x [b, t, d], segment_ids None or int [b, t] (0 = padding; or a bool attention mask, see the op) ->
     y [b, t, d] (0 at padding)."""
     check_layer_input(x, self.q_proj.in_features, 3)
+    check_segment_ids(segment_ids, *x.shape[:2])
     return self._sequence(x, segment_ids, None, False)[0]
 
   def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None,
@@ -374,14 +379,17 @@ class GatedSlotAttention(nnx.Module):
     continuation; differentiable, for truncated backpropagation through long documents).
     """
     check_layer_input(x, self.q_proj.in_features, 3)
+    check_segment_ids(segment_ids, *x.shape[:2])
     segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     if cache is not None:
+      check_cache(cache, jax.eval_shape(lambda: self.init_cache(x.shape[0])), "GatedSlotAttention", x.shape[0])
       cache = continued_cache(cache, segment_ids)
     return self._sequence(x, segment_ids, cache, True)
 
   def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
     """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""
     check_layer_input(x, self.q_proj.in_features, 2)
+    check_cache(cache, jax.eval_shape(lambda: self.init_cache(x.shape[0])), "GatedSlotAttention", x.shape[0])
     b, rows = x.shape[0], as_matrix_rows(x)
     q, k, v, f = (p(rows)[:b] for p in (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
     conv = None

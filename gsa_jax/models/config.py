@@ -92,12 +92,20 @@ class GSAConfig:
       if not cond:
         raise ValueError(f"GSAConfig.{field}: {message}")
 
+    is_int = lambda value: isinstance(value, int) and not isinstance(value, bool)
     for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_slots", "conv_size", "chunk_size",
                   "hidden_ratio"):
       value = getattr(self, field)
-      check(isinstance(value, int) and value > 0, field, f"must be a positive int; got {value!r}.")
-    check(self.num_kv_heads is None or (self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0),
+      check(is_int(value) and value > 0, field, f"must be a positive int; got {value!r}.")
+    for field in ("num_kv_heads", "intermediate_size", "attn_num_heads", "attn_num_kv_heads"):
+      value = getattr(self, field)
+      check(value is None or (is_int(value) and value > 0), field, f"must be a positive int or None; got {value!r}.")
+    check(self.num_kv_heads is None or self.num_heads % self.num_kv_heads == 0,
           "num_kv_heads", f"must divide num_heads={self.num_heads}; got {self.num_kv_heads}.")
+    check(not self.use_short_conv or self.conv_size >= 2, "conv_size",
+          f"must be at least 2 with use_short_conv (a 1-tap convolution has no past tokens); got {self.conv_size}.")
+    check(self.rope_theta > 0, "rope_theta", f"must be positive; got {self.rope_theta}.")
+    check(self.embed_init_std >= 0, "embed_init_std", f"must be >= 0; got {self.embed_init_std}.")
     check(self.hidden_size % self.num_heads == 0, "hidden_size",
           f"{self.hidden_size} is not divisible by num_heads={self.num_heads}.")
     check(self.key_dim > 0 and self.key_dim % self.num_heads == 0, "expand_k",
@@ -119,8 +127,6 @@ class GSAConfig:
     except (TypeError, ValueError) as e:
       raise ValueError(f"GSAConfig.{e}") from e  # the message starts with the field's name
     check(self.chunk_size & (self.chunk_size - 1) == 0, "chunk_size", f"must be a power of two; got {self.chunk_size}.")
-    check(self.intermediate_size is None or self.intermediate_size > 0, "intermediate_size",
-          f"must be positive or None; got {self.intermediate_size}.")
     check(self.norm_eps > 0, "norm_eps", f"must be positive; got {self.norm_eps}.")
     check(self.output_norm_eps is None or self.output_norm_eps > 0, "output_norm_eps",
           f"must be positive or None; got {self.output_norm_eps}.")

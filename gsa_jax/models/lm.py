@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gsa_jax.layers import CausalSelfAttention, GatedSlotAttention, RMSNorm, SwiGLU
-from gsa_jax.layers.common import explicit_spec, logical_axes, scaled_fan_in_init
+from gsa_jax.layers.common import check_segment_ids, explicit_spec, logical_axes, scaled_fan_in_init
 from gsa_jax.layers.gsa import GSA_OUTPUT_NAME
 from gsa_jax.ops.common import KEY_STATES_NAME, RESIDUALS_NAME, VALUE_STATES_NAME
 from gsa_jax.models.config import GSAConfig
@@ -162,6 +162,7 @@ class GSALM(nnx.Module):
     """The last block's output [b, t, hidden_size] (before the final norm): `logits` maps it to the vocabulary. A
     loss can apply `logits` a slice of positions at a time (gsa_jax.train.loss) instead of holding [b, t, vocab]."""
     check_tokens(tokens, 2)
+    check_segment_ids(segment_ids, *tokens.shape)
     x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     policy = self.config.remat
     if self.config.scan_layers:
@@ -174,18 +175,24 @@ class GSALM(nnx.Module):
 
   # -- decoding ----------------------------------------------------------------------------------------------------
 
-  def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *, max_len: int,
+  def prefill(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *, max_len: int | None = None,
               caches: list[Any] | None = None) -> tuple[jax.Array, list[Any]]:
     """Full-sequence logits [b, t, vocab] and one cache per layer for continuing each row's last document.
 
     max_len: the number of tokens the attention layers' KV caches hold (cached tokens + prompt length + new
-      tokens); a continued KV cache with fewer slots is grown to it.
+      tokens); a continued KV cache with fewer slots is grown to it. None: t without caches (no room to decode
+      after the prompt), the continued KV caches' own sizes with them. Models without attention layers ignore it.
     caches: None, or the caches of the tokens before (`prefill`, `step`, `init_cache`): each row's first document
       continues them (see GatedSlotAttention.prefill and CausalSelfAttention.prefill), so a prompt prefilled in
       pieces equals the prompt prefilled at once, in GSA and hybrid models alike. A KV cache must have room for
       the prompt (ValueError where its index is concrete; `gsa_jax.generate` checks and sizes them).
     """
     check_tokens(tokens, 2)
+    check_segment_ids(segment_ids, *tokens.shape)
+    if caches is not None:
+      self._check_cache_count(caches)
+    if max_len is None:
+      max_len = tokens.shape[1] if caches is None else 0  # 0: a continued KV cache keeps its size
     x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     new = []
     for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
@@ -196,12 +203,19 @@ class GSALM(nnx.Module):
   def step(self, tokens: jax.Array, caches: list[Any]) -> tuple[jax.Array, list[Any]]:
     """One token per row: tokens int [b] -> (logits float32 [b, vocab], new caches)."""
     check_tokens(tokens, 1)
+    self._check_cache_count(caches)
     x = self.embed(tokens, out_sharding=explicit_spec(tokens, tokens.ndim + 1))
     new = []
     for block, cache in zip(self.blocks, caches):
       x, cache = block.step(x, cache)
       new.append(cache)
     return self.logits(x), new
+
+  def _check_cache_count(self, caches) -> None:
+    if not isinstance(caches, (list, tuple)) or len(caches) != len(self.blocks):
+      got = f"{len(caches)} caches" if isinstance(caches, (list, tuple)) else type(caches).__name__
+      raise ValueError(f"caches: the model has {len(self.blocks)} layers and needs one cache per layer (a list, as "
+                       f"prefill, init_cache and generate return); got {got}.")
 
   def init_cache(self, batch_size: int, max_len: int) -> list[Any]:
     """Caches of an empty prompt (attention layers sized to max_len)."""

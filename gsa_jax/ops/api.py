@@ -263,6 +263,17 @@ def validate_inputs(q, k, v, s, g, *, initial_state=None, segment_ids=None, chun
                     f"{scale!r}.")
 
 
+def static_scale(q: jax.Array, scale: float | jax.Array | None) -> tuple[jax.Array, float]:
+  """(q, scale) with the scale as a Python float the backends compile in: None is K ** -0.5, and a jax.Array scalar
+  (a learned temperature, a traced value) is folded into q (the logits are linear in q, so scaling q is scaling
+  them; a new value then neither fails nor compiles anew), leaving 1.0."""
+  if isinstance(scale, jax.Array):
+    if scale.ndim:
+      raise ValueError(f"scale must be a scalar; got an array of shape {scale.shape}.")
+    return (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(q.dtype), 1.0
+  return q, q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
 def _explicit_axes(spec_entry) -> tuple:
   """Mesh axis names of one PartitionSpec entry (None, a name, or a tuple of names)."""
   if spec_entry is None:
@@ -348,8 +359,8 @@ def gated_slot_attention(
     initial_state: None or (hk [B, H, K, M], hv [B, H, M, V]) float32; applies to the first document of a row.
     output_final_state: if True also return the state after the last non-padding token of each row.
     segment_ids: None or int [B, T]. Id > 0 names a token's document and the state resets to zero where it
-      changes (relative to the previous non-padding token); id 0 is padding: it leaves the state unchanged and
-      gets o = 0. A Hugging Face-style attention mask (bool, or 0/1 ints; 1 = token, 0 = padding) is accepted as
+      changes (relative to the previous non-padding token); id 0 (as any id <= 0) is padding: it leaves the state
+      unchanged and gets o = 0. A Hugging Face-style attention mask (bool, or 0/1 ints; 1 = token, 0 = padding) is accepted as
       is: one document per row, its padding (left or right) skipped.
     chunk_size: chunk length of the 'chunked' backend (the kernels have their own); a positive power of two.
     backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_mgpu" | "pallas_tpu".
@@ -365,13 +376,7 @@ def gated_slot_attention(
   tiles = parse_kernel_block_sizes(kernel_block_sizes)
   chunk_size = int(chunk_size)  # a numpy integer is a different static argument of the jitted backends
   name = resolve_backend(backend)
-  if isinstance(scale, jax.Array):
-    if scale.ndim:
-      raise ValueError(f"scale must be a scalar; got an array of shape {scale.shape}.")
-    # A traced scale (a learned temperature): the logits are linear in q, so scaling q is scaling them; the
-    # backends then see one static scale, and a new value neither fails nor compiles anew.
-    q, scale = (q.astype(jnp.float32) * scale.astype(jnp.float32)).astype(q.dtype), 1.0
-  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  q, scale = static_scale(q, scale)
   if initial_state is not None:
     initial_state = GSAState(*initial_state)
   if segment_ids is not None:

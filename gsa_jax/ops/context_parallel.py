@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from gsa_jax.ops.api import gated_slot_attention, parse_kernel_block_sizes, validate_inputs
+from gsa_jax.ops.api import gated_slot_attention, parse_kernel_block_sizes, static_scale, validate_inputs
 from gsa_jax.ops.common import DEFAULT_CHUNK_SIZE, GSAState, accumulation_dtype, segment_masks, to_varying, varying_axes
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -174,7 +174,7 @@ def context_parallel_gsa(
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     batch_axes: str | tuple[str, ...] | None = None,
     head_axes: str | tuple[str, ...] | None = None,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     initial_state: tuple[jax.Array, jax.Array] | None = None,
     output_final_state: bool = False,
     segment_ids: jax.Array | None = None,
@@ -201,9 +201,10 @@ def context_parallel_gsa(
     o [B, T, HQ, V] in q's dtype (the shard's slice inside shard_map), and the state after the last non-padding
     token of each row, GSAState(hk [B, H, K, M], hv [B, H, M, V]) in float32, or None.
   """
-  validate_inputs(q, k, v, s, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size)
+  validate_inputs(q, k, v, s, g, initial_state=initial_state, segment_ids=segment_ids, chunk_size=chunk_size,
+                  scale=scale)
   parse_kernel_block_sizes(kernel_block_sizes)  # bad tiles fail here, not inside the shard_map
-  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  q, scale = static_scale(q, scale)
   shard = lambda q, k, v, s, g, state, seg: _context_parallel_shard(
       q, k, v, s, g, axis_name=axis_name, scale=scale, initial_state=state, output_final_state=output_final_state,
       segment_ids=seg, chunk_size=chunk_size, backend=backend, kernel_block_sizes=kernel_block_sizes)
