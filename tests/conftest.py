@@ -1,6 +1,7 @@
 """Test-session setup: one persistent XLA compilation cache for the whole run (subprocesses included), so the many
 small training runs that compile the same programs compile them once; float32 matmuls at full precision; and the
-fixtures several test files use.
+fixtures several test files use. In this suite a NaN never equals a NaN: `np.testing.assert_allclose` defaults to
+equal_nan=False, so two paths that both produce NaN fail the comparison instead of passing it.
 
 The suite compares float32 formulations of the same math (prefill in pieces against prefill at once, decode against
 the full forward, ...) to 1e-5..1e-4. On NVIDIA GPUs XLA's default float32 matmul uses TF32 (10-bit mantissa), which
@@ -9,11 +10,15 @@ passed at "highest". Set through the environment so the training runs the tests 
 CPUs compute float32 matmuls in full either way. Users keep JAX's default (TF32 on GPU) unless they choose otherwise.
 """
 
+import functools
 import os
 import tempfile
 
 import jax
+import numpy as np
 import pytest
+
+np.testing.assert_allclose = functools.partial(np.testing.assert_allclose, equal_nan=False)
 
 # One cache per test run and xdist worker (and the subprocesses a worker starts, which run while it waits). jax writes
 # entries non-atomically, and a worker aborted reading one three times in session 7 while the cache was shared by

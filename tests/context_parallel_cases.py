@@ -21,7 +21,7 @@ from gsa_jax.ops.context_parallel import context_parallel_gsa  # noqa: E402
 from sharded_op_cases import loss_and_grads, rel_err  # noqa: E402
 
 B, T, HQ, H, K, V, M = 4, 32, 4, 2, 6, 5, 3  # grouped heads; shards of 16, 8 and 4 tokens
-CHUNK = 4  # several chunks per shard for the chunked backends
+CHUNK = 8  # chunked backends: shards of 16, 8 and 4 tokens hold two chunks, one, and half of one (a ragged chunk)
 
 # Boundaries for 8 shards fall at multiples of 4, for 4 at multiples of 8, for 2 at 16.
 SEGMENT_IDS = [

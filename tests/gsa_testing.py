@@ -19,16 +19,18 @@ from gsa_jax.ops.testing import cast, forward_and_grads, kernel_forward_and_grad
 # Relative L2 error vs float64 that every fast path must meet (the issues' bars; float16, whose outputs are rounded
 # to 11 bits, gets the bfloat16 bar scaled by their precisions, rounded up).
 KERNEL_TOL = {"float32": 1e-4, "bfloat16": 2.5e-3, "float16": 1e-3}
-# Documents of length 1, padding inside a document and at the end, documents crossing chunk borders (t = 96).
+# Documents of length 1, padding before the first document (which still starts from the initial state), inside a
+# document and at the end, documents crossing chunk borders (t = 96).
 SEGMENTS = np.array([
     [1] * 13 + [2] + [3] * 30 + [0] * 3 + [3] * 5 + [4] * 20 + [5] + [0] * 23,
-    [7] + [0] * 4 + [7] * 40 + [8] * 20 + [9] * 15 + [10] * 16,
+    [0] * 2 + [7] + [0] * 4 + [7] * 38 + [8] * 20 + [9] * 15 + [10] * 16,
 ], np.int32)
 
 
 class KernelCase(NamedTuple):
   """One kernel test problem (batch 2): its sizes, the kernel's chunk, the gate recipe of `make_inputs`, an initial
-  state or not, the input dtype's name, and packed documents (SEGMENTS[:, :t]) or not."""
+  state or not, the input dtype's name, packed documents (SEGMENTS[:, :t]) or not, and the gates' normalizer
+  (`make_inputs`: 8 gives gates near -0.1, the layer's default; 0.1 strong gates near -8)."""
   t: int
   dk: int
   dv: int
@@ -40,11 +42,12 @@ class KernelCase(NamedTuple):
   with_state: bool
   dtype: str
   segments: bool = False
+  normalizer: float = 8.0
 
   def inputs(self, seed):
     """(inputs as `make_inputs` returns them, segment ids [2, t] or None)."""
     x = make_inputs(seed, b=2, t=self.t, hq=self.hq, h=self.h, dk=self.dk, dv=self.dv, m=self.m, gate=self.gate,
-                    normalizer=8.0, with_state=self.with_state, dtype=jnp.dtype(self.dtype))
+                    normalizer=self.normalizer, with_state=self.with_state, dtype=jnp.dtype(self.dtype))
     return x, (jnp.asarray(SEGMENTS[:, :self.t]) if self.segments else None)
 
 

@@ -129,6 +129,7 @@ def test_model_prefill_in_pieces_equals_at_once():
     assert rel_err(a, b) < 2e-5
 
 
+@pytest.mark.slow  # the hybrid model's test (tests/test_hybrid_cache.py) runs the same with GSA layers in the default
 def test_generate_continues_from_its_caches():
   """A second turn from the first turn's caches generates what the whole conversation prefilled at once does;
   a row stopped by eos keeps the cache of its tokens up to the eos (not of the padding fed after it)."""
@@ -169,3 +170,22 @@ def test_step_of_one_row_equals_that_row_in_a_batch():
   assert rel_err(logits_one, logits_all[1:2]) < 1e-5
   for got, want in zip(jax.tree.leaves(caches_one), jax.tree.leaves(caches_all)):
     assert rel_err(got, want[1:2] if want.ndim else want) < 1e-5
+
+
+def test_steps_from_an_empty_cache_equal_the_sequence_form_at_odd_widths():
+  """Token by token from `init_cache` (no prefill), widths that are not powers of two (3 heads of key width 6 and
+  value width 12, 5 slots, hidden 24), short convolution and RoPE, strong gates: every step's output equals the
+  sequence form's, and the last cache its final state."""
+  m = GatedSlotAttention(24, num_heads=3, num_slots=5, expand_k=0.75, expand_v=1.5, use_short_conv=True,
+                         use_rope=True, gate_logit_normalizer=0.5, chunk_size=4, rngs=nnx.Rngs(1))
+  x = jax.random.normal(jax.random.key(2), (2, 11, 24))
+  y_full, cache_full = m.prefill(x)
+  step = jax.jit(lambda x_t, c: m.step(x_t, c))
+  cache, ys = m.init_cache(2), []
+  for t in range(x.shape[1]):
+    y_t, cache = step(x[:, t], cache)
+    ys.append(y_t)
+  assert rel_err(jnp.stack(ys, axis=1), y_full) < 2e-5
+  for a, b in zip(jax.tree.leaves((cache.state, cache.conv)), jax.tree.leaves((cache_full.state, cache_full.conv))):
+    assert rel_err(a, b) < 2e-5
+  np.testing.assert_array_equal(cache.pos, cache_full.pos)

@@ -174,6 +174,7 @@ def test_tables_order_models_and_leave_out_cells_never_planned():
                                                          ["| nogate:16", "64"]]
 
 
+@pytest.mark.slow
 def test_workers_run_the_shards_as_processes_and_merge_them(tmp_path, capsys):
   args = ["--out", str(tmp_path), "--models", "gsa:4,attention", "--seq-lens", "16", "--kv-pairs", "2",
           "--widths", "16", "--steps", "2", "--warmup-steps", "1", "--batch-size", "2", "--eval-batches", "1",

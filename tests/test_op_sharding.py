@@ -41,7 +41,8 @@ def test_references_under_every_mesh_every_layout():
 
 
 def test_kernels_under_every_mesh():
-  check(run_cases(1, "pallas_gpu", "pallas_tpu"), ("pallas_gpu", "pallas_tpu"), 1)
+  # The TPU kernels go through the same wrapper: the slow test below runs them (and every layout).
+  check(run_cases(1, "pallas_gpu"), ("pallas_gpu",), 1)
 
 
 @pytest.mark.slow

@@ -101,9 +101,10 @@ def test_extreme_gates_are_exact_and_finite(x64, gate, with_state):
 
 
 SEGMENTS = np.array([
-    # A length-1 document, padding inside and at the end, documents crossing chunk borders.
+    # A length-1 document, padding first (the first document still starts from the initial state), inside and at
+    # the end, documents crossing chunk borders.
     [1] * 13 + [2] + [3] * 30 + [0] * 3 + [3] * 5 + [4] * 20 + [0] * 8,
-    [7] + [0] * 4 + [7] * 40 + [8] * 20 + [9] * 15,
+    [0] * 3 + [7] + [0] * 4 + [7] * 37 + [8] * 20 + [9] * 15,
 ], np.int32)
 
 

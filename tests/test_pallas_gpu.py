@@ -29,8 +29,9 @@ from tests.gsa_testing import (KERNEL_TOL, CompiledKernelTests, KernelCase, Publ
 
 ON_GPU = jax.default_backend() == "gpu"
 
-# t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments. Together they cover T in {1, 63, 64, 65, 130},
-# widths that are not powers of two, GQA, initial state on/off, packed documents, extreme gates, f32, bf16 and f16.
+# t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments[, normalizer]. Together they cover T in {1, 63, 64,
+# 65, 130}, widths that are not powers of two, GQA with one and two kv heads, initial state on/off, packed documents
+# (padding first, inside and last), extreme gates, strong gates (normalizer 0.1), f32, bf16 and f16.
 CASES = {name: KernelCase(*fields) for name, fields in {
     "t1": (1, 16, 16, 16, 1, 1, 64, "logsigmoid", False, "float32", False),
     "t63_gqa_state": (63, 20, 36, 12, 2, 1, 64, "logsigmoid", True, "float32", False),
@@ -39,8 +40,8 @@ CASES = {name: KernelCase(*fields) for name, fields in {
     "t130_bf16_gqa_state": (130, 32, 48, 16, 2, 1, 64, "logsigmoid", True, "bfloat16", False),
     "t70_f16_gqa_state_segments": (70, 20, 36, 12, 2, 1, 32, "logsigmoid", True, "float16", True),
     "segments_gqa_state": (96, 20, 12, 12, 2, 1, 32, "logsigmoid", True, "float32", True),
-    "segments_bf16": (96, 16, 16, 16, 1, 1, 16, "logsigmoid", False, "bfloat16", True),
-    "gates_mixed": (70, 16, 12, 10, 2, 1, 32, "mixed", True, "float32", False),
+    "segments_bf16_strong_gates": (96, 16, 16, 16, 1, 1, 16, "logsigmoid", False, "bfloat16", True, 0.1),
+    "gates_mixed_gqa2": (70, 16, 12, 10, 4, 2, 32, "mixed", True, "float32", False),
     "gates_zero": (40, 16, 12, 10, 1, 1, 16, "zero", True, "float32", False),
     "gates_very_negative": (40, 16, 12, 10, 1, 1, 16, "very_negative", True, "float32", False),
     # Several chunks and several feature blocks per program, widths padded to non-powers of two (192, 128).

@@ -25,17 +25,18 @@ from pallas_kernels.gsa_tpu import BlockSizes, gsa_pallas_tpu
 from tests.gsa_testing import (KERNEL_TOL, CompiledKernelTests, KernelCase, PublicAPIBackendTests,
                                assert_matches_references, marked_slow, run_case)
 
-# t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments. Together they cover T in {1, 33, 63, 64, 65, 130},
-# widths that are not powers of two (padded to 128 lanes), GQA, initial state on/off, packed documents, g = 0,
-# g = -1e3 and both side by side, float32 and bfloat16, one and several chunks and sub-chunks.
+# t, dk, dv, m, hq, h, chunk, gate, with_state, dtype, segments[, normalizer]. Together they cover T in {1, 33, 63,
+# 64, 65, 130}, widths that are not powers of two (padded to 128 lanes), GQA with one and two kv heads, initial state
+# on/off, packed documents (padding first, inside and last), g = 0, g = -1e3 and both side by side, strong gates
+# (normalizer 0.1), float32 and bfloat16, one and several chunks and sub-chunks.
 CASES = {name: KernelCase(*fields) for name, fields in {
     "t1": (1, 16, 16, 16, 1, 1, 64, "logsigmoid", False, "float32", False),
     "t63_gqa_state": (63, 20, 36, 12, 2, 1, 32, "logsigmoid", True, "float32", False),
     "t64_bf16_state": (64, 36, 20, 12, 1, 1, 32, "logsigmoid", True, "bfloat16", False),
     "t65_gqa2_state": (65, 20, 20, 24, 4, 2, 64, "logsigmoid", True, "float32", False),
     "segments_gqa_state": (96, 20, 12, 12, 2, 1, 32, "logsigmoid", True, "float32", True),
-    "segments_bf16": (96, 16, 16, 16, 1, 1, 16, "logsigmoid", False, "bfloat16", True),
-    "gates_mixed": (33, 16, 12, 10, 2, 1, 32, "mixed", True, "float32", False),
+    "segments_bf16_strong_gates": (96, 16, 16, 16, 1, 1, 16, "logsigmoid", False, "bfloat16", True, 0.1),
+    "gates_mixed_gqa2": (33, 16, 12, 10, 4, 2, 32, "mixed", True, "float32", False),
     "gates_zero": (40, 16, 12, 10, 1, 1, 16, "zero", True, "float32", False),
     "gates_very_negative": (40, 16, 12, 10, 1, 1, 16, "very_negative", True, "float32", False),
     "t130_bf16_gqa_state": (130, 32, 48, 16, 2, 1, 64, "logsigmoid", True, "bfloat16", False),

@@ -304,19 +304,27 @@ def test_bad_data_fails_early_and_writes_nothing(tmp_path, args, message):
 
 # ---- numerics ------------------------------------------------------------------------------------------------------
 
-def _op_value_and_grads(backend, dtype, q, k, v, s, g, **kw):
-  """o, the final state and the gradients of sum(o) + sum(hk) + sum(hv) w.r.t. q, k, v, s, g (inputs cast to
-  dtype; the float64 recurrence is the reference)."""
-  def loss(q, k, v, s, g):
-    o, final = gated_slot_attention(q, k, v, s, g, output_final_state=True, backend=backend, **kw)
-    return jnp.sum(o.astype(jnp.float32 if dtype != jnp.float64 else dtype)) + jnp.sum(final.hk) + jnp.sum(final.hv), \
-        (o, final.hk, final.hv)
+def _op_value_and_grads(backend, dtype, q, k, v, s, g, *, cotangent=None, initial_state=None, **kw):
+  """o, the final state and the gradients of sum(o * cotangent) + sum(hk) + sum(hv) w.r.t. q, k, v, s, g and the
+  initial state when given (inputs cast to dtype, the state in float32 or float64; cotangent None: all ones)."""
+  state_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+  def loss(q, k, v, s, g, state):
+    o, final = gated_slot_attention(q, k, v, s, g, initial_state=state, output_final_state=True, backend=backend,
+                                    **kw)
+    o = o.astype(state_dtype)
+    weighted = o if cotangent is None else o * jnp.asarray(cotangent, state_dtype)
+    return jnp.sum(weighted) + jnp.sum(final.hk) + jnp.sum(final.hv), (o, final.hk, final.hv)
 
   with jax.enable_x64(dtype == jnp.float64):
-    (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
-        *(jnp.asarray(x, dtype) for x in (q, k, v, s, g)))
-    return {name: np.asarray(x, np.float64) for name, x in
-            zip(("o", "hk", "hv", "dq", "dk", "dv", "ds", "dg"), (*outs, *grads))}
+    state = None if initial_state is None else tuple(jnp.asarray(x, state_dtype) for x in initial_state)
+    (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))(
+        *(jnp.asarray(x, dtype) for x in (q, k, v, s, g)), state)
+    names = ("o", "hk", "hv", "dq", "dk", "dv", "ds", "dg")
+    values = dict(zip(names, (*outs, *grads[:5])))
+    if state is not None:
+      values["dhk0"], values["dhv0"] = grads[5]
+    return {name: np.asarray(x, np.float64) for name, x in values.items()}
 
 
 @pytest.mark.parametrize("backend", ["chunked", "recurrent"])
@@ -340,10 +348,12 @@ def test_op_at_65536_tokens_with_extreme_gates_matches_float64(backend):
 
 
 def test_op_fuzz_matches_float64():
-  """Seeded random shapes, scales and gates in [-1e3, 0], packed segments, float32 and bfloat16, forward and
-  backward: both backends finite and equal to the float64 recurrence on the same (rounded) inputs. Tolerance:
-  float32 rounding of slot logits of size ~scale^2 is amplified by the softmax, so 1e-5 * scale^2 (at least 1e-5);
-  bfloat16 outputs and gradients are rounded to 8 bits, so 1.5e-2."""
+  """Seeded random shapes, scales and gates in [-1e3, 0], packed segments (padding included), initial states, a
+  random cotangent, float32 and bfloat16, forward and backward: both backends finite and close to the float64
+  recurrence on the same (rounded) inputs, and the chunked form no further from it than the step-by-step recurrence
+  run in the same precision (2x its error + 1e-6): a formulation error cannot hide under the rounding of large
+  inputs. Outer bars: float32 rounding of slot logits of size ~scale^2 is amplified by the softmax, so 1e-5 *
+  scale^2 (at least 1e-5); bfloat16 outputs and gradients are rounded to 8 bits, so 1.5e-2."""
   rng = np.random.default_rng(0)
   for _ in range(8):
     b, t, h, grp = int(rng.integers(1, 3)), int(rng.integers(1, 90)), int(rng.integers(1, 3)), int(rng.integers(1, 3))
@@ -356,15 +366,22 @@ def test_op_fuzz_matches_float64():
     x["g"] = np.asarray(jnp.asarray(g, dtype), np.float64)
     x["s"] = np.asarray(jnp.asarray(rng.uniform(0, 1, (b, t, h, m)), dtype), np.float64)
     ids = jnp.asarray(np.sort(rng.integers(0, 4, (b, t)), axis=1), jnp.int32)
+    kw = {"segment_ids": ids, "cotangent": rng.standard_normal((b, t, h * grp, dv)),
+          "initial_state": (rng.standard_normal((b, h, dk, m)), rng.standard_normal((b, h, m, dv)))}
     args = [x[n] for n in "qkvsg"]
-    ref = _op_value_and_grads("recurrent", jnp.float64, *args, segment_ids=ids)
+    ref = _op_value_and_grads("recurrent", jnp.float64, *args, **kw)
     tol = 1.5e-2 if dtype == jnp.bfloat16 else 1e-5 * max(1.0, scale) ** 2
-    for backend in ("chunked", "recurrent"):
-      got = _op_value_and_grads(backend, dtype, *args, segment_ids=ids, chunk_size=16)
+    errors = {}
+    for backend in ("recurrent", "chunked"):
+      got = _op_value_and_grads(backend, dtype, *args, chunk_size=16, **kw)
+      assert set(got) == set(ref)
       for name, value in got.items():
         case = (backend, name, b, t, h, grp, dk, dv, m, jnp.dtype(dtype).name, scale)
         assert np.isfinite(value).all(), case
-        assert rel_err(value, ref[name]) <= tol, (rel_err(value, ref[name]), tol, case)
+        errors[backend, name] = rel_err(value, ref[name])
+        assert errors[backend, name] <= tol, (errors[backend, name], tol, case)
+    for name in ref:
+      assert errors["chunked", name] <= 2 * errors["recurrent", name] + 1e-6, (name, errors, case)
 
 
 def test_model_is_finite_in_bfloat16_with_large_activations():
