@@ -6,7 +6,8 @@
 
 Restarting the same command resumes from the run's latest checkpoint. Exit codes: 0 done (or nothing to do: the
 run is already at train.steps); 2 bad config, data, workdir or command line (nothing was written); 3 stopped on
-non-finite loss/gradients (see config.train.nonfinite); 143 saved and stopped on SIGTERM.
+non-finite loss/gradients (see config.train.nonfinite); 4 the run has checkpoints and none can be restored (nothing
+deleted); 143 saved and stopped on SIGTERM; 130 saved and stopped on Ctrl-C (a second Ctrl-C stops at once).
 
 The console shows this program's lines and every warning, one line each; all log records, libraries' INFO (orbax,
 jax) and tracebacks of handled faults included, go to WORKDIR/train.log.
@@ -104,7 +105,8 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; config values are set with --config.KEY=VALUE.")
   _configure_logging()
-  from gsa_jax.train import EXIT_NONFINITE, EXIT_SIGTERM, ConfigError, NonFiniteError, Preempted, train_and_evaluate
+  from gsa_jax.run_dir import CheckpointRestoreError
+  from gsa_jax.train import EXIT_NO_CHECKPOINT, EXIT_NONFINITE, ConfigError, NonFiniteError, Preempted, train_and_evaluate
 
   try:
     train_and_evaluate(_CONFIG.value)
@@ -113,8 +115,12 @@ def main(argv):
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_NONFINITE)
-  except Preempted:
-    sys.exit(EXIT_SIGTERM)
+  except Preempted as e:
+    sys.exit(e.exit_code)
+  except CheckpointRestoreError as e:
+    print(f"error: {e} (details in the run's train.log). Nothing was deleted or moved: repair the run, or start it "
+          "anew in another --config.workdir.", file=sys.stderr)
+    sys.exit(EXIT_NO_CHECKPOINT)
 
 
 if __name__ == "__main__":

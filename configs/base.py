@@ -38,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   # directory resumes from the latest complete checkpoint.
   c.workdir = "runs/default"
   # Start over in a workdir that holds a run with a different config (its checkpoints are deleted). Without it,
-  # such a start is refused and the message names the differing keys.
+  # such a start is refused and the message names the differing keys. A run of the same config always resumes,
+  # overwrite or not (a requeued job that reruns its command must not delete itself).
   c.overwrite = False
 
   # model.attn_implementation: how attention layers attend ("auto" picks the platform's fused kernel; "xla" is the
@@ -101,5 +102,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_minutes = 0.0
   c.checkpoint.keep = 3  # keep the newest N checkpoints
   c.checkpoint.async_save = True  # write in the background while training continues
-  c.checkpoint.save_on_sigterm = True  # on SIGTERM (preemption) save the current step, then exit with code 143
+  # On SIGTERM (preemption) save the current step, then exit with code 143; on Ctrl-C the same with code 130.
+  c.checkpoint.save_on_sigterm = True
   return c

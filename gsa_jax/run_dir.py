@@ -206,6 +206,10 @@ def save_policy(every_steps: int, last_step: int | None = None, every_minutes: f
   return ocp.checkpoint_managers.AnySavePolicy(policies)
 
 
+class CheckpointRestoreError(RuntimeError):
+  """A run has checkpoints and none of them loads (each failure was logged with its traceback)."""
+
+
 class Checkpointer:
   """Saves and restores {train state, data iterator} under `directory`/<step>.
 
@@ -254,7 +258,7 @@ class Checkpointer:
     abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding` set, so that a checkpoint written on any
     device count loads onto this run's mesh (or an abstract `nnx.State`, from `nnx.eval_shape`). The data
     iterator's state is set in place; None restores the state alone.
-    Returns (step, state), or None when there is no checkpoint. Raises RuntimeError if checkpoints exist but none
+    Returns (step, state), or None when there is no checkpoint. Raises CheckpointRestoreError if checkpoints exist but none
     loads: starting from scratch silently would lose the run.
     """
     failures = []
@@ -276,7 +280,8 @@ class Checkpointer:
       self._set_aside([s for s, _ in failures])
       return step, restored[STATE]
     if failures:
-      raise RuntimeError("no checkpoint could be restored: " + "; ".join(f"step {s}: {r}" for s, r in failures))
+      raise CheckpointRestoreError("no checkpoint could be restored: "
+                                   + "; ".join(f"step {s}: {r}" for s, r in failures))
     return None
 
   def _set_aside(self, steps: list[int]) -> None:

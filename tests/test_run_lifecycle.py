@@ -211,6 +211,50 @@ def test_console_shows_our_lines_and_one_line_per_handled_fault(tmp_path):
   assert "Traceback" in (workdir / "train.log").read_text()  # the details are in the log file
 
 
+NO_CHECKPOINT_SCRIPT = """
+import sys
+sys.argv = ["train.py"]
+import train
+import gsa_jax.train
+from gsa_jax.run_dir import CheckpointRestoreError
+
+def fail(config):
+  raise CheckpointRestoreError("no checkpoint could be restored: step 8: ValueError: bad; step 4: OSError: gone")
+
+gsa_jax.train.train_and_evaluate = fail
+train.parse_flags(["train.py"])
+try:
+  train.main(["train.py"])
+except SystemExit as e:
+  print("EXIT", e.code)
+"""
+
+
+def test_train_py_says_in_one_line_that_no_checkpoint_loads():
+  result = subprocess.run([sys.executable, "-c", NO_CHECKPOINT_SCRIPT], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+  assert "EXIT 4" in result.stdout, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: no checkpoint could be restored: step 8"), result.stderr
+  assert "Nothing was deleted or moved" in lines[0]
+
+
+def test_settings_of_memory_and_speed_only_resume():
+  # Raising accumulation after running out of memory is the usual fix: it must not need a new run.
+  from configs import lm_tiny  # pylint: disable=import-outside-toplevel
+  from gsa_jax.train.config import differing_keys, to_json  # pylint: disable=import-outside-toplevel
+
+  now = lm_tiny.get_config()
+  saved = json.loads(to_json(now))
+  now.train.grad_accum_steps = 2
+  now.data.read_threads = 5
+  now.data.prefetch_buffer_size = 7
+  now.model.attn_implementation = "xla"
+  assert differing_keys(saved, now) == []
+  now.train.batch_size *= 2  # the data the run sees: not resumable
+  assert differing_keys(saved, now) == ["train.batch_size"]
+
+
 def test_a_run_of_an_older_lm_tiny_still_matches_its_config():
   # Before this change lm_tiny pinned data.format="txt" and data.decode_errors did not exist.
   from configs import lm_tiny  # pylint: disable=import-outside-toplevel

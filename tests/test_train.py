@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -98,6 +99,37 @@ def test_workdir_with_a_different_run_is_refused_then_overwritten(tmp_path):
   assert json.load(open(tmp_path / "run" / "config.json"))["model"]["num_slots"] == 4
 
 
+def test_overwrite_resumes_a_run_of_the_same_config(tmp_path, caplog):
+  """A requeued job reruns its command, overwrite=True included: the same config resumes, it is not deleted."""
+  config = tiny_config(tmp_path / "run", train__steps=2)
+  config.overwrite = True
+  config.optim.warmup_steps = 1  # so that the cosine part, which train.steps stretches, is reached
+  train_and_evaluate(config)
+  first = json.load(open(tmp_path / "run" / "config.json"))
+  config.train.steps = 4  # a resumable change
+  with caplog.at_level(logging.INFO):
+    train_and_evaluate(config)
+  assert "holds a run of this same config, so it resumes" in caplog.text and "resumed from step 2" in caplog.text
+  assert re.search(r"train.steps changed from 2 to 4: .* at the resumed step 2 the learning rate goes from \S+ to "
+                   r"\S+\.", caplog.text), caplog.text
+  steps = [row["step"] for row in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in row]
+  assert steps[:2] == [1, 2] and steps[-1] == 4 and len(set(steps)) == len(steps)  # steps 1-2 kept, 3-4 added
+  assert first["train"]["steps"] == 2
+
+
+def test_overwrite_with_a_missing_init_from_keeps_the_old_run(tmp_path):
+  config = tiny_config(tmp_path / "run", train__steps=2)
+  train_and_evaluate(config)
+  before = sorted(os.listdir(tmp_path / "run"))
+  other = tiny_config(tmp_path / "run", train__steps=2)
+  other.model.num_slots = 4
+  other.overwrite = True
+  other.train.init_from = str(tmp_path / "nope")
+  with pytest.raises(ConfigError, match="train.init_from"):
+    train_and_evaluate(other)
+  assert sorted(os.listdir(tmp_path / "run")) == before
+
+
 def test_validate_config_names_model_fields():
   c = mqar.get_config()
   c.model.feature_map = "gelu"
@@ -130,13 +162,13 @@ def test_smoke_train_loss_falls_and_run_dir_is_complete(tmp_path):
     assert os.path.getsize(path) > 1000
 
 
-def _preempt_after(workdir, rows: int):
-  """Sends SIGTERM to this process once metrics.jsonl has `rows` rows (as a preemption would)."""
+def _preempt_after(workdir, rows: int, signum=signal.SIGTERM):
+  """Sends `signum` to this process once metrics.jsonl has `rows` rows (as a preemption, or Ctrl-C, would)."""
 
   def watch():
     while len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) < rows:
       time.sleep(0.01)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signum)
 
   thread = threading.Thread(target=watch, daemon=True)
   thread.start()
@@ -159,6 +191,53 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
   step_b, state_b = final_state(interrupted.workdir)
   assert step_a == step_b == 12
   jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+
+
+def test_ctrl_c_saves_the_step_and_stops_with_130(tmp_path, capsys):
+  """Ctrl-C (SIGINT) saves as SIGTERM does, between two checkpoints of the cadence, and says so; the handler is
+  Python's again afterwards (a second Ctrl-C would stop at once)."""
+  config = tiny_config(tmp_path / "run")
+  config.checkpoint.every_steps = 100
+  _preempt_after(config.workdir, 5, signal.SIGINT)
+  with pytest.raises(Preempted) as stopped:
+    train_and_evaluate(config)
+  assert stopped.value.exit_code == 130
+  step = final_state(config.workdir)[0]
+  assert 5 <= step < 12 and f"Ctrl-C: saved step {step}; exiting with code 130." in capsys.readouterr().out
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+ACCUMULATION_ON_4_DEVICES = """
+import json, os, re, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+from configs import mqar
+from gsa_jax.train.config import check_mesh, validate_config
+from gsa_jax.train.trainer import TrainRun
+rows = {}
+for accum in (1, 2):
+  c = mqar.get_config()
+  c.train.batch_size, c.train.grad_accum_steps, c.mesh.data = 32, accum, 4
+  run = TrainRun(c, validate_config(c, check_data=False), check_mesh(c, 4, 1))
+  step = run.train_step.lower(run.abstract_state, run.abstract_batch()).compile()
+  text = step.as_text()
+  rows[accum] = {"flops": step.cost_analysis()["flops"],
+                 "moves": sum(len(re.findall(rf"= [^\\n]*? {op}(?:-start)?\\(", text))
+                              for op in ("all-gather", "collective-permute", "all-to-all"))}
+print("RESULT", json.dumps(rows))
+"""
+
+
+def test_gradient_accumulation_splits_every_micro_batch_over_the_data_devices():
+  """On a data-parallel mesh of 4 (fake) devices, accumulating over 2 micro-batches compiles a loop body of half
+  the step's FLOPs (XLA counts a loop body once) and moves no batch data between devices; a plain reshape into
+  blocks had each device compute the whole batch's worth, with gathers."""
+  result = subprocess.run([sys.executable, "-c", ACCUMULATION_ON_4_DEVICES], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(result.stdout.split("RESULT")[-1])
+  assert rows["2"]["moves"] == 0, rows
+  assert rows["2"]["flops"] < 0.6 * rows["1"]["flops"], rows
 
 
 @pytest.mark.parametrize("accum", [2])

@@ -26,6 +26,8 @@ RESUMABLE_PREFIXES = (
     "model.scan_layers", "model.kernel_block_sizes",
     "train.init_from",  # read only when a run starts from step 0
     "data.decode_errors",  # the same documents for UTF-8 text (runs older than the key read with "replace")
+    # Memory and speed only: the same global batches, the same function (accumulation sums the same rows).
+    "train.grad_accum_steps", "data.read_threads", "data.prefetch_buffer_size", "model.attn_implementation",
 )
 
 
@@ -72,7 +74,9 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
 
   model = model_config(config)
   if t.init_from:
-    if not run_dir_lib.checkpoint_steps(config.workdir):  # a resumed run never reads it (its source may be gone)
+    # A resumed run never reads it (its source may be gone); one that overwrites a different run does, and must
+    # not delete that run before finding it missing.
+    if config.overwrite or not run_dir_lib.checkpoint_steps(config.workdir):
       check_init_from(t.init_from, model)
   if not check_data:
     return model

@@ -31,6 +31,8 @@ _log = logging.getLogger(__name__)
 
 EXIT_NONFINITE = 3  # the run stopped on non-finite values (train.nonfinite)
 EXIT_SIGTERM = 143  # the run saved and stopped on SIGTERM (128 + 15, as a shell reports it)
+EXIT_SIGINT = 130  # the run saved and stopped on Ctrl-C (SIGINT: 128 + 2)
+EXIT_NO_CHECKPOINT = 4  # the run has checkpoints and none loads (nothing deleted or moved; see train.log)
 
 
 class NonFiniteError(RuntimeError):
@@ -38,7 +40,11 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(Exception):
-  pass
+  """The run saved its step and stopped on a signal: `exit_code` is EXIT_SIGTERM or EXIT_SIGINT."""
+
+  def __init__(self, step: int, exit_code: int = EXIT_SIGTERM):
+    super().__init__(step)
+    self.step, self.exit_code = step, exit_code
 
 
 def maybe_initialize_distributed() -> None:
@@ -85,10 +91,16 @@ def _workdir_start_over(config: ml_collections.ConfigDict) -> bool:
                         "--config.overwrite=True to delete that run.") from None
     keys = differing_keys(saved, config)
     if keys and not config.overwrite:
+      unsaved = "" if run_dir_lib.checkpoint_steps(workdir) else (
+          " It saved no checkpoint, so only its logs would be lost.")
       raise ConfigError(
-          f"workdir {workdir!r} holds a run with a different config ({describe_differences(saved, config, keys)}). "
-          "Use another --config.workdir, or --config.overwrite=True to delete that run and start over.")
-    return bool(config.overwrite)
+          f"workdir {workdir!r} holds a run with a different config ({describe_differences(saved, config, keys)})."
+          f"{unsaved} Use another --config.workdir, or --config.overwrite=True to delete that run and start over.")
+    if not keys and config.overwrite and jax.process_index() == 0:
+      # A requeued job reruns its command: overwrite must not delete the run it is meant to continue.
+      _log.warning("config.overwrite=True: %s holds a run of this same config, so it resumes (overwrite deletes "
+                   "only a different run; delete the directory to start this one over).", workdir)
+    return bool(keys)
   if os.path.isdir(workdir) and os.listdir(workdir):
     if not config.overwrite:
       raise ConfigError(f"workdir {workdir!r} is not empty and holds no config.json (not a run of this trainer). "
@@ -117,10 +129,34 @@ def past_end_step(config: ml_collections.ConfigDict) -> int | None:
 
   None when there is no such run, or when the workdir will be overwritten.
   """
-  if config.overwrite or not os.path.exists(run_dir_lib.config_path(config.workdir)):
+  if not os.path.exists(run_dir_lib.config_path(config.workdir)):
     return None
+  if config.overwrite:  # a different run is deleted; the same one resumes (`_workdir_start_over`)
+    try:
+      if differing_keys(run_dir_lib.read_config(config.workdir).to_dict(), config):
+        return None
+    except (OSError, ValueError):
+      return None
   steps = run_dir_lib.checkpoint_steps(config.workdir)
   return steps[-1] if steps and steps[-1] >= config.train.steps else None
+
+
+def _warn_of_a_stretched_schedule(config: ml_collections.ConfigDict) -> None:
+  """A resumed run whose train.steps changed gets a cosine schedule of the new length (the learning rate jumps at
+  the resumed step): one warning with both rates, so that the jump is a choice, not a surprise."""
+  if not os.path.exists(run_dir_lib.config_path(config.workdir)) or jax.process_index() != 0:
+    return
+  steps = run_dir_lib.checkpoint_steps(config.workdir)
+  saved = run_dir_lib.read_config(config.workdir)
+  if not steps or saved.train.steps == config.train.steps:
+    return
+  at = steps[-1]
+  before = float(learning_rate_schedule(saved.optim, saved.train.steps)(at))
+  after = float(learning_rate_schedule(config.optim, config.train.steps)(at))
+  if not np.isclose(before, after, rtol=1e-3, atol=0.0):
+    _log.warning("train.steps changed from %d to %d: the learning-rate schedule (warm-up + cosine over train.steps) "
+                 "is stretched, so at the resumed step %d the learning rate goes from %.3g to %.3g.",
+                 saved.train.steps, config.train.steps, at, before, after)
 
 
 def _barrier(name: str) -> None:
@@ -181,7 +217,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, grad_a
 
   def train_step(state, batch):
     params = state["params"]
-    micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+    # Micro-batch i holds rows i, i + A, i + 2A, ... (A = grad_accum_steps): each device's contiguous rows of the
+    # batch then hold its share of every micro-batch, so nothing moves, and every micro-batch is split over all the
+    # batch devices (a plain reshape into A blocks let XLA split the accumulation axis over devices instead, and
+    # each device computed the whole batch's worth of work, with gathers). Gradients are sums: any split is exact.
+    micro = jax.tree.map(lambda x: constrain(jnp.swapaxes(x.reshape(-1, grad_accum_steps, *x.shape[1:]), 0, 1),
+                                             (None, "batch", "length")), batch)
 
     def accumulate(carry, mb):
       (total, (count, correct)), grads = grad_fn(params, mb)
@@ -351,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   Raises ConfigError for a config, data or workdir that cannot work, before anything is written: the data
   pipeline has built a first batch of each split and the train step has compiled before an old run is deleted
   (config.overwrite) or config.json is written. Raises NonFiniteError when the non-finite policy stops the run
-  (checkpoints are intact), and Preempted after saving on SIGTERM. A run already at or past train.steps is left
+  (checkpoints are intact), and Preempted after saving on SIGTERM or Ctrl-C. A run already at or past train.steps is left
   as it is (its config.json included), with one line saying so.
   """
   model_cfg = validate_config(config)
@@ -382,6 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   say(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s"
       + (f"; per device: {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
          f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments" if memory is not None else ""))
+  if not start_over:
+    _warn_of_a_stretched_schedule(config)
   prepare_workdir(config, start_over)
   with _log_file(os.path.join(config.workdir, "train.log")):
     return _train(config, run, train_it, train_step, say)
@@ -426,10 +469,16 @@ def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_ste
   tokens_per_step = t.batch_size * t.seq_len
   peak = peak_flops(jax.devices()[0].device_kind)
   flops_per_token = model_flops_per_token(model_cfg, t.seq_len)
-  preempted = []
-  previous_handler = None
+  preempted = []  # the signals received: the run saves the step it is in, then stops
+  previous_handlers = {}
+
+  def on_sigint(*_):
+    preempted.append(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once, without saving
+
   if config.checkpoint.save_on_sigterm:
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda *_: preempted.append(signal.SIGTERM))
+    previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
 
   timer = {"start": time.perf_counter(), "steps": 0}
   last_row: dict[str, Any] = {}
@@ -474,15 +523,16 @@ def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_ste
       if preempted:
         report(*pending)
         ckpt.wait()
-        say(f"SIGTERM: saved step {step}; exiting with code {EXIT_SIGTERM}.", flush=True)
-        raise Preempted(step)
+        name, code = ("SIGTERM", EXIT_SIGTERM) if preempted[0] == signal.SIGTERM else ("Ctrl-C", EXIT_SIGINT)
+        say(f"{name}: saved step {step}; exiting with code {code}.", flush=True)
+        raise Preempted(step, code)
     if pending is not None:
       report(*pending)
   finally:
     ckpt.close()
     writer.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    for signum, handler in previous_handlers.items():
+      signal.signal(signum, handler)
   return last_row
 
 
