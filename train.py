@@ -71,17 +71,30 @@ def _configure_logging() -> None:
   root.addHandler(console)
 
 
+def _one_line(text: str) -> str:
+  """A multi-line loader message (ml_collections appends the traceback or the paths it tried) as its first and
+  last lines: what failed and why."""
+  lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+  return lines[0] if len(lines) < 2 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+
+
 def _config_error(e: Exception, argv) -> None:
   """One line for an unknown key, a wrong type or a config file that does not load; exit code 2."""
   if isinstance(e, flags.Error):
-    _fail(str(e))
+    _fail(_one_line(str(e)))
+  cause = e.__cause__ if isinstance(e, OSError) and e.__cause__ is not None else None
+  if cause is not None and "earlier failure to load" in str(e):  # ml_collections defers a load error to first use
+    e = cause
   if isinstance(e, (AttributeError, KeyError)):  # ml_collections: an override of a key that does not exist
     text = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
     key = re.match(r"'?([\w.]+)'?", text)
     culprit = [a for a in argv if key and a.startswith("--config.") and key.group(1) in a.split("=")[0]]
     where = f" in {culprit[0].split('=')[0]}" if culprit else ""
     _fail(f"unknown config key{where}: {text}")
-  _fail(f"cannot load the config: {type(e).__name__}: {e}")
+  text = str(e).strip()
+  if text.startswith("Failed loading config file"):  # ml_collections names the flag's module, then the paths tried
+    _fail(f"cannot load the --config file: {text.splitlines()[-1].strip()}")
+  _fail(f"cannot load the config: {type(e).__name__}: {_one_line(text)}")
 
 
 _CONFIG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError, SyntaxError, ImportError)
@@ -104,12 +117,17 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; config values are set with --config.KEY=VALUE.")
+  try:
+    config = _CONFIG.value
+    config.workdir  # pylint: disable=pointless-statement  # a config file that failed to load raises here
+  except _CONFIG_ERRORS as e:
+    _config_error(e, argv)
   _configure_logging()
   from gsa_jax.run_dir import CheckpointRestoreError
   from gsa_jax.train import EXIT_NO_CHECKPOINT, EXIT_NONFINITE, ConfigError, NonFiniteError, Preempted, train_and_evaluate
 
   try:
-    train_and_evaluate(_CONFIG.value)
+    train_and_evaluate(config)
   except ConfigError as e:
     _fail(str(e))
   except NonFiniteError as e:

@@ -67,7 +67,8 @@ def run_train_py(*args, env=None, timeout=300):
     (["--config.train.stepz=3"], 'unknown config key in --config.train.stepz.*Did you mean "steps"'),
     (["--config.optim.learnig_rate=1e-3"], 'Did you mean "learning_rate"'),
     (["--config.train.steps=2.5"], "--config.train.steps=2.5"),
-    (["--config=configs/no_such_config.py"], "no_such_config.py"),
+    (["--config=configs/no_such_config.py"], r"cannot load the --config file: \[Errno 2\] .*no_such_config.py"),
+    (["--config=configs/code_lm.py:foo"], r"layout 'foo' is unknown; expected one of"),
     (["--config.model.num_heads=3"], r"config.model.hidden_size: 128 is not divisible by num_heads=3"),
     (["--config.mesh.data=3"], r"config.mesh: data x fsdp x sequence x tensor = 3 but there are 1 devices"),
     (["--config.train.batch_size=63", "--config.train.grad_accum_steps=2"],
@@ -83,8 +84,16 @@ def test_bad_config_fails_early_and_writes_nothing(tmp_path, args, message):
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or "FATAL" in line]
   assert lines, result.stderr[-2000:]
   assert re.search(message, result.stderr), result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
+  assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
   assert not workdir.exists()
+
+
+def test_a_config_file_that_does_not_load_is_one_line_without_overrides():
+  # ml_collections defers the error to the config's first use when no --config.KEY override touches it first.
+  result = run_train_py("--config=configs/no_such_config.py")
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      "error: cannot load the --config file: [Errno 2] No such file or directory: 'configs/no_such_config.py'"], \
+      result.stderr[-2000:]
 
 
 def test_workdir_with_a_different_run_is_refused_then_overwritten(tmp_path):
