@@ -75,6 +75,7 @@ def run_train_py(*args, env=None, timeout=300):
      r"config.train.batch_size: 63 is not divisible by train.grad_accum_steps=2"),
     (["--config.model.vocab_size=10"], r"config.model.vocab_size: 10 is smaller than the data's vocabulary"),
     (["--config.train.nonfinite=ignore"], r"config.train.nonfinite: must be 'abort' or 'skip'"),
+    (["--config.train.seed=-1"], r"config.train.seed: must be an int >= 0; got -1"),
 ])
 def test_bad_config_fails_early_and_writes_nothing(tmp_path, args, message):
   workdir = tmp_path / "run"

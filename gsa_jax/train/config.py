@@ -54,6 +54,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   for key in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_batches",
               "max_nonfinite_in_a_row"):
     _require(t[key] > 0, f"train.{key}", f"must be positive; got {t[key]}.")
+  _require(t.seed >= 0, "train.seed", f"must be an int >= 0; got {t.seed}.")
   _require(t.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0 (0: all positions at once); got {t.loss_chunk}.")
   _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: evaluate at the end only); got {t.eval_every}.")
   _require(t.nonfinite in ("abort", "skip"), "train.nonfinite", f"must be 'abort' or 'skip'; got {t.nonfinite!r}.")
