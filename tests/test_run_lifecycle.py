@@ -288,13 +288,18 @@ print("done")
 """
 
 
-def test_exceptions_python_ignores_go_to_the_log_file_not_the_console(tmp_path):
-  # What orbax's dropped coroutines raise after a handled restore failure (intermittently: when they are collected).
-  script = UNRAISABLE_SCRIPT.replace("LOG", repr(str(tmp_path / "train.log")))
+def _run_with_train_logging(script: str, tmp_path):
+  """Runs `script` (train.py's logging set up, a file handler on LOG) in a fresh process: (stderr, the log)."""
+  script = script.replace("LOG", repr(str(tmp_path / "train.log")))
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert result.returncode == 0 and "done" in result.stdout, result.stderr[-2000:]
-  assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr, result.stderr
-  log = (tmp_path / "train.log").read_text()
+  return result.stderr, (tmp_path / "train.log").read_text()
+
+
+def test_exceptions_python_ignores_go_to_the_log_file_not_the_console(tmp_path):
+  # What orbax's dropped coroutines raise after a handled restore failure (intermittently: when they are collected).
+  stderr, log = _run_with_train_logging(UNRAISABLE_SCRIPT, tmp_path)
+  assert "Traceback" not in stderr and "Event loop is closed" not in stderr, stderr
   assert "exception ignored in" in log and "RuntimeError: Event loop is closed" in log and "Traceback" in log
 
 
@@ -319,10 +324,7 @@ print("done")
 def test_futures_dropped_after_a_handled_fault_go_to_the_log_file_not_the_console(tmp_path):
   # Orbax's gathered reads after a handled restore failure: asyncio logs "_GatheringFuture exception was never
   # retrieved" at ERROR when they are collected (CI saw two such lines on the console once).
-  script = NEVER_RETRIEVED_SCRIPT.replace("LOG", repr(str(tmp_path / "train.log")))
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
-  assert result.returncode == 0 and "done" in result.stdout, result.stderr[-2000:]
-  assert "never retrieved" not in result.stderr, result.stderr
-  assert "error: a real asyncio error" in result.stderr  # other asyncio errors still reach the console
-  log = (tmp_path / "train.log").read_text()
+  stderr, log = _run_with_train_logging(NEVER_RETRIEVED_SCRIPT, tmp_path)
+  assert "never retrieved" not in stderr, stderr
+  assert "error: a real asyncio error" in stderr  # other asyncio errors still reach the console
   assert "exception was never retrieved" in log and "Encountered error while reading" in log, log
