@@ -124,7 +124,8 @@ def main(argv):
     _config_error(e, argv)
   _configure_logging()
   from gsa_jax.run_dir import CheckpointRestoreError
-  from gsa_jax.train import EXIT_NO_CHECKPOINT, EXIT_NONFINITE, ConfigError, NonFiniteError, Preempted, train_and_evaluate
+  from gsa_jax.train import (EXIT_NO_CHECKPOINT, EXIT_NONFINITE, EXIT_SIGINT, ConfigError, NonFiniteError, Preempted,
+                             train_and_evaluate)
 
   try:
     train_and_evaluate(config)
@@ -135,6 +136,10 @@ def main(argv):
     sys.exit(EXIT_NONFINITE)
   except Preempted as e:
     sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # a second Ctrl-C: the step in progress was not saved
+    print("error: stopped by a second Ctrl-C without saving; restarting resumes from the last checkpoint.",
+          file=sys.stderr)
+    sys.exit(EXIT_SIGINT)
   except CheckpointRestoreError as e:
     print(f"error: {e} (details in the run's train.log). Nothing was deleted or moved: repair the run, or start it "
           "anew in another --config.workdir.", file=sys.stderr)

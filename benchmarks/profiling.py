@@ -16,7 +16,7 @@ import re
 # table, which chains FileLocations of FileNames: the call stack of the Python line that produced it).
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]*)"([^}]*)\}', re.M)
 _TABLE_ROW = re.compile(r'^(\d+) (\{[^}]*\}|"[^"]*")$', re.M)
-_PROJECT = ("gsa_jax/", "pallas_kernels/", "benchmarks/", "train.py")
+_PROJECT = ("gsa_jax/", "pallas_kernels/", "benchmarks/")
 
 
 def _tables(hlo_text: str) -> dict[str, dict[int, str]]:
@@ -71,8 +71,10 @@ def instruction_sources(hlo_text: str) -> dict[str, str]:
 def _short_path(path: str) -> str:
   """The path from the project's or a library's package root (gsa_jax/..., pallas_kernels/..., flax/...)."""
   parts = path.replace("\\", "/").split("/")
-  for i, part in enumerate(parts):
-    if part in ("gsa_jax", "pallas_kernels", "benchmarks", "flax", "optax", "jax") and i < len(parts) - 1:
+  # The last package root on the path: a checkout named gsa_jax that holds a virtual environment must not make
+  # site-packages/flax/... look like project code.
+  for i in range(len(parts) - 2, -1, -1):
+    if parts[i] in ("gsa_jax", "pallas_kernels", "benchmarks", "flax", "optax", "jax"):
       return "/".join(parts[i:])
   return "/".join(parts[-2:])
 

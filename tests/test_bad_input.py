@@ -239,6 +239,11 @@ def test_a_full_kv_cache_refuses_another_token_and_is_nan_under_jit():
   graphdef, state = nnx.split(layer)
   y, _ = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state).step(x, cache))(state, x[:, 7], cache)
   assert np.isnan(np.asarray(y)).all()  # a write past the end would be clamped onto the last slot: no wrong number
+  _, short = layer.prefill(x[:, :5], max_len=6)
+  y, _ = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state).prefill(x, None, cache))(state, x[:, 5:8], short)
+  assert np.isnan(np.asarray(y)).all()  # 3 tokens into 1 free slot: refused eagerly, NaN under jit
+  with pytest.raises(ValueError, match=r"max_len: the KV cache has max_len=6 slots and holds 5 tokens; 3 more"):
+    layer.prefill(x[:, 5:8], None, short)
   _, roomy = layer.prefill(x[:, :7], max_len=8)
   y, _ = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state).step(x, cache))(state, x[:, 7], roomy)
   np.testing.assert_allclose(y, layer(x)[:, 7], rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -127,6 +128,19 @@ def test_overwrite_resumes_a_run_of_the_same_config(tmp_path, caplog):
   assert first["train"]["steps"] == 2
 
 
+def test_a_requeued_run_resumes_after_its_init_from_is_gone(tmp_path):
+  """A resumed run never reads train.init_from, overwrite=True or not: its source may have been deleted since."""
+  source = tiny_config(tmp_path / "source", train__steps=2)
+  train_and_evaluate(source)
+  config = tiny_config(tmp_path / "run", train__steps=2)
+  config.train.init_from, config.overwrite = source.workdir, True
+  train_and_evaluate(config)
+  shutil.rmtree(source.workdir)
+  config.train.steps = 3
+  train_and_evaluate(config)
+  assert final_state(config.workdir)[0] == 3
+
+
 def test_overwrite_with_a_missing_init_from_keeps_the_old_run(tmp_path):
   config = tiny_config(tmp_path / "run", train__steps=2)
   train_and_evaluate(config)
@@ -204,17 +218,23 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path):
 
 
 def test_ctrl_c_saves_the_step_and_stops_with_130(tmp_path, capsys):
-  """Ctrl-C (SIGINT) saves as SIGTERM does, between two checkpoints of the cadence, and says so; the handler is
-  Python's again afterwards (a second Ctrl-C would stop at once)."""
+  """Ctrl-C (SIGINT) saves as SIGTERM does, between two checkpoints of the cadence, and says so; the caller's
+  SIGINT and SIGTERM handlers are back afterwards."""
   config = tiny_config(tmp_path / "run")
   config.checkpoint.every_steps = 100
-  _preempt_after(config.workdir, 5, signal.SIGINT)
-  with pytest.raises(Preempted) as stopped:
-    train_and_evaluate(config)
-  assert stopped.value.exit_code == 130
+  sentinels = {signum: (lambda *_: None) for signum in (signal.SIGINT, signal.SIGTERM)}
+  previous = {signum: signal.signal(signum, handler) for signum, handler in sentinels.items()}
+  try:
+    _preempt_after(config.workdir, 5, signal.SIGINT)
+    with pytest.raises(Preempted) as stopped:
+      train_and_evaluate(config)
+    assert all(signal.getsignal(signum) is handler for signum, handler in sentinels.items())
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  assert stopped.value.exit_code == 130 and stopped.value.args == (stopped.value.step, 130)
   step = final_state(config.workdir)[0]
   assert 5 <= step < 12 and f"Ctrl-C: saved step {step}; exiting with code 130." in capsys.readouterr().out
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 ACCUMULATION_ON_4_DEVICES = """

@@ -200,6 +200,9 @@ class CausalSelfAttention(nnx.Module):
                                      implementation="xla")
     o = o * layout.valid[:, :, None, None].astype(o.dtype)  # padding queries read nothing
     y = self.o_proj(o.reshape(b, t, -1))
+    # Under jit a piece that does not fit (check_room cannot see the index) would be written clamped over earlier
+    # entries: NaN instead of a wrong output.
+    y = jnp.where(cache.index + t <= cache.k.shape[1], y, jnp.nan)
     return y, self._next_cache(cache, layout, k, v, segment_ids)
 
   def _next_cache(self, cache, layout, k, v, segment_ids) -> KVCache:

@@ -74,11 +74,8 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   _require(bool(config.workdir), "workdir", "must name a directory.")
 
   model = model_config(config)
-  if t.init_from:
-    # A resumed run never reads it (its source may be gone); one that overwrites a different run does, and must
-    # not delete that run before finding it missing.
-    if config.overwrite or not run_dir_lib.checkpoint_steps(config.workdir):
-      check_init_from(t.init_from, model)
+  if t.init_from and _starts_from_step_0(config):
+    check_init_from(t.init_from, model)  # a resumed run never reads it (its source may be gone)
   if not check_data:
     return model
   try:
@@ -106,6 +103,19 @@ def param_shapes(model: GSAConfig) -> dict[str, tuple[int, ...]]:
 # execution settings (backend, remat, chunk_size, dtypes) and initializer scales are left out.
 _FUNCTION_FIELDS = ("feature_map", "gate_logit_normalizer", "norm_eps", "output_norm_eps", "forget_gate", "slot_control",
                     "use_rope", "rope_theta")
+
+
+def _starts_from_step_0(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run will start from step 0: its workdir has no checkpoint, or overwrite will delete a run of a
+  different config there (which must not happen before a missing init_from is found)."""
+  if not run_dir_lib.checkpoint_steps(config.workdir):
+    return True
+  if not config.overwrite:
+    return False
+  try:
+    return bool(differing_keys(run_dir_lib.read_config(config.workdir).to_dict(), config))
+  except (OSError, ValueError):
+    return True
 
 
 def check_init_from(run_dir: str, model: GSAConfig) -> None:

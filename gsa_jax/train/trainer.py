@@ -43,7 +43,7 @@ class Preempted(Exception):
   """The run saved its step and stopped on a signal: `exit_code` is EXIT_SIGTERM or EXIT_SIGINT."""
 
   def __init__(self, step: int, exit_code: int = EXIT_SIGTERM):
-    super().__init__(step)
+    super().__init__(step, exit_code)
     self.step, self.exit_code = step, exit_code
 
 
@@ -141,22 +141,23 @@ def past_end_step(config: ml_collections.ConfigDict) -> int | None:
   return steps[-1] if steps and steps[-1] >= config.train.steps else None
 
 
-def _warn_of_a_stretched_schedule(config: ml_collections.ConfigDict) -> None:
+def _stretched_schedule(config: ml_collections.ConfigDict) -> str | None:
   """A resumed run whose train.steps changed gets a cosine schedule of the new length (the learning rate jumps at
-  the resumed step): one warning with both rates, so that the jump is a choice, not a surprise."""
+  the resumed step): the warning to give, with both rates, so that the jump is a choice, not a surprise."""
   if not os.path.exists(run_dir_lib.config_path(config.workdir)) or jax.process_index() != 0:
-    return
+    return None
   steps = run_dir_lib.checkpoint_steps(config.workdir)
   saved = run_dir_lib.read_config(config.workdir)
   if not steps or saved.train.steps == config.train.steps:
-    return
+    return None
   at = steps[-1]
   before = float(learning_rate_schedule(saved.optim, saved.train.steps)(at))
   after = float(learning_rate_schedule(config.optim, config.train.steps)(at))
-  if not np.isclose(before, after, rtol=1e-3, atol=0.0):
-    _log.warning("train.steps changed from %d to %d: the learning-rate schedule (warm-up + cosine over train.steps) "
-                 "is stretched, so at the resumed step %d the learning rate goes from %.3g to %.3g.",
-                 saved.train.steps, config.train.steps, at, before, after)
+  if np.isclose(before, after, rtol=1e-3, atol=0.0):
+    return None
+  return (f"train.steps changed from {saved.train.steps} to {config.train.steps}: the learning-rate schedule "
+          f"(warm-up + cosine over train.steps) is stretched, so at the resumed step {at} the learning rate goes "
+          f"from {before:.3g} to {after:.3g}.")
 
 
 def _barrier(name: str) -> None:
@@ -423,10 +424,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   say(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s"
       + (f"; per device: {memory.temp_size_in_bytes / 2**30:.2f} GiB temporaries, "
          f"{memory.argument_size_in_bytes / 2**30:.2f} GiB arguments" if memory is not None else ""))
-  if not start_over:
-    _warn_of_a_stretched_schedule(config)
+  stretched = None if start_over else _stretched_schedule(config)  # read before config.json is rewritten
   prepare_workdir(config, start_over)
   with _log_file(os.path.join(config.workdir, "train.log")):
+    if stretched:
+      _log.warning(stretched)
     return _train(config, run, train_it, train_step, say)
 
 
@@ -529,10 +531,13 @@ def _train(config: ml_collections.ConfigDict, run: TrainRun, train_it, train_ste
     if pending is not None:
       report(*pending)
   finally:
-    ckpt.close()
-    writer.close()
-    for signum, handler in previous_handlers.items():
-      signal.signal(signum, handler)
+    try:  # first, so that a second Ctrl-C during the closing below cannot leave our handlers installed
+      for signum, handler in previous_handlers.items():
+        if handler is not None:  # None: a handler not installed from Python, which cannot be reinstalled
+          signal.signal(signum, handler)
+    finally:
+      ckpt.close()
+      writer.close()
   return last_row
 
 
