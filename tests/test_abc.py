@@ -118,9 +118,10 @@ def _case(name, seed=0):
 
 
 # The recurrent backend reads ABC's gates exactly as chunked does (and test_ops ties the two backends together), so
-# its slower cases run with the slow set.
+# its slower cases run with the slow set; so do "packed" and "continued_past", which "continued_past_packed" joins.
 @pytest.mark.parametrize("backend", [pytest.param("recurrent", marks=pytest.mark.slow), "chunked"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("packed", "continued_past") else c
+                                  for c in CASES])
 def test_abc_through_the_gsa_op_equals_abc_step_by_step(case, backend):
   x, seg = _case(case)
   with jax.enable_x64(True):
