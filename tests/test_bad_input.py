@@ -76,6 +76,26 @@ def test_decode_errors_replace_counts_and_reports(tmp_path, caplog):
     strict[0]  # pylint: disable=pointless-statement
 
 
+def test_checking_a_large_corpus_shows_progress(tmp_path, caplog, monkeypatch):
+  # Every txt/jsonl byte is read before a run starts: minutes for a paper-scale corpus, so it says so as it goes.
+  for i in range(3):
+    (tmp_path / f"part{i}.txt").write_text("some text\n" * 100)
+  cfg = text_data(tmp_path / "part*.txt")
+  monkeypatch.setattr(data_config, "PROGRESS_BYTES", 1000)
+  monkeypatch.setattr(data_config, "PROGRESS_EVERY_S", 0.0)
+  with caplog.at_level(logging.INFO, logger="gsa_jax.data.config"):
+    data_config.validate_data_config(cfg, seq_len=16, read_all=True)
+  lines = [r.getMessage() for r in caplog.records if r.name == "gsa_jax.data.config"]
+  assert lines == ["checking the data: every byte of 0.0 GB of txt/jsonl (3 files) is read before the run starts",
+                   "checking the data: 0.0 of 0.0 GB read", "checking the data: 0.0 of 0.0 GB read",
+                   "checking the data: 0.0 of 0.0 GB read"], lines
+  caplog.clear()
+  monkeypatch.setattr(data_config, "PROGRESS_BYTES", 1 << 30)
+  with caplog.at_level(logging.INFO, logger="gsa_jax.data.config"):
+    data_config.validate_data_config(cfg, seq_len=16, read_all=True)
+  assert not [r for r in caplog.records if r.name == "gsa_jax.data.config"]  # small corpora: silent
+
+
 def test_a_jsonl_file_whose_texts_are_all_empty_is_refused(tmp_path):
   # Every record would be filtered out and the pipeline would wait forever for a first batch.
   path = tmp_path / "empty_texts.jsonl"

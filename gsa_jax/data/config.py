@@ -15,6 +15,7 @@ import difflib
 import json
 import logging
 import os
+import time
 
 import ml_collections
 
@@ -27,6 +28,10 @@ TXT_DOCUMENTS = ("line", "file")
 RECORD_FORMATS = ("auto", "text", "json")
 
 _log = logging.getLogger(__name__)
+
+# With read_all, corpora of txt/jsonl larger than this get progress lines (a paper-scale corpus takes minutes).
+PROGRESS_BYTES = 1 << 30
+PROGRESS_EVERY_S = 10.0
 
 
 def data_config_defaults() -> ml_collections.ConfigDict:
@@ -236,6 +241,17 @@ def validate_data_config(cfg, *, seq_len: int, read_all: bool = False) -> None:
   for key in ("bos_id", "eos_id"):
     if cfg[key] < -1:
       raise ValueError(f"data.{key}: must be -1 (from the tokenizer) or an id >= 0, got {cfg[key]}")
-  for path, fmt in sources.resolve_files(cfg.path, cfg.format):
+  files = sources.resolve_files(cfg.path, cfg.format)
+  sizes = [os.path.getsize(path) if read_all and fmt in ("txt", "jsonl") and os.path.isfile(path) else 0
+           for path, fmt in files]
+  total, done, last = sum(sizes), 0, time.monotonic()
+  if total > PROGRESS_BYTES:
+    _log.info("checking the data: every byte of %.1f GB of txt/jsonl (%d files) is read before the run starts",
+              total / 1e9, sum(size > 0 for size in sizes))
+  for (path, fmt), size in zip(files, sizes):
     _check_file(path, fmt, cfg, read_all)
+    done += size
+    if total > PROGRESS_BYTES and time.monotonic() - last >= PROGRESS_EVERY_S:
+      _log.info("checking the data: %.1f of %.1f GB read", done / 1e9, total / 1e9)
+      last = time.monotonic()
   tokenizer_lib.load_tokenizer(cfg.tokenizer, cfg.bos_id, cfg.eos_id)  # TokenizerLoadError is a ValueError.
