@@ -258,8 +258,8 @@ class Checkpointer:
     abstract_state: a pytree of jax.ShapeDtypeStruct with `.sharding` set, so that a checkpoint written on any
     device count loads onto this run's mesh (or an abstract `nnx.State`, from `nnx.eval_shape`). The data
     iterator's state is set in place; None restores the state alone.
-    Returns (step, state), or None when there is no checkpoint. Raises CheckpointRestoreError if checkpoints exist but none
-    loads: starting from scratch silently would lose the run.
+    Returns (step, state), or None when there is no checkpoint. Raises CheckpointRestoreError if checkpoints exist
+    but none loads: starting from scratch silently would lose the run.
     """
     failures = []
     for step in reversed(self.steps()):

@@ -382,14 +382,14 @@ class GatedSlotAttention(nnx.Module):
     check_segment_ids(segment_ids, *x.shape[:2])
     segment_ids = None if segment_ids is None else as_segment_ids(segment_ids)
     if cache is not None:
-      check_cache(cache, jax.eval_shape(lambda: self.init_cache(x.shape[0])), "GatedSlotAttention", x.shape[0])
+      self._check_cache(cache, x.shape[0])
       cache = continued_cache(cache, segment_ids)
     return self._sequence(x, segment_ids, cache, True)
 
   def step(self, x: jax.Array, cache: GSACache) -> tuple[jax.Array, GSACache]:
     """One token per row with the recurrent form: x [b, d] -> (y [b, d], new cache)."""
     check_layer_input(x, self.q_proj.in_features, 2)
-    check_cache(cache, jax.eval_shape(lambda: self.init_cache(x.shape[0])), "GatedSlotAttention", x.shape[0])
+    self._check_cache(cache, x.shape[0])
     b, rows = x.shape[0], as_matrix_rows(x)
     q, k, v, f = (p(rows)[:b] for p in (self.q_proj, self.k_proj, self.v_proj, self.f_proj))
     conv = None
@@ -404,6 +404,9 @@ class GatedSlotAttention(nnx.Module):
     y = self._out(as_matrix_rows(o), as_matrix_rows(x), dtype)[:b]
     return y, GSACache(state=state, conv=conv, pos=cache.pos + 1, segment_id=cache.segment_id,
                        log_normalizer=log_normalizer)
+
+  def _check_cache(self, cache, batch: int) -> None:
+    check_cache(cache, jax.eval_shape(lambda: self.init_cache(batch)), "GatedSlotAttention", batch)
 
   def init_cache(self, batch_size: int) -> GSACache:
     """The cache of an empty prompt: zero state, zero convolution inputs."""

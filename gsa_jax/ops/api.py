@@ -360,8 +360,8 @@ def gated_slot_attention(
     output_final_state: if True also return the state after the last non-padding token of each row.
     segment_ids: None or int [B, T]. Id > 0 names a token's document and the state resets to zero where it
       changes (relative to the previous non-padding token); id 0 (as any id <= 0) is padding: it leaves the state
-      unchanged and gets o = 0. A Hugging Face-style attention mask (bool, or 0/1 ints; 1 = token, 0 = padding) is accepted as
-      is: one document per row, its padding (left or right) skipped.
+      unchanged and gets o = 0. A Hugging Face-style attention mask (bool, or 0/1 ints; 1 = token, 0 = padding) is
+      accepted as is: one document per row, its padding (left or right) skipped.
     chunk_size: chunk length of the 'chunked' backend (the kernels have their own); a positive power of two.
     backend: "auto" | "recurrent" | "chunked" | "pallas_gpu" | "pallas_mgpu" | "pallas_tpu".
     kernel_block_sizes: the kernels' tiles, per kernel backend (`parse_kernel_block_sizes` says the forms: e.g.

@@ -105,17 +105,21 @@ _FUNCTION_FIELDS = ("feature_map", "gate_logit_normalizer", "norm_eps", "output_
                     "use_rope", "rope_theta")
 
 
-def _starts_from_step_0(config: ml_collections.ConfigDict) -> bool:
-  """Whether the run will start from step 0: its workdir has no checkpoint, or overwrite will delete a run of a
-  different config there (which must not happen before a missing init_from is found)."""
-  if not run_dir_lib.checkpoint_steps(config.workdir):
-    return True
-  if not config.overwrite:
+def overwrite_deletes_the_saved_run(config: ml_collections.ConfigDict) -> bool:
+  """Whether config.overwrite will delete the run saved in config.workdir: only one of a different config (or one
+  whose config.json cannot be read); a run of the same config resumes, overwrite or not."""
+  if not config.overwrite or not os.path.exists(run_dir_lib.config_path(config.workdir)):
     return False
   try:
     return bool(differing_keys(run_dir_lib.read_config(config.workdir).to_dict(), config))
   except (OSError, ValueError):
     return True
+
+
+def _starts_from_step_0(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run will start from step 0: its workdir has no checkpoint, or overwrite will delete the run there
+  (which must not happen before a missing init_from is found)."""
+  return not run_dir_lib.checkpoint_steps(config.workdir) or overwrite_deletes_the_saved_run(config)
 
 
 def check_init_from(run_dir: str, model: GSAConfig) -> None:

@@ -22,7 +22,7 @@ from gsa_jax.data import make_iterator
 from gsa_jax.models import GSALM, GSAConfig
 from gsa_jax.train import sharding as shd
 from gsa_jax.train.config import (ConfigError, check_mesh, describe_differences, differing_keys,
-                                  model_flops_per_token, validate_config)
+                                  model_flops_per_token, overwrite_deletes_the_saved_run, validate_config)
 from gsa_jax.train.loss import chunked_cross_entropy_sums, cross_entropy_sums
 from gsa_jax.train.metrics import MetricsWriter, console_line, peak_flops, read_jsonl
 from gsa_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -129,14 +129,8 @@ def past_end_step(config: ml_collections.ConfigDict) -> int | None:
 
   None when there is no such run, or when the workdir will be overwritten.
   """
-  if not os.path.exists(run_dir_lib.config_path(config.workdir)):
+  if not os.path.exists(run_dir_lib.config_path(config.workdir)) or overwrite_deletes_the_saved_run(config):
     return None
-  if config.overwrite:  # a different run is deleted; the same one resumes (`_workdir_start_over`)
-    try:
-      if differing_keys(run_dir_lib.read_config(config.workdir).to_dict(), config):
-        return None
-    except (OSError, ValueError):
-      return None
   steps = run_dir_lib.checkpoint_steps(config.workdir)
   return steps[-1] if steps and steps[-1] >= config.train.steps else None
 
