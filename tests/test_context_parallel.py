@@ -222,7 +222,8 @@ def check_within(results, names, tol):
 
 LAYER_CASES = ["layer/2", "layer/4", "layer/8", "layer/plain/4", "layer/Explicit/4", "layer/shard_map",
                "layer/prefill/4", "layer/prefill_cache/4", "abc/2", "abc/8", "abc/prefill_cache/4"]
-ONLY_IN_FULL = {"layer/4", "layer/prefill/4", "abc/2"}  # the default suite's grid leaves these to the slow test
+# The default suite's grid leaves these to the slow test.
+ONLY_IN_FULL = {"layer/4", "layer/prefill/4", "abc/2", "layer/plain/4"}
 
 
 def test_layer_split_2_and_8_equals_one_device():
@@ -231,7 +232,8 @@ def test_layer_split_2_and_8_equals_one_device():
   continuing a cache (from an empty past in the slow test); rows with a document across several shards, one starting exactly at a boundary, padding inside a
   document and a shard holding a single token of its document (the convolution reaches two shards back); the same
   with ABC's slot control (its running normalizer folded across shards), split in 8 (2 in the slow test) and
-  prefilled from a cache. An Explicit sequence axis is refused with a ValueError."""
+  prefilled from a cache. An Explicit sequence axis is refused with a ValueError. (Rows without segment ids split in
+  4: the slow test.)"""
   results = run_script("context_parallel_layer_cases.py", "short")
   explicit = results.pop("layer/Explicit/4")
   assert "ValueError: mesh axis 'sequence' is Explicit" in explicit, explicit

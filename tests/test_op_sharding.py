@@ -31,6 +31,7 @@ def check(results, backends, layouts):
   assert not bad, bad
 
 
+@pytest.mark.slow  # the kernels' test below runs the same wrapper in the default suite
 def test_references_under_every_mesh():
   check(run_cases(1, "recurrent", "chunked"), ("recurrent", "chunked"), 1)
 
